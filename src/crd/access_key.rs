@@ -1,0 +1,338 @@
+//! `IamAccessKey`: one IAM user's access key, published in a Secret of the same namespace.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::{CustomResource, KubeSchema};
+use serde::{Deserialize, Serialize};
+
+use super::Duration;
+
+/// The desired state of an IAM access key and the Secret that carries it.
+#[derive(CustomResource, KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "iam.keyop.dev",
+    version = "v1alpha1",
+    kind = "IamAccessKey",
+    namespaced,
+    doc = "An AWS IAM access key for an IAM user, kept in a Secret of the same namespace: created, activated or deactivated, rotated with overlap, and deleted with the resource.",
+    status = "IamAccessKeyStatus",
+    shortname = "iak",
+    category = "iam",
+    printcolumn = r#"{"name":"User","type":"string","jsonPath":".spec.userName"}"#,
+    printcolumn = r#"{"name":"Key ID","type":"string","jsonPath":".status.accessKeyId"}"#,
+    printcolumn = r#"{"name":"Status","type":"string","jsonPath":".status.keyStatus"}"#,
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Last Used","type":"date","jsonPath":".status.lastUsed.date"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct IamAccessKeySpec {
+    /// Name of the IAM user that owns the access key (1-64 characters from letters, digits and
+    /// `+=,.@_-`). The user must already exist. Immutable: to move to another user, create a new
+    /// IamAccessKey.
+    #[x_kube(validation = Rule::new("self == oldSelf").message("spec.userName is immutable: create a new IamAccessKey for another user"))]
+    #[schemars(length(min = 1, max = 64), regex(pattern = r"^[\w+=,.@-]+$"))]
+    pub user_name: String,
+
+    /// Desired status of the current access key: `Active` (usable) or `Inactive` (kept, but AWS
+    /// refuses requests signed with it). Default `Active`.
+    #[serde(default)]
+    pub key_status: KeyStatus,
+
+    /// The Secret (in this resource's namespace) that receives the access key.
+    #[serde(default)]
+    pub secret: SecretSpec,
+
+    /// When and how to replace the access key with a new one. Absent: rotate only on request
+    /// (annotation `iam.keyop.dev/rotate-requested-at`) or when the Secret is lost.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotation: Option<RotationSpec>,
+
+    /// Workloads in this namespace restarted (rollout) whenever the Secret receives a new key.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub restart_targets: Vec<RestartTarget>,
+
+    /// What happens to the IAM access keys when this resource is deleted: `Delete` them (default)
+    /// or `Retain` them in IAM (the Secret is deleted either way).
+    #[serde(default)]
+    pub deletion_policy: DeletionPolicy,
+}
+
+/// Whether AWS accepts requests signed with the key.
+#[derive(
+    Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash, schemars::JsonSchema,
+)]
+pub enum KeyStatus {
+    #[default]
+    Active,
+    Inactive,
+}
+
+impl KeyStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyStatus::Active => "Active",
+            KeyStatus::Inactive => "Inactive",
+        }
+    }
+}
+
+/// What happens to the IAM keys when the resource is deleted.
+#[derive(
+    Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema,
+)]
+pub enum DeletionPolicy {
+    #[default]
+    Delete,
+    Retain,
+}
+
+/// The Secret that carries the key.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretSpec {
+    /// Name of the Secret, in this resource's namespace (a DNS-1123 subdomain: lowercase letters,
+    /// digits, `-` and `.`). Default: the resource's name. A Secret of that name that this
+    /// resource did not create is never overwritten (condition SecretConflict).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+    )]
+    pub name: Option<String>,
+
+    /// Layout of the Secret's data: `Env` (keys `AWS_ACCESS_KEY_ID` and `AWS_SECRET_ACCESS_KEY`,
+    /// for `envFrom`) or `CredentialsFile` (one key `credentials` holding an AWS shared
+    /// credentials file, for a volume mount with `AWS_SHARED_CREDENTIALS_FILE`). Default `Env`.
+    #[serde(default)]
+    pub format: SecretFormat,
+
+    /// Profile name used in the `CredentialsFile` format. Default `default`.
+    #[serde(default = "default_profile")]
+    #[schemars(length(min = 1, max = 64), regex(pattern = r"^[A-Za-z0-9_.-]+$"))]
+    pub profile: String,
+
+    /// Extra labels put on the Secret. `app.kubernetes.io/managed-by` is always
+    /// `iam-key-operator`, and Argo CD's tracking label is never copied.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[x_kube(validation = Rule::new("!('app.kubernetes.io/managed-by' in self) && !('app.kubernetes.io/instance' in self)").message("spec.secret.labels must not set app.kubernetes.io/managed-by (always iam-key-operator) or app.kubernetes.io/instance (Argo CD's tracking label)"))]
+    pub labels: BTreeMap<String, String>,
+
+    /// Extra annotations put on the Secret (the `iam.keyop.dev/` prefix is reserved).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[x_kube(validation = Rule::new("self.all(k, !k.startsWith('iam.keyop.dev/') && k != 'argocd.argoproj.io/tracking-id')").message("spec.secret.annotations must not use the iam.keyop.dev/ prefix or argocd.argoproj.io/tracking-id"))]
+    pub annotations: BTreeMap<String, String>,
+}
+
+impl Default for SecretSpec {
+    fn default() -> Self {
+        SecretSpec {
+            name: None,
+            format: SecretFormat::Env,
+            profile: default_profile(),
+            labels: BTreeMap::new(),
+            annotations: BTreeMap::new(),
+        }
+    }
+}
+
+fn default_profile() -> String {
+    "default".into()
+}
+
+/// Layout of the Secret's data.
+#[derive(
+    Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema,
+)]
+pub enum SecretFormat {
+    #[default]
+    Env,
+    CredentialsFile,
+}
+
+/// Rotation schedule and the overlap that keeps clients working through a rotation.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RotationSpec {
+    /// Rotate when the current key is this old (e.g. `720h`). Absent: no scheduled rotation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval: Option<Duration>,
+
+    /// How long the previous key stays Active after the new one is published, so running clients
+    /// can pick up the new Secret. Default `10m`.
+    #[serde(default = "default_grace_period")]
+    pub grace_period: Duration,
+
+    /// How long the previous key is then kept Inactive before it is deleted: a window in which an
+    /// admin can reactivate it in IAM to roll back. Default `24h`.
+    #[serde(default = "default_retain_inactive")]
+    pub retain_inactive: Duration,
+
+    /// Increase to rotate now (GitOps-friendly: the change is in the spec). Default 0.
+    #[serde(default)]
+    #[schemars(range(min = 0))]
+    pub serial: i64,
+}
+
+impl Default for RotationSpec {
+    fn default() -> Self {
+        RotationSpec {
+            interval: None,
+            grace_period: default_grace_period(),
+            retain_inactive: default_retain_inactive(),
+            serial: 0,
+        }
+    }
+}
+
+fn default_grace_period() -> Duration {
+    Duration::from_secs(600)
+}
+
+fn default_retain_inactive() -> Duration {
+    Duration::from_secs(24 * 3600)
+}
+
+/// A workload to roll out when the key in the Secret changes.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, schemars::JsonSchema)]
+pub struct RestartTarget {
+    /// Kind of the workload: `Deployment`, `StatefulSet` or `DaemonSet`.
+    pub kind: RestartKind,
+    /// Name of the workload, in this resource's namespace.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+}
+
+/// Workload kinds that can be restarted.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, schemars::JsonSchema)]
+pub enum RestartKind {
+    Deployment,
+    StatefulSet,
+    DaemonSet,
+}
+
+/// What the operator observed and did. Written only by the operator.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct IamAccessKeyStatus {
+    /// ID of the key currently published in the Secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_key_id: Option<String>,
+    /// Status of the current key in IAM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_status: Option<KeyStatus>,
+    /// When IAM created the current key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub create_date: Option<Time>,
+    /// Name of the Secret that holds the current key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_name: Option<String>,
+    /// Last use of the current key, as IAM reports it (refreshed periodically, not live).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_used: Option<LastUsed>,
+    /// When the next scheduled rotation is due (absent: none scheduled).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_rotation_at: Option<Time>,
+    /// Every key this resource owns in IAM, with its phase.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub keys: Vec<OwnedKey>,
+    /// Set while a key is being created: the IDs that existed before, so a key left behind by an
+    /// interrupted create can be recognised and removed after a restart.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending_create: Option<PendingCreate>,
+    /// Number of keys on the user that this resource does not own (never changed by it).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub foreign_keys: u32,
+    /// The rotation serial and rotate-request time already acted on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotation: Option<RotationRecord>,
+    /// The resource generation this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `Ready`, with a reason when it is not (UserNotFound, NotAuthorized, KeyLimitExceeded,
+    /// SecretConflict, IamUnavailable, Throttled, UserClaimed, Paused, ...).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+/// Last use of a key as reported by IAM GetAccessKeyLastUsed.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LastUsed {
+    /// When the key was last used to sign a request (absent: never).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub date: Option<Time>,
+    /// AWS service of that request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_name: Option<String>,
+    /// Region of that request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    /// When the operator last asked IAM.
+    pub checked_at: Time,
+    /// Which key this describes.
+    pub access_key_id: String,
+}
+
+/// A key owned by this resource.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct OwnedKey {
+    /// IAM access key ID.
+    pub access_key_id: String,
+    /// `Current`: published in the Secret. `Draining`: replaced, still Active for the grace
+    /// period. `Inactive`: deactivated, deleted at `deleteAt`.
+    pub phase: KeyPhase,
+    /// When IAM created the key.
+    pub create_date: Time,
+    /// When a Draining key is deactivated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deactivate_at: Option<Time>,
+    /// When a retired key is deleted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delete_at: Option<Time>,
+}
+
+/// Phase of an owned key.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Hash, schemars::JsonSchema)]
+pub enum KeyPhase {
+    Current,
+    Draining,
+    Inactive,
+}
+
+/// Marker of a key creation in progress.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PendingCreate {
+    /// When the creation started.
+    pub since: Time,
+    /// Keys the user had before it started.
+    #[serde(default)]
+    pub existing_key_ids: Vec<String>,
+}
+
+/// Rotation triggers already acted on.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RotationRecord {
+    /// `spec.rotation.serial` of the last rotation.
+    #[serde(default)]
+    pub serial: i64,
+    /// Value of the `iam.keyop.dev/rotate-requested-at` annotation last acted on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requested_at: Option<String>,
+    /// When the last rotation published its key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_rotated_at: Option<Time>,
+    /// Why the last rotation happened.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_reason: Option<String>,
+}

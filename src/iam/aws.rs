@@ -1,0 +1,303 @@
+//! `IamApi` over the AWS SDK. Endpoints come from the usual AWS configuration, so
+//! `AWS_ENDPOINT_URL_IAM` / `AWS_ENDPOINT_URL_STS` point it at moto, LocalStack or a partition.
+
+use std::{collections::BTreeMap, sync::Arc};
+
+use async_trait::async_trait;
+use aws_credential_types::Credentials;
+use aws_sdk_iam::{error::ProvideErrorMetadata, types::StatusType};
+use aws_smithy_runtime_api::client::{orchestrator::HttpResponse, result::SdkError};
+use jiff::Timestamp;
+
+use super::{IamApi, IamError, IamKey, IamUser, KeyLastUsed, NewKey, SecretAccessKey};
+use crate::{crd::KeyStatus, metrics::Metrics};
+
+pub struct AwsIam {
+    iam: aws_sdk_iam::Client,
+    sts_config: aws_sdk_sts::config::Config,
+    metrics: Arc<Metrics>,
+}
+
+impl AwsIam {
+    pub fn new(sdk_config: &aws_config::SdkConfig, metrics: Arc<Metrics>) -> Self {
+        AwsIam {
+            iam: aws_sdk_iam::Client::new(sdk_config),
+            sts_config: aws_sdk_sts::config::Config::from(sdk_config),
+            metrics,
+        }
+    }
+
+    /// Loads the standard AWS configuration (env, profile, IRSA / Pod Identity); IAM is global,
+    /// so the region only matters for STS and defaults to us-east-1.
+    pub async fn from_env(metrics: Arc<Metrics>) -> Self {
+        let loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
+        let mut config = loader.load().await;
+        if config.region().is_none() {
+            config = config
+                .into_builder()
+                .region(aws_config::Region::new("us-east-1"))
+                .build();
+        }
+        Self::new(&config, metrics)
+    }
+
+    fn record<T>(
+        &self,
+        operation: &'static str,
+        result: Result<T, IamError>,
+    ) -> Result<T, IamError> {
+        self.metrics.iam_call(operation, result.as_ref().err());
+        result
+    }
+}
+
+fn sdk_error<E>(operation: &'static str, err: SdkError<E, HttpResponse>) -> IamError
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+{
+    let status = err.raw_response().map(|r| r.status().as_u16());
+    let code = err.code().map(str::to_owned);
+    let message = match err.message() {
+        Some(m) => m.to_owned(),
+        // Transport failures carry no AWS message; the source chain says what happened.
+        None => error_chain(&err),
+    };
+    IamError::from_code(operation, code.as_deref(), status, message)
+}
+
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut msg = err.to_string();
+    let mut source = err.source();
+    while let Some(s) = source {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        source = s.source();
+    }
+    msg
+}
+
+fn timestamp(dt: &aws_smithy_types::DateTime) -> Timestamp {
+    Timestamp::new(dt.secs(), dt.subsec_nanos() as i32).unwrap_or(Timestamp::UNIX_EPOCH)
+}
+
+fn key_status(s: Option<&StatusType>) -> KeyStatus {
+    match s {
+        Some(StatusType::Active) => KeyStatus::Active,
+        _ => KeyStatus::Inactive,
+    }
+}
+
+fn status_type(s: KeyStatus) -> StatusType {
+    match s {
+        KeyStatus::Active => StatusType::Active,
+        KeyStatus::Inactive => StatusType::Inactive,
+    }
+}
+
+#[async_trait]
+impl IamApi for AwsIam {
+    async fn get_user(&self, user: &str) -> Result<IamUser, IamError> {
+        let op = "GetUser";
+        let result = self
+            .iam
+            .get_user()
+            .user_name(user)
+            .send()
+            .await
+            .map_err(|e| sdk_error(op, e));
+        let result = result.and_then(|out| {
+            let u = out.user.ok_or_else(|| IamError::Unavailable {
+                operation: op,
+                message: "no user in response".into(),
+            })?;
+            let tags: BTreeMap<String, String> = u
+                .tags()
+                .iter()
+                .map(|t| (t.key().to_owned(), t.value().to_owned()))
+                .collect();
+            Ok(IamUser {
+                arn: u.arn().to_owned(),
+                path: u.path().to_owned(),
+                tags,
+            })
+        });
+        self.record(op, result)
+    }
+
+    async fn list_access_keys(&self, user: &str) -> Result<Vec<IamKey>, IamError> {
+        let op = "ListAccessKeys";
+        // A user has at most two keys: one page always holds them all.
+        let result = self
+            .iam
+            .list_access_keys()
+            .user_name(user)
+            .send()
+            .await
+            .map_err(|e| sdk_error(op, e));
+        let result = result.map(|out| {
+            out.access_key_metadata()
+                .iter()
+                .filter_map(|k| {
+                    Some(IamKey {
+                        access_key_id: k.access_key_id()?.to_owned(),
+                        status: key_status(k.status()),
+                        create_date: k
+                            .create_date()
+                            .map(timestamp)
+                            .unwrap_or(Timestamp::UNIX_EPOCH),
+                    })
+                })
+                .collect()
+        });
+        self.record(op, result)
+    }
+
+    async fn create_access_key(&self, user: &str) -> Result<NewKey, IamError> {
+        let op = "CreateAccessKey";
+        let result = self
+            .iam
+            .create_access_key()
+            .user_name(user)
+            .send()
+            .await
+            .map_err(|e| sdk_error(op, e));
+        let result = result.and_then(|out| {
+            let k = out.access_key.ok_or_else(|| IamError::Unavailable {
+                operation: op,
+                message: "no key in response".into(),
+            })?;
+            Ok(NewKey {
+                key: IamKey {
+                    access_key_id: k.access_key_id().to_owned(),
+                    status: key_status(Some(k.status())),
+                    create_date: k
+                        .create_date()
+                        .map(timestamp)
+                        .unwrap_or_else(Timestamp::now),
+                },
+                secret: SecretAccessKey::new(k.secret_access_key().to_owned()),
+            })
+        });
+        self.record(op, result)
+    }
+
+    async fn update_access_key(
+        &self,
+        user: &str,
+        key_id: &str,
+        status: KeyStatus,
+    ) -> Result<(), IamError> {
+        let op = "UpdateAccessKey";
+        let result = self
+            .iam
+            .update_access_key()
+            .user_name(user)
+            .access_key_id(key_id)
+            .status(status_type(status))
+            .send()
+            .await
+            .map(drop)
+            .map_err(|e| sdk_error(op, e));
+        self.record(op, result)
+    }
+
+    async fn delete_access_key(&self, user: &str, key_id: &str) -> Result<(), IamError> {
+        let op = "DeleteAccessKey";
+        let result = self
+            .iam
+            .delete_access_key()
+            .user_name(user)
+            .access_key_id(key_id)
+            .send()
+            .await
+            .map(drop)
+            .map_err(|e| sdk_error(op, e));
+        self.record(op, result)
+    }
+
+    async fn tag_user(&self, user: &str, tags: &[(String, String)]) -> Result<(), IamError> {
+        let op = "TagUser";
+        let mut req = self.iam.tag_user().user_name(user);
+        for (k, v) in tags {
+            let tag = aws_sdk_iam::types::Tag::builder().key(k).value(v).build();
+            let tag = tag.map_err(|e| IamError::Invalid {
+                operation: op,
+                message: e.to_string(),
+            });
+            req = req.tags(self.record(op, tag)?);
+        }
+        let result = req.send().await.map(drop).map_err(|e| sdk_error(op, e));
+        self.record(op, result)
+    }
+
+    async fn untag_user(&self, user: &str, keys: &[String]) -> Result<(), IamError> {
+        let op = "UntagUser";
+        let result = self
+            .iam
+            .untag_user()
+            .user_name(user)
+            .set_tag_keys(Some(keys.to_vec()))
+            .send()
+            .await
+            .map(drop)
+            .map_err(|e| sdk_error(op, e));
+        self.record(op, result)
+    }
+
+    async fn access_key_last_used(&self, key_id: &str) -> Result<KeyLastUsed, IamError> {
+        let op = "GetAccessKeyLastUsed";
+        let result = self
+            .iam
+            .get_access_key_last_used()
+            .access_key_id(key_id)
+            .send()
+            .await
+            .map_err(|e| sdk_error(op, e));
+        let result = result.map(|out| match out.access_key_last_used {
+            None => KeyLastUsed::default(),
+            Some(u) => {
+                // IAM reports "N/A" for service and region of a key never used.
+                let known = |s: &str| (!s.is_empty() && s != "N/A").then(|| s.to_owned());
+                KeyLastUsed {
+                    date: u.last_used_date().map(timestamp),
+                    service_name: known(u.service_name()),
+                    region: known(u.region()),
+                }
+            }
+        });
+        self.record(op, result)
+    }
+
+    async fn caller_identity(
+        &self,
+        key_id: &str,
+        secret: &SecretAccessKey,
+    ) -> Result<String, IamError> {
+        let op = "GetCallerIdentity";
+        let creds = Credentials::new(
+            key_id,
+            secret.expose(),
+            None,
+            None,
+            "iam-key-operator-verify",
+        );
+        let config = self
+            .sts_config
+            .to_builder()
+            .credentials_provider(creds)
+            .build();
+        let sts = aws_sdk_sts::Client::from_conf(config);
+        let result = sts
+            .get_caller_identity()
+            .send()
+            .await
+            .map_err(|e| sdk_error(op, e));
+        let result = result.and_then(|out| {
+            out.arn.ok_or_else(|| IamError::Unavailable {
+                operation: op,
+                message: "no ARN in response".into(),
+            })
+        });
+        self.record(op, result)
+    }
+}

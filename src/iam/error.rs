@@ -1,0 +1,113 @@
+//! IAM failures, classified by what the controller should do about them.
+
+/// An IAM or STS call that failed. Messages come from AWS and never contain secret material.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum IamError {
+    /// The user or key does not exist (IAM `NoSuchEntity`).
+    #[error("{operation}: not found: {message}")]
+    NotFound {
+        operation: &'static str,
+        message: String,
+    },
+    /// IAM refuses a third key (`LimitExceeded`).
+    #[error("{operation}: limit exceeded: {message}")]
+    LimitExceeded {
+        operation: &'static str,
+        message: String,
+    },
+    /// The operator's identity may not do this (`AccessDenied`, bad credentials).
+    #[error("{operation}: not authorized: {message}")]
+    AccessDenied {
+        operation: &'static str,
+        message: String,
+    },
+    /// IAM asks us to slow down (`Throttling`).
+    #[error("{operation}: throttled: {message}")]
+    Throttled {
+        operation: &'static str,
+        message: String,
+    },
+    /// IAM could not be reached or failed on its side (timeouts, 5xx).
+    #[error("{operation}: IAM unavailable: {message}")]
+    Unavailable {
+        operation: &'static str,
+        message: String,
+    },
+    /// IAM refused the request's content (`ValidationError`, `InvalidInput`, ...).
+    #[error("{operation}: refused by IAM: {message}")]
+    Invalid {
+        operation: &'static str,
+        message: String,
+    },
+}
+
+impl IamError {
+    /// Whether trying the same call again later can succeed without anyone changing anything.
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            IamError::Throttled { .. } | IamError::Unavailable { .. }
+        )
+    }
+
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, IamError::NotFound { .. })
+    }
+
+    /// Classify by the AWS error code (and HTTP status when there is no code).
+    pub fn from_code(
+        operation: &'static str,
+        code: Option<&str>,
+        http_status: Option<u16>,
+        message: String,
+    ) -> Self {
+        match code {
+            Some("NoSuchEntity") => IamError::NotFound { operation, message },
+            Some("LimitExceeded") => IamError::LimitExceeded { operation, message },
+            Some(
+                "AccessDenied"
+                | "AccessDeniedException"
+                | "InvalidClientTokenId"
+                | "SignatureDoesNotMatch"
+                | "UnrecognizedClientException"
+                | "ExpiredToken",
+            ) => IamError::AccessDenied { operation, message },
+            Some(
+                "Throttling"
+                | "ThrottlingException"
+                | "RequestLimitExceeded"
+                | "TooManyRequestsException",
+            ) => IamError::Throttled { operation, message },
+            Some("ServiceFailure" | "ServiceUnavailable" | "InternalFailure" | "InternalError") => {
+                IamError::Unavailable { operation, message }
+            }
+            _ if http_status.is_some_and(|s| s >= 500) => {
+                IamError::Unavailable { operation, message }
+            }
+            _ if http_status == Some(429) => IamError::Throttled { operation, message },
+            Some(_) => IamError::Invalid { operation, message },
+            None => IamError::Unavailable { operation, message },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classifies_aws_codes_by_what_retrying_can_do() {
+        let e = |code, status| IamError::from_code("Op", code, status, "m".into());
+        assert!(e(Some("NoSuchEntity"), Some(404)).is_not_found());
+        assert!(e(Some("Throttling"), Some(400)).is_retryable());
+        assert!(e(None, Some(503)).is_retryable());
+        assert!(e(Some("SomethingNew"), Some(500)).is_retryable());
+        assert!(!e(Some("AccessDenied"), Some(403)).is_retryable());
+        assert!(!e(Some("LimitExceeded"), Some(409)).is_retryable());
+        assert!(matches!(
+            e(Some("ValidationError"), Some(400)),
+            IamError::Invalid { .. }
+        ));
+        assert!(matches!(e(None, None), IamError::Unavailable { .. }));
+    }
+}

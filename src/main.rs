@@ -1,0 +1,3 @@
+fn main() {
+    print!("{}", iam_key_operator::crd::crds_yaml().unwrap());
+}

@@ -1,0 +1,102 @@
+//! What to do, step by step, when an IamAccessKey is deleted (the finalizer's work).
+
+use std::collections::BTreeMap;
+
+use super::{Ledger, OWNER_TAG, Owner, SecretObservation, UserObservation};
+use crate::crd::DeletionPolicy;
+
+pub struct CleanupObservation<'a> {
+    pub owner: &'a Owner,
+    pub policy: DeletionPolicy,
+    pub ledger: &'a Ledger,
+    pub user: &'a UserObservation,
+    pub secret: &'a SecretObservation,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CleanupStep {
+    /// The tags are needed to know which keys are ours.
+    ReadUser,
+    DeleteKey {
+        access_key_id: String,
+    },
+    /// `Retain`: re-tag kept keys as retained, so no resource ever adopts or deletes them.
+    MarkRetained {
+        access_key_ids: Vec<String>,
+    },
+    /// Remove our per-key tags and the claim.
+    Untag {
+        tag_keys: Vec<String>,
+    },
+    DeleteSecret,
+    /// Everything is gone: release the finalizer.
+    Done,
+}
+
+pub fn plan_cleanup(obs: &CleanupObservation) -> CleanupStep {
+    let secret_key_id = match obs.secret {
+        SecretObservation::Ours { access_key_id } => access_key_id.clone(),
+        _ => None,
+    };
+    if let UserObservation::Found { keys, tags } = obs.user {
+        let Some(tags) = tags else {
+            return CleanupStep::ReadUser;
+        };
+        let ours = |id: &str| {
+            tags.get(id)
+                .is_some_and(|v| *v == obs.owner.key_tag_value())
+        };
+        let tracked = |id: &str| obs.ledger.keys.iter().any(|k| k.access_key_id == id);
+        let leftover = |id: &str| {
+            !tags.contains_key(id)
+                && obs
+                    .ledger
+                    .pending_create
+                    .as_ref()
+                    .is_some_and(|before| !before.iter().any(|b| b == id))
+        };
+        for key in keys {
+            let id = key.access_key_id.as_str();
+            let in_use = tracked(id) || secret_key_id.as_deref() == Some(id);
+            let delete = match obs.policy {
+                DeletionPolicy::Delete => ours(id) || tracked(id) || leftover(id),
+                // Kept keys are the ones someone may hold; the rest have no usable secret.
+                DeletionPolicy::Retain => (ours(id) && !in_use) || leftover(id),
+            };
+            if delete {
+                return CleanupStep::DeleteKey {
+                    access_key_id: id.to_owned(),
+                };
+            }
+        }
+        let retained: Vec<String> = keys
+            .iter()
+            .map(|k| k.access_key_id.clone())
+            .filter(|id| ours(id))
+            .collect();
+        if !retained.is_empty() {
+            return CleanupStep::MarkRetained {
+                access_key_ids: retained,
+            };
+        }
+        let tag_keys = our_tag_keys(obs.owner, tags);
+        if !tag_keys.is_empty() {
+            return CleanupStep::Untag { tag_keys };
+        }
+    }
+    if matches!(obs.secret, SecretObservation::Ours { .. }) {
+        return CleanupStep::DeleteSecret;
+    }
+    CleanupStep::Done
+}
+
+/// Tags on the user that this resource wrote: the claim and per-key tags (also of keys that
+/// are gone already).
+fn our_tag_keys(owner: &Owner, tags: &BTreeMap<String, String>) -> Vec<String> {
+    tags.iter()
+        .filter(|(k, v)| {
+            (k.as_str() == OWNER_TAG && **v == owner.0) || **v == owner.key_tag_value()
+        })
+        .map(|(k, _)| k.clone())
+        .collect()
+}

@@ -1,0 +1,468 @@
+//! The planner: pure rules that turn what was observed into the one next step to take.
+//!
+//! `plan_next_step` takes plain values (spec, status, the user's keys and tags, the Secret's
+//! metadata, the clock) and returns a `Step`. It performs no I/O, so every rule of ownership,
+//! crash recovery and rotation is tested here directly (see `tests.rs`). The controller executes
+//! the step, records it, observes again and asks for the next one until the plan says `Done`.
+
+mod cleanup;
+#[cfg(test)]
+mod tests;
+
+use std::collections::BTreeMap;
+
+use jiff::{SignedDuration, Timestamp};
+
+pub use cleanup::{CleanupObservation, CleanupStep, plan_cleanup};
+
+use crate::{
+    crd::{IamAccessKeySpec, KeyPhase, KeyStatus, OwnedKey},
+    iam::IamKey,
+};
+
+/// User tag that claims an IAM user for one resource.
+pub const OWNER_TAG: &str = "iam.keyop.dev/owner";
+/// Prefix of the value of a per-key tag (the IAM console shows it as the key's description).
+pub const KEY_TAG_PREFIX: &str = "iam-key-operator ";
+/// IAM allows two access keys per user, Inactive ones included.
+pub const MAX_KEYS_PER_USER: usize = 2;
+
+/// Identity of a resource across clusters: `<cluster>/<namespace>/<name>`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Owner(pub String);
+
+impl Owner {
+    pub fn new(cluster: &str, namespace: &str, name: &str) -> Self {
+        Owner(format!("{cluster}/{namespace}/{name}"))
+    }
+
+    /// The value of the user tag whose key is an access key ID this resource owns.
+    pub fn key_tag_value(&self) -> String {
+        format!("{KEY_TAG_PREFIX}{}", self.0)
+    }
+
+    /// What a retained key's tag says once its resource is gone: still marked as the
+    /// operator's (so no other resource adopts or deletes it), no longer anyone's.
+    pub fn retained_tag_value(&self) -> String {
+        format!("{KEY_TAG_PREFIX}retained from {}", self.0)
+    }
+}
+
+/// What the Secret named by the spec looks like (metadata only: its data is never read).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SecretObservation {
+    Missing,
+    /// Exists but was not written for this resource: never overwritten.
+    NotOurs,
+    /// Ours; the access key ID its annotation names.
+    Ours {
+        access_key_id: Option<String>,
+    },
+}
+
+/// What IAM says about the user.
+#[derive(Clone, Debug, PartialEq)]
+pub enum UserObservation {
+    Missing,
+    Found {
+        keys: Vec<IamKey>,
+        /// The user's tags, when they were read this reconcile (`None`: not needed so far).
+        tags: Option<BTreeMap<String, String>>,
+    },
+}
+
+/// The persistent part of status the planner reasons about.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Ledger {
+    pub keys: Vec<OwnedKey>,
+    /// Key IDs the user had when a create started (`None`: no create in progress).
+    pub pending_create: Option<Vec<String>>,
+    /// The current key's status as last recorded (what the operator set or saw).
+    pub key_status: Option<KeyStatus>,
+    pub rotated_serial: i64,
+    pub rotate_requested_at: Option<String>,
+}
+
+pub struct Observation<'a> {
+    pub now: Timestamp,
+    pub owner: &'a Owner,
+    pub spec: &'a IamAccessKeySpec,
+    pub ledger: &'a Ledger,
+    pub paused: bool,
+    /// Value of the `iam.keyop.dev/rotate-requested-at` annotation.
+    pub rotate_requested_at: Option<&'a str>,
+    pub user: &'a UserObservation,
+    pub secret: &'a SecretObservation,
+    /// When the current key's last use is due to be read again (`None`: now).
+    pub last_used_due: Option<Timestamp>,
+}
+
+/// Why a new key is issued.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NewKeyReason {
+    /// The resource has no key yet.
+    Initial,
+    /// The Secret was deleted, or holds a key that is not the current one.
+    SecretLost,
+    /// The current key vanished from IAM (deleted outside the operator).
+    KeyLost,
+    /// `spec.rotation.interval` elapsed.
+    Schedule,
+    /// `spec.rotation.serial` increased.
+    Serial,
+    /// The rotate-requested-at annotation changed.
+    Requested,
+}
+
+impl NewKeyReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NewKeyReason::Initial => "Initial",
+            NewKeyReason::SecretLost => "SecretLost",
+            NewKeyReason::KeyLost => "KeyLost",
+            NewKeyReason::Schedule => "Schedule",
+            NewKeyReason::Serial => "Serial",
+            NewKeyReason::Requested => "Requested",
+        }
+    }
+}
+
+/// A condition the resource waits in until something outside changes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Blocked {
+    Paused,
+    UserNotFound,
+    UserClaimed { by: String },
+    SecretConflict,
+    KeyLimitExceeded { blocking: Vec<String> },
+}
+
+/// The one next thing to do.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Step {
+    /// The rules need the user's tags: read them (GetUser) and plan again.
+    ReadUser,
+    Blocked(Blocked),
+    /// Tag the user as this resource's.
+    ClaimUser,
+    /// Our key that neither status nor the Secret knows (left by a crash): its secret is lost.
+    DeleteOrphan {
+        access_key_id: String,
+        tagged: bool,
+    },
+    /// The Secret holds our key that status does not know yet (crash before the status write).
+    AdoptSecretKey {
+        key: IamKey,
+    },
+    /// A key status lists is gone from IAM.
+    ForgetKey {
+        access_key_id: String,
+        expected: bool,
+    },
+    /// Free a slot for a new key by deleting our retired (Inactive-phase) key.
+    MakeRoom {
+        access_key_id: String,
+    },
+    /// Record in status that a create starts, with the keys that exist now.
+    StartCreate {
+        existing_key_ids: Vec<String>,
+    },
+    /// A create was started but is no longer needed.
+    ClearPending,
+    /// Create, tag, verify, publish and record a new key; the current one (if any) drains.
+    CreateKey {
+        reason: NewKeyReason,
+    },
+    /// Set a key's status in IAM. `drift`: IAM differed from what the operator had set.
+    SetKeyStatus {
+        access_key_id: String,
+        status: KeyStatus,
+        drift: bool,
+    },
+    /// A draining key's grace period ended: deactivate it (or just record it, if already Inactive).
+    RetireKey {
+        access_key_id: String,
+        already_inactive: bool,
+    },
+    /// A retired key's rollback window ended.
+    DeleteRetired {
+        access_key_id: String,
+    },
+    /// Read the current key's last use.
+    RefreshLastUsed {
+        access_key_id: String,
+    },
+    /// Nothing to do until `wake_at` (`None`: until something changes).
+    Done {
+        wake_at: Option<Timestamp>,
+    },
+}
+
+/// How a key on the user relates to this resource.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Ownership {
+    Ours,
+    /// Untagged, created while our create was in progress and not known before it: the remains
+    /// of an interrupted create.
+    OursUntagged,
+    Foreign,
+}
+
+fn ownership(key: &IamKey, obs: &Observation, tags: &BTreeMap<String, String>) -> Ownership {
+    let tracked = obs
+        .ledger
+        .keys
+        .iter()
+        .any(|k| k.access_key_id == key.access_key_id);
+    match tags.get(&key.access_key_id) {
+        Some(v) if *v == obs.owner.key_tag_value() => Ownership::Ours,
+        Some(_) => Ownership::Foreign,
+        None if tracked => Ownership::Ours,
+        None => match &obs.ledger.pending_create {
+            Some(before) if !before.contains(&key.access_key_id) => Ownership::OursUntagged,
+            _ => Ownership::Foreign,
+        },
+    }
+}
+
+/// Decide the next step for a resource that is not being deleted.
+pub fn plan_next_step(obs: &Observation) -> Step {
+    if obs.paused {
+        return Step::Blocked(Blocked::Paused);
+    }
+    let UserObservation::Found { keys, tags } = obs.user else {
+        return Step::Blocked(Blocked::UserNotFound);
+    };
+    if *obs.secret == SecretObservation::NotOurs {
+        return Step::Blocked(Blocked::SecretConflict);
+    }
+
+    // Tags are read only when something is not explained by status alone: the first key, an
+    // interrupted create, or a key status does not list. A converged resource skips the read.
+    let all_tracked = keys.iter().all(|k| {
+        obs.ledger
+            .keys
+            .iter()
+            .any(|o| o.access_key_id == k.access_key_id)
+    });
+    let tags = match tags {
+        Some(t) => t,
+        None if obs.ledger.keys.is_empty()
+            || obs.ledger.pending_create.is_some()
+            || !all_tracked =>
+        {
+            return Step::ReadUser;
+        }
+        None => return plan_owned_keys(obs, keys, None),
+    };
+
+    match tags.get(OWNER_TAG) {
+        None => return Step::ClaimUser,
+        Some(by) if *by != obs.owner.0 => {
+            return Step::Blocked(Blocked::UserClaimed { by: by.clone() });
+        }
+        Some(_) => {}
+    }
+    plan_owned_keys(obs, keys, Some(tags))
+}
+
+fn plan_owned_keys(
+    obs: &Observation,
+    keys: &[IamKey],
+    tags: Option<&BTreeMap<String, String>>,
+) -> Step {
+    let ledger = obs.ledger;
+    let secret_key_id = match obs.secret {
+        SecretObservation::Ours { access_key_id } => access_key_id.as_deref(),
+        _ => None,
+    };
+    let is_tracked = |id: &str| ledger.keys.iter().any(|k| k.access_key_id == id);
+    let in_iam = |id: &str| keys.iter().find(|k| k.access_key_id == id);
+
+    // 1. Crash leftovers: adopt what the Secret holds, delete what nobody can use.
+    if let Some(tags) = tags {
+        for key in keys {
+            let own = ownership(key, obs, tags);
+            if own == Ownership::Foreign || is_tracked(&key.access_key_id) {
+                continue;
+            }
+            if own == Ownership::Ours && secret_key_id == Some(key.access_key_id.as_str()) {
+                return Step::AdoptSecretKey { key: key.clone() };
+            }
+            return Step::DeleteOrphan {
+                access_key_id: key.access_key_id.clone(),
+                tagged: own == Ownership::Ours,
+            };
+        }
+    }
+
+    // 2. Keys status lists that IAM no longer has.
+    for owned in &ledger.keys {
+        if in_iam(&owned.access_key_id).is_none() {
+            // A retired key past its deleteAt may have been deleted by us just before a crash.
+            let expected = owned.phase == KeyPhase::Inactive
+                && owned.delete_at.as_ref().is_some_and(|t| t.0 <= obs.now);
+            return Step::ForgetKey {
+                access_key_id: owned.access_key_id.clone(),
+                expected,
+            };
+        }
+    }
+
+    // 3. A new key, when there is none or the current one must be replaced.
+    let current = ledger.keys.iter().find(|k| k.phase == KeyPhase::Current);
+    if let Some(reason) = new_key_reason(obs, current, secret_key_id) {
+        return plan_new_key(obs, keys, reason);
+    }
+    if ledger.pending_create.is_some() {
+        return Step::ClearPending;
+    }
+    let Some(current) = current else {
+        return Step::Done { wake_at: None };
+    };
+
+    // 4. The current key's status follows the spec; a difference we did not make is drift.
+    if let Some(iam_key) = in_iam(&current.access_key_id)
+        && iam_key.status != obs.spec.key_status
+    {
+        return Step::SetKeyStatus {
+            access_key_id: current.access_key_id.clone(),
+            status: obs.spec.key_status,
+            // Status recorded the spec's value, yet IAM differs: someone changed it outside.
+            drift: ledger.key_status == Some(obs.spec.key_status),
+        };
+    }
+
+    // 5. Retire previous keys on schedule: Draining -> Inactive -> deleted.
+    let mut wake_at: Option<Timestamp> = None;
+    let mut wake = |t: Timestamp| wake_at = Some(wake_at.map_or(t, |w: Timestamp| w.min(t)));
+    for owned in &ledger.keys {
+        match owned.phase {
+            KeyPhase::Current => {}
+            KeyPhase::Draining => match &owned.deactivate_at {
+                Some(t) if t.0 > obs.now => wake(t.0),
+                _ => {
+                    let already_inactive = in_iam(&owned.access_key_id)
+                        .is_some_and(|k| k.status == KeyStatus::Inactive);
+                    return Step::RetireKey {
+                        access_key_id: owned.access_key_id.clone(),
+                        already_inactive,
+                    };
+                }
+            },
+            // During the rollback window an admin may reactivate the key in IAM: not fought.
+            KeyPhase::Inactive => match &owned.delete_at {
+                Some(t) if t.0 > obs.now => wake(t.0),
+                _ => {
+                    return Step::DeleteRetired {
+                        access_key_id: owned.access_key_id.clone(),
+                    };
+                }
+            },
+        }
+    }
+
+    // 6. Last use, on its own (slow) schedule.
+    match obs.last_used_due {
+        Some(t) if t > obs.now => wake(t),
+        _ => {
+            return Step::RefreshLastUsed {
+                access_key_id: current.access_key_id.clone(),
+            };
+        }
+    }
+    if let Some(t) = next_rotation_at(obs.spec, current) {
+        wake(t);
+    }
+    Step::Done { wake_at }
+}
+
+/// Why the current key must be replaced now, if it must.
+fn new_key_reason(
+    obs: &Observation,
+    current: Option<&OwnedKey>,
+    secret_key_id: Option<&str>,
+) -> Option<NewKeyReason> {
+    let Some(current) = current else {
+        return Some(if obs.ledger.keys.is_empty() {
+            NewKeyReason::Initial
+        } else {
+            NewKeyReason::KeyLost
+        });
+    };
+    if secret_key_id != Some(current.access_key_id.as_str()) {
+        return Some(NewKeyReason::SecretLost);
+    }
+    // Requested rotations wait for a previous one to finish draining: one rotation at a time.
+    if obs
+        .ledger
+        .keys
+        .iter()
+        .any(|k| k.phase == KeyPhase::Draining)
+    {
+        return None;
+    }
+    let rotation = obs.spec.rotation.as_ref();
+    if rotation.is_some_and(|r| r.serial > obs.ledger.rotated_serial) {
+        return Some(NewKeyReason::Serial);
+    }
+    if obs.rotate_requested_at.is_some()
+        && obs.rotate_requested_at != obs.ledger.rotate_requested_at.as_deref()
+    {
+        return Some(NewKeyReason::Requested);
+    }
+    if next_rotation_at(obs.spec, current).is_some_and(|t| t <= obs.now) {
+        return Some(NewKeyReason::Schedule);
+    }
+    None
+}
+
+/// When the scheduled rotation of `current` is due.
+pub fn next_rotation_at(spec: &IamAccessKeySpec, current: &OwnedKey) -> Option<Timestamp> {
+    let interval = spec.rotation.as_ref()?.interval?;
+    current.create_date.0.checked_add(interval.as_signed()).ok()
+}
+
+fn plan_new_key(obs: &Observation, keys: &[IamKey], reason: NewKeyReason) -> Step {
+    if keys.len() >= MAX_KEYS_PER_USER {
+        // Only our own retired keys may make room; never the current key, never a foreign one.
+        let retired = obs
+            .ledger
+            .keys
+            .iter()
+            .filter(|k| k.phase == KeyPhase::Inactive)
+            .min_by_key(|k| k.create_date.0);
+        if let Some(k) = retired {
+            return Step::MakeRoom {
+                access_key_id: k.access_key_id.clone(),
+            };
+        }
+        // A draining key frees its slot once it retires; a lost current key has nobody using it.
+        let draining = obs
+            .ledger
+            .keys
+            .iter()
+            .find(|k| k.phase == KeyPhase::Draining);
+        if let Some(k) = draining
+            && k.deactivate_at.as_ref().is_some_and(|t| t.0 > obs.now)
+        {
+            return Step::Done {
+                wake_at: k.deactivate_at.as_ref().map(|t| t.0),
+            };
+        }
+        let blocking = keys.iter().map(|k| k.access_key_id.clone()).collect();
+        return Step::Blocked(Blocked::KeyLimitExceeded { blocking });
+    }
+    let existing: Vec<String> = keys.iter().map(|k| k.access_key_id.clone()).collect();
+    match &obs.ledger.pending_create {
+        Some(before) if *before == existing => Step::CreateKey { reason },
+        _ => Step::StartCreate {
+            existing_key_ids: existing,
+        },
+    }
+}
+
+/// `now + d`, saturating.
+pub fn after(now: Timestamp, d: SignedDuration) -> Timestamp {
+    now.checked_add(d).unwrap_or(Timestamp::MAX)
+}
