@@ -2,7 +2,12 @@
 //! Kubernetes Secrets that hold them.
 #![forbid(unsafe_code)]
 
+pub mod controller;
 pub mod crd;
+pub mod error;
+pub mod failpoint;
 pub mod iam;
 pub mod metrics;
 pub mod plan;
+pub mod server;
+pub mod telemetry;

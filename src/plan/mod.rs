@@ -88,7 +88,6 @@ pub struct Observation<'a> {
     pub owner: &'a Owner,
     pub spec: &'a IamAccessKeySpec,
     pub ledger: &'a Ledger,
-    pub paused: bool,
     /// Value of the `iam.keyop.dev/rotate-requested-at` annotation.
     pub rotate_requested_at: Option<&'a str>,
     pub user: &'a UserObservation,
@@ -130,11 +129,16 @@ impl NewKeyReason {
 /// A condition the resource waits in until something outside changes.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Blocked {
+    /// Annotation `iam.keyop.dev/paused: "true"` (checked by the controller before observing).
     Paused,
     UserNotFound,
-    UserClaimed { by: String },
+    UserClaimed {
+        by: String,
+    },
     SecretConflict,
-    KeyLimitExceeded { blocking: Vec<String> },
+    KeyLimitExceeded {
+        blocking: Vec<String>,
+    },
 }
 
 /// The one next thing to do.
@@ -227,9 +231,6 @@ fn ownership(key: &IamKey, obs: &Observation, tags: &BTreeMap<String, String>) -
 
 /// Decide the next step for a resource that is not being deleted.
 pub fn plan_next_step(obs: &Observation) -> Step {
-    if obs.paused {
-        return Step::Blocked(Blocked::Paused);
-    }
     let UserObservation::Found { keys, tags } = obs.user else {
         return Step::Blocked(Blocked::UserNotFound);
     };

@@ -84,7 +84,6 @@ impl World {
             owner: &o,
             spec: &self.spec,
             ledger: &self.ledger,
-            paused: false,
             rotate_requested_at: self.rotate_requested_at.as_deref(),
             user: &self.user,
             secret: &self.secret,

@@ -1,0 +1,680 @@
+//! Converging one IamAccessKey: observe, ask the planner, execute its step, record, repeat.
+
+use std::{sync::Arc, time::Duration};
+
+use jiff::Timestamp;
+use k8s_openapi::{api::core::v1::Secret, apimachinery::pkg::apis::meta::v1::Time};
+use kube::{
+    Api, ResourceExt,
+    api::{Patch, PatchParams, PostParams},
+    runtime::{controller::Action, events::EventType},
+};
+use tracing::debug;
+
+use super::{
+    Context, FIELD_MANAGER, PAUSED_ANNOTATION, ROTATE_REQUESTED_AT_ANNOTATION,
+    secret::{build_secret, observe_secret, secret_name},
+    status::{derive_summary, ledger, set_ready},
+};
+use crate::{
+    crd::{
+        IamAccessKey, IamAccessKeyStatus, KeyPhase, KeyStatus, LastUsed, OwnedKey, PendingCreate,
+        RotationRecord, RotationSpec,
+    },
+    error::Error,
+    failpoint,
+    iam::{IamError, IamKey, IamUser, NewKey},
+    plan::{
+        Blocked, NewKeyReason, Observation, Owner, SecretObservation, Step, UserObservation,
+        plan_next_step,
+    },
+};
+
+/// Upper bound of steps in one reconcile; a fresh resource needs about eight.
+const MAX_STEPS: usize = 24;
+
+pub async fn apply(obj: &Arc<IamAccessKey>, ctx: &Context) -> Result<Action, Error> {
+    if is_paused(obj) {
+        let message =
+            format!("paused by annotation {PAUSED_ANNOTATION}=true: no IAM or Secret writes");
+        let err = Error::Blocked {
+            blocked: Blocked::Paused,
+            message,
+        };
+        let mut run = Run::new(obj, ctx);
+        run.fail(&err).await;
+        return Err(err);
+    }
+    let mut run = Run::new(obj, ctx);
+    let result = match run.observe().await {
+        Ok(()) => run.converge().await,
+        Err(e) => Err(e),
+    };
+    match result {
+        Ok(wake_at) => {
+            run.succeed().await?;
+            let resync = super::jitter(ctx.settings.resync);
+            let until_wake = wake_at
+                .map(|t| Duration::try_from(t.duration_since(run.now)).unwrap_or(Duration::ZERO));
+            Ok(Action::requeue(
+                until_wake.map_or(resync, |w| w.min(resync)) + Duration::from_millis(500),
+            ))
+        }
+        Err(err) => {
+            run.fail(&err).await;
+            Err(err)
+        }
+    }
+}
+
+pub fn is_paused(obj: &IamAccessKey) -> bool {
+    obj.annotations()
+        .get(PAUSED_ANNOTATION)
+        .is_some_and(|v| v == "true")
+}
+
+/// Converges when the IAM user cannot be listed: a missing user is an observation, not an error.
+pub async fn observe_user(ctx: &Context, user: &str) -> Result<UserObservation, Error> {
+    match ctx.iam.list_access_keys(user).await {
+        Ok(keys) => Ok(UserObservation::Found { keys, tags: None }),
+        Err(e) if e.is_not_found() => Ok(UserObservation::Missing),
+        Err(e) => Err(e.into()),
+    }
+}
+
+pub async fn observe_secret_meta(
+    ctx: &Context,
+    obj: &IamAccessKey,
+) -> Result<SecretObservation, Error> {
+    let secrets: Api<Secret> =
+        Api::namespaced(ctx.client.clone(), &obj.namespace().unwrap_or_default());
+    let meta = secrets.get_metadata_opt(&secret_name(obj)).await?;
+    Ok(observe_secret(obj, meta.as_ref()))
+}
+
+struct Run<'a> {
+    obj: &'a IamAccessKey,
+    ctx: &'a Context,
+    now: Timestamp,
+    owner: Owner,
+    secret_name: String,
+    /// Working copy, and what the API server holds (to write only on change).
+    status: IamAccessKeyStatus,
+    saved: Option<IamAccessKeyStatus>,
+    user: UserObservation,
+    user_info: Option<IamUser>,
+    secret: SecretObservation,
+}
+
+impl<'a> Run<'a> {
+    fn new(obj: &'a IamAccessKey, ctx: &'a Context) -> Self {
+        let ns = obj.namespace().unwrap_or_default();
+        Run {
+            obj,
+            ctx,
+            // Whole seconds: the API server stores timestamps that way, so comparisons hold.
+            now: Timestamp::from_second(Timestamp::now().as_second())
+                .unwrap_or(Timestamp::UNIX_EPOCH),
+            owner: Owner::new(&ctx.settings.cluster_name, &ns, &obj.name_any()),
+            secret_name: secret_name(obj),
+            status: obj.status.clone().unwrap_or_default(),
+            saved: obj.status.clone(),
+            user: UserObservation::Missing,
+            user_info: None,
+            secret: SecretObservation::Missing,
+        }
+    }
+
+    fn user_name(&self) -> &str {
+        &self.obj.spec.user_name
+    }
+
+    async fn observe(&mut self) -> Result<(), Error> {
+        self.secret = observe_secret_meta(self.ctx, self.obj).await?;
+        self.user = observe_user(self.ctx, self.user_name()).await?;
+        Ok(())
+    }
+
+    fn iam_keys_mut(&mut self) -> Option<&mut Vec<IamKey>> {
+        match &mut self.user {
+            UserObservation::Found { keys, .. } => Some(keys),
+            UserObservation::Missing => None,
+        }
+    }
+
+    fn tags_mut(&mut self) -> Option<&mut std::collections::BTreeMap<String, String>> {
+        match &mut self.user {
+            UserObservation::Found {
+                tags: Some(tags), ..
+            } => Some(tags),
+            _ => None,
+        }
+    }
+
+    fn rotation(&self) -> RotationSpec {
+        self.obj.spec.rotation.clone().unwrap_or_default()
+    }
+
+    /// Execute planner steps until it says `Done`; returns when to wake up next.
+    async fn converge(&mut self) -> Result<Option<Timestamp>, Error> {
+        for _ in 0..MAX_STEPS {
+            let ledger = ledger(&self.status);
+            let rotate_requested_at = self
+                .obj
+                .annotations()
+                .get(ROTATE_REQUESTED_AT_ANNOTATION)
+                .cloned();
+            let step = plan_next_step(&Observation {
+                now: self.now,
+                owner: &self.owner,
+                spec: &self.obj.spec,
+                ledger: &ledger,
+                rotate_requested_at: rotate_requested_at.as_deref(),
+                user: &self.user,
+                secret: &self.secret,
+                last_used_due: self.ctx.last_used_due(self.obj),
+            });
+            debug!(?step, "planned");
+            if let Step::Done { wake_at } = step {
+                return Ok(wake_at);
+            }
+            self.execute(step).await?;
+        }
+        // Progress was made every step; continue in a fresh reconcile.
+        Ok(Some(self.now))
+    }
+
+    async fn execute(&mut self, step: Step) -> Result<(), Error> {
+        let iam = &self.ctx.iam;
+        let user = self.obj.spec.user_name.clone();
+        match step {
+            Step::Done { .. } => {}
+            Step::Blocked(blocked) => return Err(self.blocked(blocked)),
+            Step::ReadUser => {
+                let info = iam.get_user(&user).await?;
+                if let UserObservation::Found { tags, .. } = &mut self.user {
+                    *tags = Some(info.tags.clone());
+                }
+                self.user_info = Some(info);
+            }
+            Step::ClaimUser => {
+                if self.owner.key_tag_value().len() > 256 {
+                    return Err(Error::Invalid(format!(
+                        "ownership tag value {:?} is longer than IAM's 256 characters: shorten the namespace, name or --cluster-name",
+                        self.owner.key_tag_value()
+                    )));
+                }
+                iam.tag_user(
+                    &user,
+                    &[(crate::plan::OWNER_TAG.into(), self.owner.0.clone())],
+                )
+                .await?;
+                let owner = self.owner.0.clone();
+                if let Some(tags) = self.tags_mut() {
+                    tags.insert(crate::plan::OWNER_TAG.into(), owner);
+                }
+                self.note(
+                    EventType::Normal,
+                    "UserClaimed",
+                    format!("claimed IAM user {user}"),
+                )
+                .await;
+            }
+            Step::DeleteOrphan {
+                access_key_id,
+                tagged,
+            } => {
+                self.delete_key(&access_key_id, tagged).await?;
+                let why = "left behind by an interrupted create; its secret was never published";
+                self.note(
+                    EventType::Normal,
+                    "OrphanKeyDeleted",
+                    format!("deleted access key {access_key_id}: {why}"),
+                )
+                .await;
+            }
+            Step::AdoptSecretKey { key } => {
+                let id = key.access_key_id.clone();
+                self.install_current(key);
+                self.save_status().await?;
+                self.note(
+                    EventType::Normal,
+                    "KeyAdopted",
+                    format!(
+                        "recorded access key {id} found in Secret {}",
+                        self.secret_name
+                    ),
+                )
+                .await;
+            }
+            Step::ForgetKey {
+                access_key_id,
+                expected,
+            } => {
+                self.status
+                    .keys
+                    .retain(|k| k.access_key_id != access_key_id);
+                self.save_status().await?;
+                if !expected {
+                    let note = format!(
+                        "access key {access_key_id} was deleted outside the operator; it is no longer tracked"
+                    );
+                    self.note(EventType::Warning, "KeyDeletedOutside", note)
+                        .await;
+                }
+            }
+            Step::MakeRoom { access_key_id } => {
+                self.delete_key(&access_key_id, true).await?;
+                self.status
+                    .keys
+                    .retain(|k| k.access_key_id != access_key_id);
+                self.save_status().await?;
+                let note = format!(
+                    "deleted retired access key {access_key_id} early to make room for a new key"
+                );
+                self.note(EventType::Normal, "KeyDeleted", note).await;
+            }
+            Step::StartCreate { existing_key_ids } => {
+                self.status.pending_create = Some(PendingCreate {
+                    since: Time(self.now),
+                    existing_key_ids,
+                });
+                self.save_status().await?;
+            }
+            Step::ClearPending => {
+                self.status.pending_create = None;
+                self.save_status().await?;
+            }
+            Step::CreateKey { reason } => self.create_key(reason).await?,
+            Step::SetKeyStatus {
+                access_key_id,
+                status,
+                drift,
+            } => {
+                iam.update_access_key(&user, &access_key_id, status).await?;
+                self.set_iam_status(&access_key_id, status);
+                self.status.key_status = Some(status);
+                self.save_status().await?;
+                let (kind, reason, note) = if drift {
+                    let note = format!(
+                        "access key {access_key_id} was changed outside the operator; set back to {}",
+                        status.as_str()
+                    );
+                    (EventType::Warning, "DriftCorrected", note)
+                } else {
+                    let reason = if status == KeyStatus::Active {
+                        "KeyActivated"
+                    } else {
+                        "KeyDeactivated"
+                    };
+                    (
+                        EventType::Normal,
+                        reason,
+                        format!("access key {access_key_id} set to {}", status.as_str()),
+                    )
+                };
+                self.note(kind, reason, note).await;
+            }
+            Step::RetireKey {
+                access_key_id,
+                already_inactive,
+            } => {
+                if !already_inactive {
+                    iam.update_access_key(&user, &access_key_id, KeyStatus::Inactive)
+                        .await?;
+                    self.set_iam_status(&access_key_id, KeyStatus::Inactive);
+                }
+                let retain = self.rotation().retain_inactive.as_signed();
+                for k in self
+                    .status
+                    .keys
+                    .iter_mut()
+                    .filter(|k| k.access_key_id == access_key_id)
+                {
+                    k.phase = KeyPhase::Inactive;
+                    k.delete_at
+                        .get_or_insert(Time(crate::plan::after(self.now, retain)));
+                }
+                self.save_status().await?;
+                let note = format!(
+                    "previous access key {access_key_id} deactivated after its grace period"
+                );
+                self.note(EventType::Normal, "KeyDeactivated", note).await;
+            }
+            Step::DeleteRetired { access_key_id } => {
+                self.delete_key(&access_key_id, true).await?;
+                self.status
+                    .keys
+                    .retain(|k| k.access_key_id != access_key_id);
+                self.save_status().await?;
+                let note = format!(
+                    "previous access key {access_key_id} deleted after its rollback window"
+                );
+                self.note(EventType::Normal, "KeyDeleted", note).await;
+            }
+            Step::RefreshLastUsed { access_key_id } => {
+                let used = iam.access_key_last_used(&access_key_id).await?;
+                let record = LastUsed {
+                    date: used.date.map(Time),
+                    service_name: used.service_name,
+                    region: used.region,
+                    checked_at: Time(self.now),
+                    access_key_id,
+                };
+                // Only a change is written: reading last use must not make status churn.
+                let changed = self.status.last_used.as_ref().is_none_or(|old| {
+                    LastUsed {
+                        checked_at: old.checked_at.clone(),
+                        ..record.clone()
+                    } != *old
+                });
+                if changed {
+                    self.status.last_used = Some(record);
+                }
+                self.ctx.set_last_used_due(self.obj, self.now);
+            }
+        }
+        Ok(())
+    }
+
+    fn blocked(&self, blocked: Blocked) -> Error {
+        let user = self.user_name();
+        let message = match &blocked {
+            Blocked::Paused => {
+                format!("paused by annotation {PAUSED_ANNOTATION}=true: no IAM or Secret writes")
+            }
+            Blocked::UserNotFound => {
+                format!(
+                    "IAM user {user} does not exist: create it (the operator never creates users); retrying with backoff"
+                )
+            }
+            Blocked::UserClaimed { by } => format!(
+                "IAM user {user} is managed by {by} (user tag {}): only one IamAccessKey may manage a user",
+                crate::plan::OWNER_TAG
+            ),
+            Blocked::SecretConflict => format!(
+                "Secret {}/{} exists and was not created by this IamAccessKey: delete it or set spec.secret.name to a free name",
+                self.obj.namespace().unwrap_or_default(),
+                self.secret_name
+            ),
+            Blocked::KeyLimitExceeded { blocking } => format!(
+                "IAM user {user} already has 2 access keys ({}) and none is this resource's to remove: delete one in IAM to continue",
+                blocking.join(", ")
+            ),
+        };
+        Error::Blocked { blocked, message }
+    }
+
+    async fn delete_key(&mut self, access_key_id: &str, untag: bool) -> Result<(), Error> {
+        let user = self.user_name().to_owned();
+        match self.ctx.iam.delete_access_key(&user, access_key_id).await {
+            Ok(()) => {}
+            Err(e) if e.is_not_found() => {}
+            Err(e) => return Err(e.into()),
+        }
+        if untag {
+            self.ctx
+                .iam
+                .untag_user(&user, &[access_key_id.to_owned()])
+                .await?;
+        }
+        if let Some(keys) = self.iam_keys_mut() {
+            keys.retain(|k| k.access_key_id != access_key_id);
+        }
+        if let Some(tags) = self.tags_mut() {
+            tags.remove(access_key_id);
+        }
+        Ok(())
+    }
+
+    fn set_iam_status(&mut self, access_key_id: &str, status: KeyStatus) {
+        if let Some(keys) = self.iam_keys_mut() {
+            keys.iter_mut()
+                .filter(|k| k.access_key_id == access_key_id)
+                .for_each(|k| k.status = status);
+        }
+    }
+
+    /// Record `key` as the current key; the previous current key starts draining.
+    fn install_current(&mut self, key: IamKey) {
+        let rotation = self.rotation();
+        let deactivate_at = crate::plan::after(self.now, rotation.grace_period.as_signed());
+        let delete_at = crate::plan::after(deactivate_at, rotation.retain_inactive.as_signed());
+        for k in self
+            .status
+            .keys
+            .iter_mut()
+            .filter(|k| k.phase == KeyPhase::Current)
+        {
+            k.phase = KeyPhase::Draining;
+            k.deactivate_at = Some(Time(deactivate_at));
+            k.delete_at = Some(Time(delete_at));
+        }
+        self.status.keys.push(OwnedKey {
+            access_key_id: key.access_key_id,
+            phase: KeyPhase::Current,
+            create_date: Time(key.create_date),
+            deactivate_at: None,
+            delete_at: None,
+        });
+        self.status.key_status = Some(key.status);
+        self.status.pending_create = None;
+        self.status.rotation = Some(RotationRecord {
+            serial: self.obj.spec.rotation.as_ref().map_or(0, |r| r.serial),
+            requested_at: self
+                .obj
+                .annotations()
+                .get(ROTATE_REQUESTED_AT_ANNOTATION)
+                .cloned(),
+            last_rotated_at: Some(Time(self.now)),
+            last_reason: self
+                .status
+                .rotation
+                .as_ref()
+                .and_then(|r| r.last_reason.clone()),
+        });
+    }
+
+    /// Create -> tag -> verify -> publish -> record. The secret exists only in this function's
+    /// memory; a crash anywhere leaves something the planner recognises and cleans up.
+    async fn create_key(&mut self, reason: NewKeyReason) -> Result<(), Error> {
+        let user = self.user_name().to_owned();
+        let user_arn = match &self.user_info {
+            Some(info) => info.arn.clone(),
+            None => self.ctx.iam.get_user(&user).await?.arn,
+        };
+        let NewKey { key, secret } = self.ctx.iam.create_access_key(&user).await?;
+        let id = key.access_key_id.clone();
+        failpoint!("after-create-key");
+        self.ctx
+            .iam
+            .tag_user(&user, &[(id.clone(), self.owner.key_tag_value())])
+            .await?;
+        failpoint!("after-tag");
+        if let Some(keys) = self.iam_keys_mut() {
+            keys.push(key.clone());
+        }
+        let tag_value = self.owner.key_tag_value();
+        if let Some(tags) = self.tags_mut() {
+            tags.insert(id.clone(), tag_value);
+        }
+        if let Err(e) = self.verify(&id, &secret, &user_arn).await {
+            // Never publish a key that does not work; nobody else has its secret.
+            self.delete_key(&id, true).await?;
+            return Err(e);
+        }
+        self.publish(&id, &secret).await?;
+        failpoint!("after-secret");
+        self.secret = SecretObservation::Ours {
+            access_key_id: Some(id.clone()),
+        };
+        self.install_current(key);
+        if let Some(r) = self.status.rotation.as_mut() {
+            r.last_reason = Some(reason.as_str().into());
+        }
+        failpoint!("before-status");
+        self.save_status().await?;
+        let note = format!(
+            "created access key {id} ({}) and published it in Secret {}",
+            reason.as_str(),
+            self.secret_name
+        );
+        self.note(EventType::Normal, "KeyCreated", note).await;
+        Ok(())
+    }
+
+    /// Wait until the new key authenticates as the user (IAM is eventually consistent).
+    async fn verify(
+        &self,
+        id: &str,
+        secret: &crate::iam::SecretAccessKey,
+        user_arn: &str,
+    ) -> Result<(), Error> {
+        let deadline = std::time::Instant::now() + self.ctx.settings.verify_timeout;
+        let mut delay = Duration::from_millis(250);
+        loop {
+            let answer = match self.ctx.iam.caller_identity(id, secret).await {
+                Ok(arn) if arn == user_arn => return Ok(()),
+                Ok(arn) => arn,
+                // A brand-new key is often refused for a few seconds.
+                Err(e @ IamError::AccessDenied { .. }) => e.to_string(),
+                Err(e) if e.is_retryable() => e.to_string(),
+                Err(e) => return Err(e.into()),
+            };
+            if std::time::Instant::now() + delay > deadline {
+                return Err(Error::VerifyFailed {
+                    access_key_id: id.into(),
+                    user_arn: user_arn.into(),
+                    answer,
+                });
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    /// Write the Secret: created when missing (so a Secret someone else just created is never
+    /// taken over), server-side applied when it is ours.
+    async fn publish(
+        &mut self,
+        id: &str,
+        secret: &crate::iam::SecretAccessKey,
+    ) -> Result<(), Error> {
+        let ns = self.obj.namespace().unwrap_or_default();
+        let api: Api<Secret> = Api::namespaced(self.ctx.client.clone(), &ns);
+        let object = build_secret(self.obj, id, secret);
+        match self.secret {
+            SecretObservation::Missing => {
+                api.create(
+                    &PostParams {
+                        field_manager: Some(FIELD_MANAGER.into()),
+                        ..Default::default()
+                    },
+                    &object,
+                )
+                .await?;
+                self.ctx.metrics.kube_write("Secret", "create");
+            }
+            SecretObservation::Ours { .. } => {
+                api.patch(
+                    &self.secret_name,
+                    &PatchParams::apply(FIELD_MANAGER).force(),
+                    &Patch::Apply(&object),
+                )
+                .await?;
+                self.ctx.metrics.kube_write("Secret", "apply");
+            }
+            SecretObservation::NotOurs => return Err(self.blocked(Blocked::SecretConflict)),
+        }
+        let note = format!("wrote access key {id} to Secret {}", self.secret_name);
+        self.note(EventType::Normal, "SecretWritten", note).await;
+        Ok(())
+    }
+
+    async fn save_status(&mut self) -> Result<(), Error> {
+        // Without a look at IAM (paused, IAM down) the summary keeps what it said before.
+        if let UserObservation::Found { keys, .. } = &self.user {
+            derive_summary(self.obj, &mut self.status, keys, &self.secret_name);
+        }
+        if self.saved.as_ref() == Some(&self.status) {
+            return Ok(());
+        }
+        let api: Api<IamAccessKey> = Api::namespaced(
+            self.ctx.client.clone(),
+            &self.obj.namespace().unwrap_or_default(),
+        );
+        let patch = serde_json::json!({
+            "apiVersion": "iam.keyop.dev/v1alpha1",
+            "kind": "IamAccessKey",
+            "status": self.status,
+        });
+        api.patch_status(
+            &self.obj.name_any(),
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await?;
+        self.ctx.metrics.kube_write("IamAccessKey", "status");
+        self.saved = Some(self.status.clone());
+        Ok(())
+    }
+
+    async fn succeed(&mut self) -> Result<(), Error> {
+        let current = self
+            .status
+            .keys
+            .iter()
+            .find(|k| k.phase == KeyPhase::Current);
+        let mut message = match (current, self.status.key_status) {
+            (Some(k), Some(s)) => format!(
+                "access key {} is {} and published in Secret {}",
+                k.access_key_id,
+                s.as_str(),
+                self.secret_name
+            ),
+            _ => "no access key".into(),
+        };
+        if let UserObservation::Found { keys, .. } = &self.user {
+            derive_summary(self.obj, &mut self.status, keys, &self.secret_name);
+        }
+        if self.status.foreign_keys > 0 {
+            message.push_str(&format!(
+                "; {} other access key(s) on IAM user {} are not managed by this resource and are left untouched",
+                self.status.foreign_keys,
+                self.user_name()
+            ));
+        }
+        set_ready(&mut self.status, self.obj, true, "Ready", message);
+        self.save_status().await
+    }
+
+    async fn fail(&mut self, err: &Error) {
+        let previous = self
+            .status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Ready")
+            .cloned();
+        set_ready(
+            &mut self.status,
+            self.obj,
+            false,
+            err.reason(),
+            err.to_string(),
+        );
+        let repeated = previous.is_some_and(|p| {
+            p.status == "False" && p.reason == err.reason() && p.message == err.to_string()
+        });
+        if let Err(e) = self.save_status().await {
+            tracing::warn!(error = %e, "could not record the failure in status");
+        }
+        if !repeated {
+            self.note(EventType::Warning, err.reason(), err.to_string())
+                .await;
+        }
+    }
+
+    async fn note(&self, type_: EventType, reason: &str, note: String) {
+        self.ctx.event(self.obj, type_, reason, note).await;
+    }
+}

@@ -1,0 +1,296 @@
+//! Wiring: watches, the finalizer, and the reconcile loop that executes the planner's steps.
+
+mod apply;
+mod cleanup;
+pub mod secret;
+mod status;
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use futures::StreamExt;
+use jiff::Timestamp;
+use k8s_openapi::api::core::v1::Secret;
+use kube::{
+    Api, Client, Resource, ResourceExt,
+    core::PartialObjectMeta,
+    runtime::{
+        Controller, WatchStreamExt,
+        controller::Action,
+        events::{Event, EventType, Recorder, Reporter},
+        finalizer::{Event as FinalizerEvent, finalizer},
+        reflector::ObjectRef,
+        watcher,
+    },
+};
+use rand::Rng;
+use tracing::{Instrument, info, info_span, warn};
+
+use crate::{crd::IamAccessKey, error::Error, iam::IamApi, metrics::Metrics};
+
+pub const FINALIZER: &str = "iam.keyop.dev/cleanup";
+pub const FIELD_MANAGER: &str = "iam-key-operator";
+pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
+pub const MANAGED_BY_VALUE: &str = "iam-key-operator";
+pub const ACCESS_KEY_ID_ANNOTATION: &str = "iam.keyop.dev/access-key-id";
+pub const ROTATE_REQUESTED_AT_ANNOTATION: &str = "iam.keyop.dev/rotate-requested-at";
+pub const PAUSED_ANNOTATION: &str = "iam.keyop.dev/paused";
+
+/// Operator-wide settings (from flags).
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// Names this cluster in ownership tags: `<cluster>/<namespace>/<name>`.
+    pub cluster_name: String,
+    /// How often each key's last use is read from IAM.
+    pub last_used_refresh: Duration,
+    /// Longest time between two reconciles of a converged resource (drift detection).
+    pub resync: Duration,
+    /// How long a new key may take to authenticate (IAM is eventually consistent).
+    pub verify_timeout: Duration,
+    /// Namespaces to watch (empty: all).
+    pub namespaces: Vec<String>,
+    /// Resources reconciled at once.
+    pub concurrency: u16,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            cluster_name: "default".into(),
+            last_used_refresh: Duration::from_secs(3600),
+            resync: Duration::from_secs(3600),
+            verify_timeout: Duration::from_secs(60),
+            namespaces: vec![],
+            concurrency: 8,
+        }
+    }
+}
+
+/// Shared by every reconcile.
+pub struct Context {
+    pub client: Client,
+    pub iam: Arc<dyn IamApi>,
+    pub recorder: Recorder,
+    pub metrics: Arc<Metrics>,
+    pub settings: Settings,
+    /// Consecutive failures per resource, for exponential backoff.
+    failures: Mutex<HashMap<ObjectRef<IamAccessKey>, u32>>,
+    /// When each resource's last use is next read (by UID). Kept in memory so that reading
+    /// last-use data does not have to write status when nothing changed.
+    last_used_due: Mutex<HashMap<String, Timestamp>>,
+}
+
+impl Context {
+    pub fn new(
+        client: Client,
+        iam: Arc<dyn IamApi>,
+        metrics: Arc<Metrics>,
+        settings: Settings,
+    ) -> Self {
+        let instance = std::env::var("POD_NAME").ok();
+        let reporter = Reporter {
+            controller: FIELD_MANAGER.into(),
+            instance,
+        };
+        Context {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            iam,
+            metrics,
+            settings,
+            failures: Mutex::default(),
+            last_used_due: Mutex::default(),
+        }
+    }
+
+    /// Publish an event about the resource; failures are logged, never fatal.
+    async fn event(&self, obj: &IamAccessKey, type_: EventType, reason: &str, note: String) {
+        let event = Event {
+            type_,
+            reason: reason.into(),
+            note: Some(note),
+            action: reason.into(),
+            secondary: None,
+        };
+        if let Err(e) = self.recorder.publish(&event, &obj.object_ref(&())).await {
+            warn!(error = %e, reason, "could not publish event");
+        }
+    }
+
+    fn backoff(&self, obj: &IamAccessKey, err: &Error) -> Duration {
+        let mut failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        let n = failures.entry(ObjectRef::from_obj(obj)).or_insert(0);
+        *n = n.saturating_add(1);
+        // Retryable faults (throttling, outages) start fast; waiting conditions start slower.
+        let (base, cap) = if err.is_retryable() {
+            (2.0, 300.0)
+        } else {
+            (5.0, 600.0)
+        };
+        let secs = (base * 2f64.powi((*n - 1).min(16) as i32)).min(cap);
+        jitter(Duration::from_secs_f64(secs))
+    }
+
+    fn reset_backoff(&self, obj: &IamAccessKey) {
+        self.failures
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&ObjectRef::from_obj(obj));
+    }
+
+    fn last_used_due(&self, obj: &IamAccessKey) -> Option<Timestamp> {
+        let uid = obj.uid()?;
+        let mut due = self.last_used_due.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(t) = due.get(&uid) {
+            return Some(*t);
+        }
+        // First sight since start: spread the reads of already-known keys over one interval
+        // instead of reading them all at once after a restart.
+        let known = obj
+            .status
+            .as_ref()
+            .and_then(|s| s.last_used.as_ref())
+            .is_some();
+        let refresh = self.settings.last_used_refresh.as_secs_f64();
+        let first = if known {
+            rand::rng().random_range(0.0..refresh.max(1.0))
+        } else {
+            0.0
+        };
+        let t = after(Timestamp::now(), Duration::from_secs_f64(first));
+        due.insert(uid, t);
+        Some(t)
+    }
+
+    fn set_last_used_due(&self, obj: &IamAccessKey, now: Timestamp) {
+        if let Some(uid) = obj.uid() {
+            let t = after(now, jitter(self.settings.last_used_refresh));
+            self.last_used_due
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(uid, t);
+        }
+    }
+
+    fn forget(&self, obj: &IamAccessKey) {
+        self.reset_backoff(obj);
+        if let Some(uid) = obj.uid() {
+            self.last_used_due
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&uid);
+        }
+    }
+}
+
+/// ±10%, so that many resources do not wake up in lockstep.
+fn jitter(d: Duration) -> Duration {
+    d.mul_f64(rand::rng().random_range(0.9..1.1))
+}
+
+fn after(t: Timestamp, d: Duration) -> Timestamp {
+    crate::plan::after(
+        t,
+        jiff::SignedDuration::try_from(d).unwrap_or(jiff::SignedDuration::MAX),
+    )
+}
+
+async fn reconcile(obj: Arc<IamAccessKey>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let ns = obj.namespace().unwrap_or_default();
+    let span = info_span!("reconcile", namespace = %ns, name = %obj.name_any());
+    async move {
+        let timer = std::time::Instant::now();
+        let api: Api<IamAccessKey> = Api::namespaced(ctx.client.clone(), &ns);
+        let result = finalizer(&api, FINALIZER, obj.clone(), |event| async {
+            match event {
+                FinalizerEvent::Apply(o) => apply::apply(&o, &ctx).await,
+                FinalizerEvent::Cleanup(o) => cleanup::cleanup(&o, &ctx).await,
+            }
+        })
+        .await
+        .map_err(|e| match e {
+            kube::runtime::finalizer::Error::ApplyFailed(e)
+            | kube::runtime::finalizer::Error::CleanupFailed(e) => e,
+            other => Error::Finalizer(other.to_string()),
+        });
+        ctx.metrics
+            .reconcile_duration
+            .observe(timer.elapsed().as_secs_f64());
+        let label = match &result {
+            Ok(_) => "ok",
+            Err(e) => e.reason(),
+        };
+        ctx.metrics
+            .reconciles
+            .get_or_create(&crate::metrics::ResultLabels {
+                result: label.into(),
+            })
+            .inc();
+        if result.is_ok() {
+            ctx.reset_backoff(&obj);
+        }
+        result
+    }
+    .instrument(span)
+    .await
+}
+
+fn error_policy(obj: Arc<IamAccessKey>, err: &Error, ctx: Arc<Context>) -> Action {
+    let wait = ctx.backoff(&obj, err);
+    if err.is_retryable() {
+        warn!(namespace = ?obj.namespace(), name = %obj.name_any(), reason = err.reason(), error = %err, retry_in = ?wait, "reconcile failed");
+    } else {
+        info!(namespace = ?obj.namespace(), name = %obj.name_any(), reason = err.reason(), error = %err, retry_in = ?wait, "waiting");
+    }
+    Action::requeue(wait)
+}
+
+/// Run the controller until a shutdown signal. One controller per watched namespace (or one
+/// for the whole cluster).
+pub async fn run(ctx: Arc<Context>, ready: Arc<std::sync::atomic::AtomicBool>) {
+    let scopes: Vec<Option<String>> = if ctx.settings.namespaces.is_empty() {
+        vec![None]
+    } else {
+        ctx.settings.namespaces.iter().cloned().map(Some).collect()
+    };
+    let controllers = scopes.into_iter().map(|ns| {
+        let (keys, secrets): (Api<IamAccessKey>, Api<PartialObjectMeta<Secret>>) = match &ns {
+            Some(ns) => (
+                Api::namespaced(ctx.client.clone(), ns),
+                Api::namespaced(ctx.client.clone(), ns),
+            ),
+            None => (Api::all(ctx.client.clone()), Api::all(ctx.client.clone())),
+        };
+        // Only our Secrets, and only their metadata: no secret material in memory, and memory
+        // independent of how many other Secrets the cluster holds.
+        let our_secrets =
+            watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY_VALUE}"));
+        let secret_events = watcher(secrets, our_secrets)
+            .default_backoff()
+            .touched_objects();
+        let controller = Controller::new(keys, watcher::Config::default().any_semantic())
+            .owns_stream(secret_events)
+            .with_config(
+                kube::runtime::controller::Config::default().concurrency(ctx.settings.concurrency),
+            )
+            .shutdown_on_signal();
+        let store = controller.store();
+        let ready = ready.clone();
+        let ctx = ctx.clone();
+        async move {
+            let wait_ready = async move {
+                if store.wait_until_ready().await.is_ok() {
+                    ready.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+            };
+            let run = controller
+                .run(reconcile, error_policy, ctx)
+                .for_each(|_| futures::future::ready(()));
+            futures::join!(wait_ready, run);
+        }
+    });
+    futures::future::join_all(controllers).await;
+}
