@@ -5,9 +5,8 @@ SHELL := /bin/bash
 
 CARGO ?= cargo
 DEV_DIR ?= $(CURDIR)/.dev
-# The tools (kube-apiserver, etcd, kubectl, helm, moto) live outside the repo, per version.
-export IKO_K8S_BIN = $(shell hack/k8s-tools.sh --path 2>/dev/null)
-export IKO_MOTO_SERVER = $(shell hack/moto.sh --path 2>/dev/null)
+# The tools (kube-apiserver, etcd, kubectl, helm, moto) live outside the repo, per version, in
+# ~/.cache/iam-key-operator; tests find them through hack/k8s-tools.sh --path and hack/moto.sh --path.
 
 .PHONY: help
 help: ## List the targets
@@ -63,7 +62,8 @@ dev-up: tools ## Start a local API server + IAM endpoint in the background; then
 	@echo "up. Use it with:  source $(DEV_DIR)/env && kubectl get iak -A"
 
 .PHONY: dev-down
-dev-down: ## Stop what dev-up started
+dev-down: ## Stop what dev-up (and demo) started
+	@[ -f $(DEV_DIR)/operator.pid ] && kill $$(cat $(DEV_DIR)/operator.pid) 2>/dev/null; rm -f $(DEV_DIR)/operator.pid
 	@[ -x target/debug/testenv ] && target/debug/testenv down --state-dir $(DEV_DIR) || true
 
 .PHONY: demo

@@ -19,11 +19,7 @@ pub enum Error {
     #[error(
         "new access key {access_key_id} did not authenticate as {user_arn} (STS GetCallerIdentity answered {answer}); it was deleted and will be retried"
     )]
-    VerifyFailed {
-        access_key_id: String,
-        user_arn: String,
-        answer: String,
-    },
+    VerifyFailed { access_key_id: String, user_arn: String, answer: String },
 
     /// Something about the resource itself makes it impossible to act on.
     #[error("{0}")]

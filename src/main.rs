@@ -14,10 +14,7 @@ use iam_key_operator::{
 };
 
 #[derive(Parser)]
-#[command(
-    version,
-    about = "Reconciles IamAccessKey resources into AWS IAM access keys and Secrets"
-)]
+#[command(version, about = "Reconciles IamAccessKey resources into AWS IAM access keys and Secrets")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -73,10 +70,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         Command::Crd { out_dir: Some(dir) } => {
             for def in crd::all_crds() {
                 let name = def.metadata.name.clone().unwrap_or_default();
-                std::fs::write(
-                    dir.join(format!("{name}.yaml")),
-                    serde_yaml::to_string(&def)?,
-                )?;
+                std::fs::write(dir.join(format!("{name}.yaml")), serde_yaml::to_string(&def)?)?;
             }
             Ok(())
         }

@@ -39,37 +39,15 @@ impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("iam_key_operator");
         let iam_calls = Family::<IamCallLabels, Counter>::default();
-        registry.register(
-            "iam_calls",
-            "IAM and STS API calls by operation and outcome",
-            iam_calls.clone(),
-        );
+        registry.register("iam_calls", "IAM and STS API calls by operation and outcome", iam_calls.clone());
         let reconciles = Family::<ResultLabels, Counter>::default();
-        registry.register(
-            "reconciles",
-            "Reconciles by result (ok, or the condition reason)",
-            reconciles.clone(),
-        );
+        registry.register("reconciles", "Reconciles by result (ok, or the condition reason)", reconciles.clone());
         let buckets = [0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
         let reconcile_duration = Histogram::new(buckets);
-        registry.register(
-            "reconcile_duration_seconds",
-            "Time spent in one reconcile",
-            reconcile_duration.clone(),
-        );
+        registry.register("reconcile_duration_seconds", "Time spent in one reconcile", reconcile_duration.clone());
         let kube_writes = Family::<KubeWriteLabels, Counter>::default();
-        registry.register(
-            "kube_writes",
-            "Writes to the Kubernetes API by object kind and verb",
-            kube_writes.clone(),
-        );
-        Metrics {
-            registry: Mutex::new(registry),
-            iam_calls,
-            reconciles,
-            reconcile_duration,
-            kube_writes,
-        }
+        registry.register("kube_writes", "Writes to the Kubernetes API by object kind and verb", kube_writes.clone());
+        Metrics { registry: Mutex::new(registry), iam_calls, reconciles, reconcile_duration, kube_writes }
     }
 }
 
@@ -84,15 +62,11 @@ impl Metrics {
             Some(IamError::Unavailable { .. }) => "unavailable",
             Some(IamError::Invalid { .. }) => "invalid",
         };
-        self.iam_calls
-            .get_or_create(&IamCallLabels { operation, outcome })
-            .inc();
+        self.iam_calls.get_or_create(&IamCallLabels { operation, outcome }).inc();
     }
 
     pub fn kube_write(&self, kind: &'static str, verb: &'static str) {
-        self.kube_writes
-            .get_or_create(&KubeWriteLabels { kind, verb })
-            .inc();
+        self.kube_writes.get_or_create(&KubeWriteLabels { kind, verb }).inc();
     }
 
     /// The text exposition format.

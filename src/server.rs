@@ -18,11 +18,7 @@ struct AppState {
     ready: Arc<AtomicBool>,
 }
 
-pub async fn serve(
-    addr: SocketAddr,
-    metrics: Arc<Metrics>,
-    ready: Arc<AtomicBool>,
-) -> std::io::Result<()> {
+pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>, ready: Arc<AtomicBool>) -> std::io::Result<()> {
     let app = Router::new()
         .route("/metrics", get(render_metrics))
         .route("/healthz", get(|| async { "ok" }))
@@ -34,10 +30,7 @@ pub async fn serve(
 }
 
 async fn render_metrics(State(s): State<AppState>) -> impl IntoResponse {
-    (
-        [("content-type", "text/plain; version=0.0.4; charset=utf-8")],
-        s.metrics.render(),
-    )
+    ([("content-type", "text/plain; version=0.0.4; charset=utf-8")], s.metrics.render())
 }
 
 async fn readyz(State(s): State<AppState>) -> impl IntoResponse {

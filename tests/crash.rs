@@ -16,30 +16,15 @@ async fn crash_during_create_then_recover(point: &str) {
     let mut op = f.operator(&[("IKO_FAILPOINT", point)]);
     f.create("app", json!({})).await;
     let status = op.wait_exit(Duration::from_secs(60)).await;
-    assert!(
-        !status.success(),
-        "the operator should have aborted at {point}"
-    );
-    assert!(
-        op.log().contains(&format!("failpoint {point}")),
-        "stopped at {point}"
-    );
+    assert!(!status.success(), "the operator should have aborted at {point}");
+    assert!(op.log().contains(&format!("failpoint {point}")), "stopped at {point}");
 
     op.restart(&[]);
     f.wait_ready("app").await;
     let obj = f.keys_api().get("app").await.unwrap();
-    assert_eq!(
-        obj.status.as_ref().unwrap().keys.len(),
-        1,
-        "exactly one key of ours"
-    );
-    f.assert_consistent("app", std::slice::from_ref(&foreign))
-        .await;
-    assert_eq!(
-        f.iam_keys().await[&foreign],
-        "Active",
-        "foreign key untouched"
-    );
+    assert_eq!(obj.status.as_ref().unwrap().keys.len(), 1, "exactly one key of ours");
+    f.assert_consistent("app", std::slice::from_ref(&foreign)).await;
+    assert_eq!(f.iam_keys().await[&foreign], "Active", "foreign key untouched");
     let (_, secret) = f.secret_creds("app").await.unwrap();
     op.assert_log_free_of(&secret);
 }
@@ -74,18 +59,11 @@ async fn crash_during_delete() {
     op.restart(&[("IKO_FAILPOINT", "during-delete")]);
     f.delete("app").await;
     op.wait_exit(Duration::from_secs(60)).await;
-    assert!(
-        f.keys_api().get_opt("app").await.unwrap().is_some(),
-        "finalizer still holds the resource"
-    );
+    assert!(f.keys_api().get_opt("app").await.unwrap().is_some(), "finalizer still holds the resource");
 
     op.restart(&[]);
     f.wait_gone("app", Duration::from_secs(60)).await;
-    assert_eq!(
-        f.iam_keys().await.into_keys().collect::<Vec<_>>(),
-        vec![foreign],
-        "only the foreign key remains"
-    );
+    assert_eq!(f.iam_keys().await.into_keys().collect::<Vec<_>>(), vec![foreign], "only the foreign key remains");
     assert!(f.user_tags().await.is_empty(), "claim and key tags removed");
     assert!(f.secrets().get_opt("app").await.unwrap().is_none());
 }

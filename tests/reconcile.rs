@@ -15,67 +15,33 @@ use support::*;
 async fn create_publishes_a_working_key_and_claims_the_user() {
     let f = Fixture::new("create").await;
     let op = f.operator(&[]);
-    f.create(
-        "app",
-        json!({"secret": {"name": "app-aws", "labels": {"team": "billing"}}}),
-    )
-    .await;
+    f.create("app", json!({"secret": {"name": "app-aws", "labels": {"team": "billing"}}})).await;
     let obj = f.wait_ready("app").await;
     let status = obj.status.clone().unwrap();
     let id = status.access_key_id.clone().unwrap();
     assert_eq!(status.key_status, Some(KeyStatus::Active));
     assert_eq!(status.secret_name.as_deref(), Some("app-aws"));
-    assert!(
-        obj.metadata
-            .finalizers
-            .unwrap_or_default()
-            .contains(&"iam.keyop.dev/cleanup".to_string())
-    );
+    assert!(obj.metadata.finalizers.unwrap_or_default().contains(&"iam.keyop.dev/cleanup".to_string()));
 
     let (secret_id, secret) = f.secret_creds("app-aws").await.expect("Secret");
     assert_eq!(secret_id, id);
-    assert!(
-        f.authenticates(&id, &secret).await,
-        "published key authenticates as the user"
-    );
+    assert!(f.authenticates(&id, &secret).await, "published key authenticates as the user");
     let meta = f.secrets().get("app-aws").await.unwrap().metadata;
-    assert_eq!(
-        meta.labels.as_ref().unwrap()["app.kubernetes.io/managed-by"],
-        "iam-key-operator"
-    );
+    assert_eq!(meta.labels.as_ref().unwrap()["app.kubernetes.io/managed-by"], "iam-key-operator");
     assert_eq!(meta.labels.as_ref().unwrap()["team"], "billing");
     assert_eq!(meta.annotations.unwrap()["iam.keyop.dev/access-key-id"], id);
-    assert_eq!(
-        meta.owner_references.unwrap()[0].uid,
-        obj.metadata.uid.unwrap()
-    );
+    assert_eq!(meta.owner_references.unwrap()[0].uid, obj.metadata.uid.unwrap());
 
     let tags = f.user_tags().await;
-    assert_eq!(
-        tags["iam.keyop.dev/owner"],
-        format!("{CLUSTER}/{}/app", f.ns)
-    );
-    assert_eq!(
-        tags[&id],
-        format!("iam-key-operator {CLUSTER}/{}/app", f.ns)
-    );
+    assert_eq!(tags["iam.keyop.dev/owner"], format!("{CLUSTER}/{}/app", f.ns));
+    assert_eq!(tags[&id], format!("iam-key-operator {CLUSTER}/{}/app", f.ns));
     // Last use is recorded: the verification call signed a request with the key.
     let obj = f
         .wait_for("app", Duration::from_secs(30), "lastUsed", |o| {
-            o.status
-                .as_ref()
-                .is_some_and(|s| s.last_used.as_ref().is_some_and(|u| u.date.is_some()))
+            o.status.as_ref().is_some_and(|s| s.last_used.as_ref().is_some_and(|u| u.date.is_some()))
         })
         .await;
-    assert_eq!(
-        obj.status
-            .unwrap()
-            .last_used
-            .unwrap()
-            .service_name
-            .as_deref(),
-        Some("sts")
-    );
+    assert_eq!(obj.status.unwrap().last_used.unwrap().service_name.as_deref(), Some("sts"));
     f.assert_consistent("app", &[]).await;
     op.assert_log_free_of(&secret);
 }
@@ -84,19 +50,13 @@ async fn create_publishes_a_working_key_and_claims_the_user() {
 async fn credentials_file_format_holds_a_profile() {
     let f = Fixture::new("credfile").await;
     let _op = f.operator(&[]);
-    f.create(
-        "app",
-        json!({"secret": {"format": "CredentialsFile", "profile": "uploader"}}),
-    )
-    .await;
+    f.create("app", json!({"secret": {"format": "CredentialsFile", "profile": "uploader"}})).await;
     let obj = f.wait_ready("app").await;
     let id = obj.status.unwrap().access_key_id.unwrap();
     let s = f.secrets().get("app").await.unwrap();
     let file = String::from_utf8(s.data.unwrap()["credentials"].0.clone()).unwrap();
     assert!(
-        file.starts_with(&format!(
-            "[uploader]\naws_access_key_id = {id}\naws_secret_access_key = "
-        )),
+        file.starts_with(&format!("[uploader]\naws_access_key_id = {id}\naws_secret_access_key = ")),
         "{}",
         file.lines().next().unwrap_or("")
     );
@@ -107,23 +67,13 @@ async fn key_status_follows_the_spec_in_iam() {
     let f = Fixture::new("toggle").await;
     let _op = f.operator(&[]);
     f.create("app", json!({})).await;
-    let id = f
-        .wait_ready("app")
-        .await
-        .status
-        .unwrap()
-        .access_key_id
-        .unwrap();
+    let id = f.wait_ready("app").await.status.unwrap().access_key_id.unwrap();
     for (want, iam) in [("Inactive", "Inactive"), ("Active", "Active")] {
         let patch = json!({"spec": {"keyStatus": want}});
-        f.keys_api()
-            .patch("app", &PatchParams::default(), &Patch::Merge(&patch))
-            .await
-            .unwrap();
+        f.keys_api().patch("app", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
         f.wait_for("app", Duration::from_secs(30), want, |o| {
             o.status.as_ref().is_some_and(|s| {
-                s.key_status.map(|k| k.as_str()) == Some(want)
-                    && s.observed_generation == o.metadata.generation
+                s.key_status.map(|k| k.as_str()) == Some(want) && s.observed_generation == o.metadata.generation
             })
         })
         .await;
@@ -135,28 +85,12 @@ async fn key_status_follows_the_spec_in_iam() {
 async fn console_deactivation_and_deletion_are_corrected() {
     let f = Fixture::new("drift").await;
     let _op = f.operator(&[]);
-    f.create(
-        "app",
-        json!({"rotation": {"gracePeriod": "1s", "retainInactive": "1s"}}),
-    )
-    .await;
-    let id = f
-        .wait_ready("app")
-        .await
-        .status
-        .unwrap()
-        .access_key_id
-        .unwrap();
+    f.create("app", json!({"rotation": {"gracePeriod": "1s", "retainInactive": "1s"}})).await;
+    let id = f.wait_ready("app").await.status.unwrap().access_key_id.unwrap();
 
     // Someone deactivates the key in the console: set back to Active at the next resync.
     let iam = f.env.iam_client();
-    iam.update_access_key()
-        .user_name(&f.user)
-        .access_key_id(&id)
-        .status(StatusType::Inactive)
-        .send()
-        .await
-        .unwrap();
+    iam.update_access_key().user_name(&f.user).access_key_id(&id).status(StatusType::Inactive).send().await.unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while f.iam_keys().await[&id] != "Active" {
         assert!(std::time::Instant::now() < deadline, "drift not corrected");
@@ -164,29 +98,14 @@ async fn console_deactivation_and_deletion_are_corrected() {
     }
 
     // Someone deletes it: a new key is issued and published.
-    iam.delete_access_key()
-        .user_name(&f.user)
-        .access_key_id(&id)
-        .send()
-        .await
-        .unwrap();
+    iam.delete_access_key().user_name(&f.user).access_key_id(&id).send().await.unwrap();
     let obj = f
         .wait_for("app", Duration::from_secs(30), "a new key", |o| {
-            o.status
-                .as_ref()
-                .and_then(|s| s.access_key_id.as_ref())
-                .is_some_and(|new| *new != id)
+            o.status.as_ref().and_then(|s| s.access_key_id.as_ref()).is_some_and(|new| *new != id)
         })
         .await;
     f.wait_ready("app").await;
-    assert!(
-        obj.status
-            .unwrap()
-            .keys
-            .iter()
-            .all(|k| k.access_key_id != id),
-        "deleted key forgotten"
-    );
+    assert!(obj.status.unwrap().keys.iter().all(|k| k.access_key_id != id), "deleted key forgotten");
     f.assert_consistent("app", &[]).await;
 }
 
@@ -194,47 +113,20 @@ async fn console_deactivation_and_deletion_are_corrected() {
 async fn deleted_secret_gets_a_new_key_and_the_lost_one_is_retired() {
     let f = Fixture::new("lost").await;
     let _op = f.operator(&[]);
-    f.create(
-        "app",
-        json!({"rotation": {"gracePeriod": "2s", "retainInactive": "2s"}}),
-    )
-    .await;
-    let old = f
-        .wait_ready("app")
-        .await
-        .status
-        .unwrap()
-        .access_key_id
-        .unwrap();
-    f.secrets()
-        .delete("app", &Default::default())
-        .await
-        .unwrap();
+    f.create("app", json!({"rotation": {"gracePeriod": "2s", "retainInactive": "2s"}})).await;
+    let old = f.wait_ready("app").await.status.unwrap().access_key_id.unwrap();
+    f.secrets().delete("app", &Default::default()).await.unwrap();
 
     let obj = f
         .wait_for("app", Duration::from_secs(30), "new key", |o| {
-            o.status
-                .as_ref()
-                .and_then(|s| s.access_key_id.as_ref())
-                .is_some_and(|id| *id != old)
+            o.status.as_ref().and_then(|s| s.access_key_id.as_ref()).is_some_and(|id| *id != old)
         })
         .await;
     let status = obj.status.unwrap();
-    let draining = status
-        .keys
-        .iter()
-        .find(|k| k.access_key_id == old)
-        .expect("old key still tracked");
+    let draining = status.keys.iter().find(|k| k.access_key_id == old).expect("old key still tracked");
     assert_eq!(draining.phase, KeyPhase::Draining);
-    assert_eq!(
-        f.iam_keys().await[&old],
-        "Active",
-        "old key stays Active during the grace period"
-    );
-    assert_eq!(
-        status.rotation.unwrap().last_reason.as_deref(),
-        Some("SecretLost")
-    );
+    assert_eq!(f.iam_keys().await[&old], "Active", "old key stays Active during the grace period");
+    assert_eq!(status.rotation.unwrap().last_reason.as_deref(), Some("SecretLost"));
 
     // Grace (2s) then rollback window (2s): the old key is deactivated, then deleted.
     f.wait_for("app", Duration::from_secs(30), "old key deleted", |o| {
@@ -253,24 +145,15 @@ async fn a_secret_the_resource_does_not_own_is_never_overwritten() {
         "metadata": {"name": "taken"}, "stringData": {"keep": "me"}
     }))
     .unwrap();
-    f.secrets()
-        .create(&Default::default(), &theirs)
-        .await
-        .unwrap();
+    f.secrets().create(&Default::default(), &theirs).await.unwrap();
     f.create("app", json!({"secret": {"name": "taken"}})).await;
     let obj = f.wait_reason("app", "SecretConflict").await;
-    assert!(
-        ready(&obj).unwrap().2.contains("taken"),
-        "message names the Secret"
-    );
+    assert!(ready(&obj).unwrap().2.contains("taken"), "message names the Secret");
     assert!(f.iam_keys().await.is_empty(), "no IAM key created");
     let s = f.secrets().get("taken").await.unwrap();
     assert_eq!(s.data.unwrap()["keep"].0, b"me");
     // Once the Secret is gone, the resource proceeds on its own.
-    f.secrets()
-        .delete("taken", &Default::default())
-        .await
-        .unwrap();
+    f.secrets().delete("taken", &Default::default()).await.unwrap();
     f.wait_ready("app").await;
 }
 
@@ -282,19 +165,10 @@ async fn missing_user_waits_then_becomes_ready_when_the_user_appears() {
     f.create("app", json!({"userName": user})).await;
     let obj = f.wait_reason("app", "UserNotFound").await;
     assert!(ready(&obj).unwrap().2.contains(&user));
-    f.env
-        .iam_client()
-        .create_user()
-        .user_name(&user)
-        .send()
-        .await
-        .unwrap();
+    f.env.iam_client().create_user().user_name(&user).send().await.unwrap();
     let obj = f.wait_ready("app").await;
     let keys = iam_keys(f.env, &user).await;
-    assert_eq!(
-        keys.keys().next(),
-        obj.status.unwrap().access_key_id.as_ref()
-    );
+    assert_eq!(keys.keys().next(), obj.status.unwrap().access_key_id.as_ref());
 }
 
 #[tokio::test]
@@ -305,10 +179,7 @@ async fn two_foreign_keys_block_with_key_limit_exceeded_and_stay_untouched() {
     f.create("app", json!({})).await;
     let obj = f.wait_reason("app", "KeyLimitExceeded").await;
     let message = ready(&obj).unwrap().2;
-    assert!(
-        foreign.iter().all(|id| message.contains(id)),
-        "message names the blocking keys: {message}"
-    );
+    assert!(foreign.iter().all(|id| message.contains(id)), "message names the blocking keys: {message}");
     tokio::time::sleep(Duration::from_secs(3)).await;
     let keys = f.iam_keys().await;
     assert_eq!(keys.keys().cloned().collect::<Vec<_>>(), {
@@ -316,28 +187,13 @@ async fn two_foreign_keys_block_with_key_limit_exceeded_and_stay_untouched() {
         v.sort();
         v
     });
-    assert!(
-        keys.values().all(|s| s == "Active"),
-        "foreign keys untouched"
-    );
+    assert!(keys.values().all(|s| s == "Active"), "foreign keys untouched");
 
     // Freeing one slot lets it proceed, still leaving the other foreign key alone.
-    f.env
-        .iam_client()
-        .delete_access_key()
-        .user_name(&f.user)
-        .access_key_id(&foreign[0])
-        .send()
-        .await
-        .unwrap();
+    f.env.iam_client().delete_access_key().user_name(&f.user).access_key_id(&foreign[0]).send().await.unwrap();
     let obj = f.wait_ready("app").await;
     assert_eq!(obj.status.as_ref().unwrap().foreign_keys, 1);
-    assert!(
-        ready(&obj)
-            .unwrap()
-            .2
-            .contains("not managed by this resource")
-    );
+    assert!(ready(&obj).unwrap().2.contains("not managed by this resource"));
     f.assert_consistent("app", &foreign[1..]).await;
 }
 
@@ -350,17 +206,10 @@ async fn delete_policy_removes_keys_tags_and_secret() {
     f.wait_ready("app").await;
     f.delete("app").await;
     f.wait_gone("app", Duration::from_secs(30)).await;
-    assert_eq!(
-        f.iam_keys().await.into_keys().collect::<Vec<_>>(),
-        vec![foreign],
-        "only the foreign key is left"
-    );
+    assert_eq!(f.iam_keys().await.into_keys().collect::<Vec<_>>(), vec![foreign], "only the foreign key is left");
     let tags = f.user_tags().await;
     assert!(tags.is_empty(), "claim and key tags removed: {tags:?}");
-    assert!(
-        f.secrets().get_opt("app").await.unwrap().is_none(),
-        "Secret deleted"
-    );
+    assert!(f.secrets().get_opt("app").await.unwrap().is_none(), "Secret deleted");
 }
 
 #[tokio::test]
@@ -368,22 +217,13 @@ async fn retain_policy_keeps_the_key_marked_as_retained() {
     let f = Fixture::new("retain").await;
     let _op = f.operator(&[]);
     f.create("app", json!({"deletionPolicy": "Retain"})).await;
-    let id = f
-        .wait_ready("app")
-        .await
-        .status
-        .unwrap()
-        .access_key_id
-        .unwrap();
+    let id = f.wait_ready("app").await.status.unwrap().access_key_id.unwrap();
     f.delete("app").await;
     f.wait_gone("app", Duration::from_secs(30)).await;
     assert_eq!(f.iam_keys().await[&id], "Active", "key kept in IAM");
     let tags = f.user_tags().await;
     assert!(!tags.contains_key("iam.keyop.dev/owner"), "claim released");
-    assert!(
-        tags[&id].contains("retained"),
-        "key marked as retained: {tags:?}"
-    );
+    assert!(tags[&id].contains("retained"), "key marked as retained: {tags:?}");
 
     // A new resource for the same user neither adopts nor deletes the retained key.
     f.create("again", json!({})).await;
@@ -402,18 +242,12 @@ async fn paused_resource_gets_no_writes_until_unpaused() {
         "spec": {"userName": f.user},
     }))
     .unwrap();
-    f.keys_api()
-        .create(&Default::default(), &obj)
-        .await
-        .unwrap();
+    f.keys_api().create(&Default::default(), &obj).await.unwrap();
     f.wait_reason("app", "Paused").await;
     assert!(f.iam_keys().await.is_empty());
     assert_eq!(op.iam_calls(IAM_WRITES).await, 0);
     let unpause = json!({"metadata": {"annotations": {"iam.keyop.dev/paused": null}}});
-    f.keys_api()
-        .patch("app", &PatchParams::default(), &Patch::Merge(&unpause))
-        .await
-        .unwrap();
+    f.keys_api().patch("app", &PatchParams::default(), &Patch::Merge(&unpause)).await.unwrap();
     f.wait_ready("app").await;
 }
 
@@ -423,20 +257,10 @@ async fn second_resource_naming_a_claimed_user_gets_user_claimed() {
     let _op = f.operator(&[]);
     f.create("first", json!({})).await;
     f.wait_ready("first").await;
-    f.create("second", json!({"secret": {"name": "second"}}))
-        .await;
+    f.create("second", json!({"secret": {"name": "second"}})).await;
     let obj = f.wait_reason("second", "UserClaimed").await;
-    assert!(
-        ready(&obj)
-            .unwrap()
-            .2
-            .contains(&format!("{CLUSTER}/{}/first", f.ns))
-    );
-    assert_eq!(
-        f.iam_keys().await.len(),
-        1,
-        "no key created for the second resource"
-    );
+    assert!(ready(&obj).unwrap().2.contains(&format!("{CLUSTER}/{}/first", f.ns)));
+    assert_eq!(f.iam_keys().await.len(), 1, "no key created for the second resource");
 }
 
 #[tokio::test]
@@ -450,37 +274,11 @@ async fn converged_resource_makes_no_writes_over_several_resyncs() {
     let iam_writes = op.iam_calls(IAM_WRITES).await;
     let kube_writes = op.kube_writes().await;
     let reads = op.iam_calls(&["ListAccessKeys"]).await;
-    let rv = f
-        .keys_api()
-        .get("app")
-        .await
-        .unwrap()
-        .metadata
-        .resource_version;
+    let rv = f.keys_api().get("app").await.unwrap().metadata.resource_version;
     // Resync is 3s in tests: this spans three resyncs.
     tokio::time::sleep(Duration::from_secs(10)).await;
-    assert!(
-        op.iam_calls(&["ListAccessKeys"]).await >= reads + 2,
-        "resyncs happened (drift checks)"
-    );
-    assert_eq!(
-        op.iam_calls(IAM_WRITES).await,
-        iam_writes,
-        "no IAM writes once converged"
-    );
-    assert_eq!(
-        op.kube_writes().await,
-        kube_writes,
-        "no Kubernetes writes once converged"
-    );
-    assert_eq!(
-        f.keys_api()
-            .get("app")
-            .await
-            .unwrap()
-            .metadata
-            .resource_version,
-        rv,
-        "resource untouched"
-    );
+    assert!(op.iam_calls(&["ListAccessKeys"]).await >= reads + 2, "resyncs happened (drift checks)");
+    assert_eq!(op.iam_calls(IAM_WRITES).await, iam_writes, "no IAM writes once converged");
+    assert_eq!(op.kube_writes().await, kube_writes, "no Kubernetes writes once converged");
+    assert_eq!(f.keys_api().get("app").await.unwrap().metadata.resource_version, rv, "resource untouched");
 }

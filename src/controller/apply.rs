@@ -18,16 +18,13 @@ use super::{
 };
 use crate::{
     crd::{
-        IamAccessKey, IamAccessKeyStatus, KeyPhase, KeyStatus, LastUsed, OwnedKey, PendingCreate,
-        RotationRecord, RotationSpec,
+        IamAccessKey, IamAccessKeyStatus, KeyPhase, KeyStatus, LastUsed, OwnedKey, PendingCreate, RotationRecord,
+        RotationSpec,
     },
     error::Error,
     failpoint,
     iam::{IamError, IamKey, IamUser, NewKey},
-    plan::{
-        Blocked, NewKeyReason, Observation, Owner, SecretObservation, Step, UserObservation,
-        plan_next_step,
-    },
+    plan::{Blocked, NewKeyReason, Observation, Owner, SecretObservation, Step, UserObservation, plan_next_step},
 };
 
 /// Upper bound of steps in one reconcile; a fresh resource needs about eight.
@@ -35,12 +32,8 @@ const MAX_STEPS: usize = 24;
 
 pub async fn apply(obj: &Arc<IamAccessKey>, ctx: &Context) -> Result<Action, Error> {
     if is_paused(obj) {
-        let message =
-            format!("paused by annotation {PAUSED_ANNOTATION}=true: no IAM or Secret writes");
-        let err = Error::Blocked {
-            blocked: Blocked::Paused,
-            message,
-        };
+        let message = format!("paused by annotation {PAUSED_ANNOTATION}=true: no IAM or Secret writes");
+        let err = Error::Blocked { blocked: Blocked::Paused, message };
         let mut run = Run::new(obj, ctx);
         run.fail(&err).await;
         return Err(err);
@@ -54,11 +47,8 @@ pub async fn apply(obj: &Arc<IamAccessKey>, ctx: &Context) -> Result<Action, Err
         Ok(wake_at) => {
             run.succeed().await?;
             let resync = super::jitter(ctx.settings.resync);
-            let until_wake = wake_at
-                .map(|t| Duration::try_from(t.duration_since(run.now)).unwrap_or(Duration::ZERO));
-            Ok(Action::requeue(
-                until_wake.map_or(resync, |w| w.min(resync)) + Duration::from_millis(500),
-            ))
+            let until_wake = wake_at.map(|t| Duration::try_from(t.duration_since(run.now)).unwrap_or(Duration::ZERO));
+            Ok(Action::requeue(until_wake.map_or(resync, |w| w.min(resync)) + Duration::from_millis(500)))
         }
         Err(err) => {
             run.fail(&err).await;
@@ -68,9 +58,7 @@ pub async fn apply(obj: &Arc<IamAccessKey>, ctx: &Context) -> Result<Action, Err
 }
 
 pub fn is_paused(obj: &IamAccessKey) -> bool {
-    obj.annotations()
-        .get(PAUSED_ANNOTATION)
-        .is_some_and(|v| v == "true")
+    obj.annotations().get(PAUSED_ANNOTATION).is_some_and(|v| v == "true")
 }
 
 /// Converges when the IAM user cannot be listed: a missing user is an observation, not an error.
@@ -82,12 +70,8 @@ pub async fn observe_user(ctx: &Context, user: &str) -> Result<UserObservation, 
     }
 }
 
-pub async fn observe_secret_meta(
-    ctx: &Context,
-    obj: &IamAccessKey,
-) -> Result<SecretObservation, Error> {
-    let secrets: Api<Secret> =
-        Api::namespaced(ctx.client.clone(), &obj.namespace().unwrap_or_default());
+pub async fn observe_secret_meta(ctx: &Context, obj: &IamAccessKey) -> Result<SecretObservation, Error> {
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &obj.namespace().unwrap_or_default());
     let meta = secrets.get_metadata_opt(&secret_name(obj)).await?;
     Ok(observe_secret(obj, meta.as_ref()))
 }
@@ -113,8 +97,7 @@ impl<'a> Run<'a> {
             obj,
             ctx,
             // Whole seconds: the API server stores timestamps that way, so comparisons hold.
-            now: Timestamp::from_second(Timestamp::now().as_second())
-                .unwrap_or(Timestamp::UNIX_EPOCH),
+            now: Timestamp::from_second(Timestamp::now().as_second()).unwrap_or(Timestamp::UNIX_EPOCH),
             owner: Owner::new(&ctx.settings.cluster_name, &ns, &obj.name_any()),
             secret_name: secret_name(obj),
             status: obj.status.clone().unwrap_or_default(),
@@ -144,9 +127,7 @@ impl<'a> Run<'a> {
 
     fn tags_mut(&mut self) -> Option<&mut std::collections::BTreeMap<String, String>> {
         match &mut self.user {
-            UserObservation::Found {
-                tags: Some(tags), ..
-            } => Some(tags),
+            UserObservation::Found { tags: Some(tags), .. } => Some(tags),
             _ => None,
         }
     }
@@ -159,11 +140,7 @@ impl<'a> Run<'a> {
     async fn converge(&mut self) -> Result<Option<Timestamp>, Error> {
         for _ in 0..MAX_STEPS {
             let ledger = ledger(&self.status);
-            let rotate_requested_at = self
-                .obj
-                .annotations()
-                .get(ROTATE_REQUESTED_AT_ANNOTATION)
-                .cloned();
+            let rotate_requested_at = self.obj.annotations().get(ROTATE_REQUESTED_AT_ANNOTATION).cloned();
             let step = plan_next_step(&Observation {
                 now: self.now,
                 owner: &self.owner,
@@ -204,34 +181,18 @@ impl<'a> Run<'a> {
                         self.owner.key_tag_value()
                     )));
                 }
-                iam.tag_user(
-                    &user,
-                    &[(crate::plan::OWNER_TAG.into(), self.owner.0.clone())],
-                )
-                .await?;
+                iam.tag_user(&user, &[(crate::plan::OWNER_TAG.into(), self.owner.0.clone())]).await?;
                 let owner = self.owner.0.clone();
                 if let Some(tags) = self.tags_mut() {
                     tags.insert(crate::plan::OWNER_TAG.into(), owner);
                 }
-                self.note(
-                    EventType::Normal,
-                    "UserClaimed",
-                    format!("claimed IAM user {user}"),
-                )
-                .await;
+                self.note(EventType::Normal, "UserClaimed", format!("claimed IAM user {user}")).await;
             }
-            Step::DeleteOrphan {
-                access_key_id,
-                tagged,
-            } => {
+            Step::DeleteOrphan { access_key_id, tagged } => {
                 self.delete_key(&access_key_id, tagged).await?;
                 let why = "left behind by an interrupted create; its secret was never published";
-                self.note(
-                    EventType::Normal,
-                    "OrphanKeyDeleted",
-                    format!("deleted access key {access_key_id}: {why}"),
-                )
-                .await;
+                self.note(EventType::Normal, "OrphanKeyDeleted", format!("deleted access key {access_key_id}: {why}"))
+                    .await;
             }
             Step::AdoptSecretKey { key } => {
                 let id = key.access_key_id.clone();
@@ -240,45 +201,28 @@ impl<'a> Run<'a> {
                 self.note(
                     EventType::Normal,
                     "KeyAdopted",
-                    format!(
-                        "recorded access key {id} found in Secret {}",
-                        self.secret_name
-                    ),
+                    format!("recorded access key {id} found in Secret {}", self.secret_name),
                 )
                 .await;
             }
-            Step::ForgetKey {
-                access_key_id,
-                expected,
-            } => {
-                self.status
-                    .keys
-                    .retain(|k| k.access_key_id != access_key_id);
+            Step::ForgetKey { access_key_id, expected } => {
+                self.status.keys.retain(|k| k.access_key_id != access_key_id);
                 self.save_status().await?;
                 if !expected {
-                    let note = format!(
-                        "access key {access_key_id} was deleted outside the operator; it is no longer tracked"
-                    );
-                    self.note(EventType::Warning, "KeyDeletedOutside", note)
-                        .await;
+                    let note =
+                        format!("access key {access_key_id} was deleted outside the operator; it is no longer tracked");
+                    self.note(EventType::Warning, "KeyDeletedOutside", note).await;
                 }
             }
             Step::MakeRoom { access_key_id } => {
                 self.delete_key(&access_key_id, true).await?;
-                self.status
-                    .keys
-                    .retain(|k| k.access_key_id != access_key_id);
+                self.status.keys.retain(|k| k.access_key_id != access_key_id);
                 self.save_status().await?;
-                let note = format!(
-                    "deleted retired access key {access_key_id} early to make room for a new key"
-                );
+                let note = format!("deleted retired access key {access_key_id} early to make room for a new key");
                 self.note(EventType::Normal, "KeyDeleted", note).await;
             }
             Step::StartCreate { existing_key_ids } => {
-                self.status.pending_create = Some(PendingCreate {
-                    since: Time(self.now),
-                    existing_key_ids,
-                });
+                self.status.pending_create = Some(PendingCreate { since: Time(self.now), existing_key_ids });
                 self.save_status().await?;
             }
             Step::ClearPending => {
@@ -286,11 +230,7 @@ impl<'a> Run<'a> {
                 self.save_status().await?;
             }
             Step::CreateKey { reason } => self.create_key(reason).await?,
-            Step::SetKeyStatus {
-                access_key_id,
-                status,
-                drift,
-            } => {
+            Step::SetKeyStatus { access_key_id, status, drift } => {
                 iam.update_access_key(&user, &access_key_id, status).await?;
                 self.set_iam_status(&access_key_id, status);
                 self.status.key_status = Some(status);
@@ -302,54 +242,30 @@ impl<'a> Run<'a> {
                     );
                     (EventType::Warning, "DriftCorrected", note)
                 } else {
-                    let reason = if status == KeyStatus::Active {
-                        "KeyActivated"
-                    } else {
-                        "KeyDeactivated"
-                    };
-                    (
-                        EventType::Normal,
-                        reason,
-                        format!("access key {access_key_id} set to {}", status.as_str()),
-                    )
+                    let reason = if status == KeyStatus::Active { "KeyActivated" } else { "KeyDeactivated" };
+                    (EventType::Normal, reason, format!("access key {access_key_id} set to {}", status.as_str()))
                 };
                 self.note(kind, reason, note).await;
             }
-            Step::RetireKey {
-                access_key_id,
-                already_inactive,
-            } => {
+            Step::RetireKey { access_key_id, already_inactive } => {
                 if !already_inactive {
-                    iam.update_access_key(&user, &access_key_id, KeyStatus::Inactive)
-                        .await?;
+                    iam.update_access_key(&user, &access_key_id, KeyStatus::Inactive).await?;
                     self.set_iam_status(&access_key_id, KeyStatus::Inactive);
                 }
                 let retain = self.rotation().retain_inactive.as_signed();
-                for k in self
-                    .status
-                    .keys
-                    .iter_mut()
-                    .filter(|k| k.access_key_id == access_key_id)
-                {
+                for k in self.status.keys.iter_mut().filter(|k| k.access_key_id == access_key_id) {
                     k.phase = KeyPhase::Inactive;
-                    k.delete_at
-                        .get_or_insert(Time(crate::plan::after(self.now, retain)));
+                    k.delete_at.get_or_insert(Time(crate::plan::after(self.now, retain)));
                 }
                 self.save_status().await?;
-                let note = format!(
-                    "previous access key {access_key_id} deactivated after its grace period"
-                );
+                let note = format!("previous access key {access_key_id} deactivated after its grace period");
                 self.note(EventType::Normal, "KeyDeactivated", note).await;
             }
             Step::DeleteRetired { access_key_id } => {
                 self.delete_key(&access_key_id, true).await?;
-                self.status
-                    .keys
-                    .retain(|k| k.access_key_id != access_key_id);
+                self.status.keys.retain(|k| k.access_key_id != access_key_id);
                 self.save_status().await?;
-                let note = format!(
-                    "previous access key {access_key_id} deleted after its rollback window"
-                );
+                let note = format!("previous access key {access_key_id} deleted after its rollback window");
                 self.note(EventType::Normal, "KeyDeleted", note).await;
             }
             Step::RefreshLastUsed { access_key_id } => {
@@ -362,12 +278,11 @@ impl<'a> Run<'a> {
                     access_key_id,
                 };
                 // Only a change is written: reading last use must not make status churn.
-                let changed = self.status.last_used.as_ref().is_none_or(|old| {
-                    LastUsed {
-                        checked_at: old.checked_at.clone(),
-                        ..record.clone()
-                    } != *old
-                });
+                let changed = self
+                    .status
+                    .last_used
+                    .as_ref()
+                    .is_none_or(|old| LastUsed { checked_at: old.checked_at.clone(), ..record.clone() } != *old);
                 if changed {
                     self.status.last_used = Some(record);
                 }
@@ -413,10 +328,7 @@ impl<'a> Run<'a> {
             Err(e) => return Err(e.into()),
         }
         if untag {
-            self.ctx
-                .iam
-                .untag_user(&user, &[access_key_id.to_owned()])
-                .await?;
+            self.ctx.iam.untag_user(&user, &[access_key_id.to_owned()]).await?;
         }
         if let Some(keys) = self.iam_keys_mut() {
             keys.retain(|k| k.access_key_id != access_key_id);
@@ -429,9 +341,7 @@ impl<'a> Run<'a> {
 
     fn set_iam_status(&mut self, access_key_id: &str, status: KeyStatus) {
         if let Some(keys) = self.iam_keys_mut() {
-            keys.iter_mut()
-                .filter(|k| k.access_key_id == access_key_id)
-                .for_each(|k| k.status = status);
+            keys.iter_mut().filter(|k| k.access_key_id == access_key_id).for_each(|k| k.status = status);
         }
     }
 
@@ -440,12 +350,7 @@ impl<'a> Run<'a> {
         let rotation = self.rotation();
         let deactivate_at = crate::plan::after(self.now, rotation.grace_period.as_signed());
         let delete_at = crate::plan::after(deactivate_at, rotation.retain_inactive.as_signed());
-        for k in self
-            .status
-            .keys
-            .iter_mut()
-            .filter(|k| k.phase == KeyPhase::Current)
-        {
+        for k in self.status.keys.iter_mut().filter(|k| k.phase == KeyPhase::Current) {
             k.phase = KeyPhase::Draining;
             k.deactivate_at = Some(Time(deactivate_at));
             k.delete_at = Some(Time(delete_at));
@@ -461,17 +366,9 @@ impl<'a> Run<'a> {
         self.status.pending_create = None;
         self.status.rotation = Some(RotationRecord {
             serial: self.obj.spec.rotation.as_ref().map_or(0, |r| r.serial),
-            requested_at: self
-                .obj
-                .annotations()
-                .get(ROTATE_REQUESTED_AT_ANNOTATION)
-                .cloned(),
+            requested_at: self.obj.annotations().get(ROTATE_REQUESTED_AT_ANNOTATION).cloned(),
             last_rotated_at: Some(Time(self.now)),
-            last_reason: self
-                .status
-                .rotation
-                .as_ref()
-                .and_then(|r| r.last_reason.clone()),
+            last_reason: self.status.rotation.as_ref().and_then(|r| r.last_reason.clone()),
         });
     }
 
@@ -486,10 +383,7 @@ impl<'a> Run<'a> {
         let NewKey { key, secret } = self.ctx.iam.create_access_key(&user).await?;
         let id = key.access_key_id.clone();
         failpoint!("after-create-key");
-        self.ctx
-            .iam
-            .tag_user(&user, &[(id.clone(), self.owner.key_tag_value())])
-            .await?;
+        self.ctx.iam.tag_user(&user, &[(id.clone(), self.owner.key_tag_value())]).await?;
         failpoint!("after-tag");
         if let Some(keys) = self.iam_keys_mut() {
             keys.push(key.clone());
@@ -505,31 +399,21 @@ impl<'a> Run<'a> {
         }
         self.publish(&id, &secret).await?;
         failpoint!("after-secret");
-        self.secret = SecretObservation::Ours {
-            access_key_id: Some(id.clone()),
-        };
+        self.secret = SecretObservation::Ours { access_key_id: Some(id.clone()) };
         self.install_current(key);
         if let Some(r) = self.status.rotation.as_mut() {
             r.last_reason = Some(reason.as_str().into());
         }
         failpoint!("before-status");
         self.save_status().await?;
-        let note = format!(
-            "created access key {id} ({}) and published it in Secret {}",
-            reason.as_str(),
-            self.secret_name
-        );
+        let note =
+            format!("created access key {id} ({}) and published it in Secret {}", reason.as_str(), self.secret_name);
         self.note(EventType::Normal, "KeyCreated", note).await;
         Ok(())
     }
 
     /// Wait until the new key authenticates as the user (IAM is eventually consistent).
-    async fn verify(
-        &self,
-        id: &str,
-        secret: &crate::iam::SecretAccessKey,
-        user_arn: &str,
-    ) -> Result<(), Error> {
+    async fn verify(&self, id: &str, secret: &crate::iam::SecretAccessKey, user_arn: &str) -> Result<(), Error> {
         let deadline = std::time::Instant::now() + self.ctx.settings.verify_timeout;
         let mut delay = Duration::from_millis(250);
         loop {
@@ -542,11 +426,7 @@ impl<'a> Run<'a> {
                 Err(e) => return Err(e.into()),
             };
             if std::time::Instant::now() + delay > deadline {
-                return Err(Error::VerifyFailed {
-                    access_key_id: id.into(),
-                    user_arn: user_arn.into(),
-                    answer,
-                });
+                return Err(Error::VerifyFailed { access_key_id: id.into(), user_arn: user_arn.into(), answer });
             }
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(Duration::from_secs(5));
@@ -555,33 +435,19 @@ impl<'a> Run<'a> {
 
     /// Write the Secret: created when missing (so a Secret someone else just created is never
     /// taken over), server-side applied when it is ours.
-    async fn publish(
-        &mut self,
-        id: &str,
-        secret: &crate::iam::SecretAccessKey,
-    ) -> Result<(), Error> {
+    async fn publish(&mut self, id: &str, secret: &crate::iam::SecretAccessKey) -> Result<(), Error> {
         let ns = self.obj.namespace().unwrap_or_default();
         let api: Api<Secret> = Api::namespaced(self.ctx.client.clone(), &ns);
         let object = build_secret(self.obj, id, secret);
         match self.secret {
             SecretObservation::Missing => {
-                api.create(
-                    &PostParams {
-                        field_manager: Some(FIELD_MANAGER.into()),
-                        ..Default::default()
-                    },
-                    &object,
-                )
-                .await?;
+                api.create(&PostParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() }, &object)
+                    .await?;
                 self.ctx.metrics.kube_write("Secret", "create");
             }
             SecretObservation::Ours { .. } => {
-                api.patch(
-                    &self.secret_name,
-                    &PatchParams::apply(FIELD_MANAGER).force(),
-                    &Patch::Apply(&object),
-                )
-                .await?;
+                api.patch(&self.secret_name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&object))
+                    .await?;
                 self.ctx.metrics.kube_write("Secret", "apply");
             }
             SecretObservation::NotOurs => return Err(self.blocked(Blocked::SecretConflict)),
@@ -599,39 +465,26 @@ impl<'a> Run<'a> {
         if self.saved.as_ref() == Some(&self.status) {
             return Ok(());
         }
-        let api: Api<IamAccessKey> = Api::namespaced(
-            self.ctx.client.clone(),
-            &self.obj.namespace().unwrap_or_default(),
-        );
+        let api: Api<IamAccessKey> =
+            Api::namespaced(self.ctx.client.clone(), &self.obj.namespace().unwrap_or_default());
         let patch = serde_json::json!({
             "apiVersion": "iam.keyop.dev/v1alpha1",
             "kind": "IamAccessKey",
             "status": self.status,
         });
-        api.patch_status(
-            &self.obj.name_any(),
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&patch),
-        )
-        .await?;
+        api.patch_status(&self.obj.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch))
+            .await?;
         self.ctx.metrics.kube_write("IamAccessKey", "status");
         self.saved = Some(self.status.clone());
         Ok(())
     }
 
     async fn succeed(&mut self) -> Result<(), Error> {
-        let current = self
-            .status
-            .keys
-            .iter()
-            .find(|k| k.phase == KeyPhase::Current);
+        let current = self.status.keys.iter().find(|k| k.phase == KeyPhase::Current);
         let mut message = match (current, self.status.key_status) {
-            (Some(k), Some(s)) => format!(
-                "access key {} is {} and published in Secret {}",
-                k.access_key_id,
-                s.as_str(),
-                self.secret_name
-            ),
+            (Some(k), Some(s)) => {
+                format!("access key {} is {} and published in Secret {}", k.access_key_id, s.as_str(), self.secret_name)
+            }
             _ => "no access key".into(),
         };
         if let UserObservation::Found { keys, .. } = &self.user {
@@ -649,28 +502,15 @@ impl<'a> Run<'a> {
     }
 
     async fn fail(&mut self, err: &Error) {
-        let previous = self
-            .status
-            .conditions
-            .iter()
-            .find(|c| c.type_ == "Ready")
-            .cloned();
-        set_ready(
-            &mut self.status,
-            self.obj,
-            false,
-            err.reason(),
-            err.to_string(),
-        );
-        let repeated = previous.is_some_and(|p| {
-            p.status == "False" && p.reason == err.reason() && p.message == err.to_string()
-        });
+        let previous = self.status.conditions.iter().find(|c| c.type_ == "Ready").cloned();
+        set_ready(&mut self.status, self.obj, false, err.reason(), err.to_string());
+        let repeated =
+            previous.is_some_and(|p| p.status == "False" && p.reason == err.reason() && p.message == err.to_string());
         if let Err(e) = self.save_status().await {
             tracing::warn!(error = %e, "could not record the failure in status");
         }
         if !repeated {
-            self.note(EventType::Warning, err.reason(), err.to_string())
-                .await;
+            self.note(EventType::Warning, err.reason(), err.to_string()).await;
         }
     }
 

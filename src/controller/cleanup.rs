@@ -20,22 +20,15 @@ use crate::{
     crd::IamAccessKey,
     error::Error,
     failpoint,
-    plan::{
-        Blocked, CleanupObservation, CleanupStep, Owner, SecretObservation, UserObservation,
-        plan_cleanup,
-    },
+    plan::{Blocked, CleanupObservation, CleanupStep, Owner, SecretObservation, UserObservation, plan_cleanup},
 };
 
 const MAX_STEPS: usize = 16;
 
 pub async fn cleanup(obj: &Arc<IamAccessKey>, ctx: &Context) -> Result<Action, Error> {
     if is_paused(obj) {
-        let message = "paused: deletion waits until the iam.keyop.dev/paused annotation is removed"
-            .to_string();
-        return Err(Error::Blocked {
-            blocked: Blocked::Paused,
-            message,
-        });
+        let message = "paused: deletion waits until the iam.keyop.dev/paused annotation is removed".to_string();
+        return Err(Error::Blocked { blocked: Blocked::Paused, message });
     }
     let ns = obj.namespace().unwrap_or_default();
     let owner = Owner::new(&ctx.settings.cluster_name, &ns, &obj.name_any());
@@ -72,10 +65,8 @@ pub async fn cleanup(obj: &Arc<IamAccessKey>, ctx: &Context) -> Result<Action, E
                 deleted.push(access_key_id);
             }
             CleanupStep::MarkRetained { access_key_ids } => {
-                let tags: Vec<(String, String)> = access_key_ids
-                    .iter()
-                    .map(|id| (id.clone(), owner.retained_tag_value()))
-                    .collect();
+                let tags: Vec<(String, String)> =
+                    access_key_ids.iter().map(|id| (id.clone(), owner.retained_tag_value())).collect();
                 ctx.iam.tag_user(user_name, &tags).await?;
                 if let UserObservation::Found { tags: Some(t), .. } = &mut user {
                     t.extend(tags);
@@ -84,8 +75,7 @@ pub async fn cleanup(obj: &Arc<IamAccessKey>, ctx: &Context) -> Result<Action, E
                     "deletionPolicy Retain: access key(s) {} kept in IAM, tagged as retained; delete them in IAM when no longer needed",
                     access_key_ids.join(", ")
                 );
-                ctx.event(obj, EventType::Normal, "KeysRetained", note)
-                    .await;
+                ctx.event(obj, EventType::Normal, "KeysRetained", note).await;
             }
             CleanupStep::Untag { tag_keys } => {
                 ctx.iam.untag_user(user_name, &tag_keys).await?;
@@ -95,10 +85,7 @@ pub async fn cleanup(obj: &Arc<IamAccessKey>, ctx: &Context) -> Result<Action, E
             }
             CleanupStep::DeleteSecret => {
                 let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
-                match api
-                    .delete(&secret_name(obj), &DeleteParams::default())
-                    .await
-                {
+                match api.delete(&secret_name(obj), &DeleteParams::default()).await {
                     Ok(_) => ctx.metrics.kube_write("Secret", "delete"),
                     Err(kube::Error::Api(e)) if e.code == 404 => {}
                     Err(e) => return Err(e.into()),
@@ -107,10 +94,7 @@ pub async fn cleanup(obj: &Arc<IamAccessKey>, ctx: &Context) -> Result<Action, E
             }
             CleanupStep::Done => {
                 if !deleted.is_empty() {
-                    let note = format!(
-                        "deleted access key(s) {} of IAM user {user_name}",
-                        deleted.join(", ")
-                    );
+                    let note = format!("deleted access key(s) {} of IAM user {user_name}", deleted.join(", "));
                     ctx.event(obj, EventType::Normal, "KeysDeleted", note).await;
                 }
                 ctx.forget(obj);

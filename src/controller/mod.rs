@@ -84,17 +84,9 @@ pub struct Context {
 }
 
 impl Context {
-    pub fn new(
-        client: Client,
-        iam: Arc<dyn IamApi>,
-        metrics: Arc<Metrics>,
-        settings: Settings,
-    ) -> Self {
+    pub fn new(client: Client, iam: Arc<dyn IamApi>, metrics: Arc<Metrics>, settings: Settings) -> Self {
         let instance = std::env::var("POD_NAME").ok();
-        let reporter = Reporter {
-            controller: FIELD_MANAGER.into(),
-            instance,
-        };
+        let reporter = Reporter { controller: FIELD_MANAGER.into(), instance };
         Context {
             recorder: Recorder::new(client.clone(), reporter),
             client,
@@ -108,13 +100,11 @@ impl Context {
 
     /// Publish an event about the resource; failures are logged, never fatal.
     async fn event(&self, obj: &IamAccessKey, type_: EventType, reason: &str, note: String) {
-        let event = Event {
-            type_,
-            reason: reason.into(),
-            note: Some(note),
-            action: reason.into(),
-            secondary: None,
-        };
+        match type_ {
+            EventType::Normal => info!(reason, "{note}"),
+            EventType::Warning => warn!(reason, "{note}"),
+        }
+        let event = Event { type_, reason: reason.into(), note: Some(note), action: reason.into(), secondary: None };
         if let Err(e) = self.recorder.publish(&event, &obj.object_ref(&())).await {
             warn!(error = %e, reason, "could not publish event");
         }
@@ -125,42 +115,27 @@ impl Context {
         let n = failures.entry(ObjectRef::from_obj(obj)).or_insert(0);
         *n = n.saturating_add(1);
         // Retryable faults (throttling, outages) start fast; waiting conditions start slower.
-        let (base, cap) = if err.is_retryable() {
-            (2.0, 300.0)
-        } else {
-            (5.0, 600.0)
-        };
+        let (base, cap) = if err.is_retryable() { (2.0, 300.0) } else { (5.0, 600.0) };
         let secs = (base * 2f64.powi((*n - 1).min(16) as i32)).min(cap);
         jitter(Duration::from_secs_f64(secs))
     }
 
     fn reset_backoff(&self, obj: &IamAccessKey) {
-        self.failures
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&ObjectRef::from_obj(obj));
+        self.failures.lock().unwrap_or_else(|e| e.into_inner()).remove(&ObjectRef::from_obj(obj));
     }
 
+    /// When the resource's last use is next read; `None`: now.
     fn last_used_due(&self, obj: &IamAccessKey) -> Option<Timestamp> {
         let uid = obj.uid()?;
         let mut due = self.last_used_due.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(t) = due.get(&uid) {
             return Some(*t);
         }
-        // First sight since start: spread the reads of already-known keys over one interval
-        // instead of reading them all at once after a restart.
-        let known = obj
-            .status
-            .as_ref()
-            .and_then(|s| s.last_used.as_ref())
-            .is_some();
-        let refresh = self.settings.last_used_refresh.as_secs_f64();
-        let first = if known {
-            rand::rng().random_range(0.0..refresh.max(1.0))
-        } else {
-            0.0
-        };
-        let t = after(Timestamp::now(), Duration::from_secs_f64(first));
+        // First sight since start of a key read before: spread the reads over one interval
+        // instead of reading every key at once after a restart.
+        obj.status.as_ref()?.last_used.as_ref()?;
+        let refresh = self.settings.last_used_refresh.as_secs_f64().max(1.0);
+        let t = after(Timestamp::now(), Duration::from_secs_f64(rand::rng().random_range(0.0..refresh)));
         due.insert(uid, t);
         Some(t)
     }
@@ -168,20 +143,14 @@ impl Context {
     fn set_last_used_due(&self, obj: &IamAccessKey, now: Timestamp) {
         if let Some(uid) = obj.uid() {
             let t = after(now, jitter(self.settings.last_used_refresh));
-            self.last_used_due
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(uid, t);
+            self.last_used_due.lock().unwrap_or_else(|e| e.into_inner()).insert(uid, t);
         }
     }
 
     fn forget(&self, obj: &IamAccessKey) {
         self.reset_backoff(obj);
         if let Some(uid) = obj.uid() {
-            self.last_used_due
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&uid);
+            self.last_used_due.lock().unwrap_or_else(|e| e.into_inner()).remove(&uid);
         }
     }
 }
@@ -192,10 +161,7 @@ fn jitter(d: Duration) -> Duration {
 }
 
 fn after(t: Timestamp, d: Duration) -> Timestamp {
-    crate::plan::after(
-        t,
-        jiff::SignedDuration::try_from(d).unwrap_or(jiff::SignedDuration::MAX),
-    )
+    crate::plan::after(t, jiff::SignedDuration::try_from(d).unwrap_or(jiff::SignedDuration::MAX))
 }
 
 async fn reconcile(obj: Arc<IamAccessKey>, ctx: Arc<Context>) -> Result<Action, Error> {
@@ -212,23 +178,15 @@ async fn reconcile(obj: Arc<IamAccessKey>, ctx: Arc<Context>) -> Result<Action, 
         })
         .await
         .map_err(|e| match e {
-            kube::runtime::finalizer::Error::ApplyFailed(e)
-            | kube::runtime::finalizer::Error::CleanupFailed(e) => e,
+            kube::runtime::finalizer::Error::ApplyFailed(e) | kube::runtime::finalizer::Error::CleanupFailed(e) => e,
             other => Error::Finalizer(other.to_string()),
         });
-        ctx.metrics
-            .reconcile_duration
-            .observe(timer.elapsed().as_secs_f64());
+        ctx.metrics.reconcile_duration.observe(timer.elapsed().as_secs_f64());
         let label = match &result {
             Ok(_) => "ok",
             Err(e) => e.reason(),
         };
-        ctx.metrics
-            .reconciles
-            .get_or_create(&crate::metrics::ResultLabels {
-                result: label.into(),
-            })
-            .inc();
+        ctx.metrics.reconciles.get_or_create(&crate::metrics::ResultLabels { result: label.into() }).inc();
         if result.is_ok() {
             ctx.reset_backoff(&obj);
         }
@@ -258,24 +216,16 @@ pub async fn run(ctx: Arc<Context>, ready: Arc<std::sync::atomic::AtomicBool>) {
     };
     let controllers = scopes.into_iter().map(|ns| {
         let (keys, secrets): (Api<IamAccessKey>, Api<PartialObjectMeta<Secret>>) = match &ns {
-            Some(ns) => (
-                Api::namespaced(ctx.client.clone(), ns),
-                Api::namespaced(ctx.client.clone(), ns),
-            ),
+            Some(ns) => (Api::namespaced(ctx.client.clone(), ns), Api::namespaced(ctx.client.clone(), ns)),
             None => (Api::all(ctx.client.clone()), Api::all(ctx.client.clone())),
         };
         // Only our Secrets, and only their metadata: no secret material in memory, and memory
         // independent of how many other Secrets the cluster holds.
-        let our_secrets =
-            watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY_VALUE}"));
-        let secret_events = watcher(secrets, our_secrets)
-            .default_backoff()
-            .touched_objects();
+        let our_secrets = watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY_VALUE}"));
+        let secret_events = watcher(secrets, our_secrets).default_backoff().touched_objects();
         let controller = Controller::new(keys, watcher::Config::default().any_semantic())
             .owns_stream(secret_events)
-            .with_config(
-                kube::runtime::controller::Config::default().concurrency(ctx.settings.concurrency),
-            )
+            .with_config(kube::runtime::controller::Config::default().concurrency(ctx.settings.concurrency))
             .shutdown_on_signal();
         let store = controller.store();
         let ready = ready.clone();
@@ -286,9 +236,7 @@ pub async fn run(ctx: Arc<Context>, ready: Arc<std::sync::atomic::AtomicBool>) {
                     ready.store(true, std::sync::atomic::Ordering::Relaxed);
                 }
             };
-            let run = controller
-                .run(reconcile, error_policy, ctx)
-                .for_each(|_| futures::future::ready(()));
+            let run = controller.run(reconcile, error_policy, ctx).for_each(|_| futures::future::ready(()));
             futures::join!(wait_ready, run);
         }
     });

@@ -2,9 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::{
-    ByteString, api::core::v1::Secret, apimachinery::pkg::apis::meta::v1::ObjectMeta,
-};
+use k8s_openapi::{ByteString, api::core::v1::Secret, apimachinery::pkg::apis::meta::v1::ObjectMeta};
 use kube::{Resource, ResourceExt, core::PartialObjectMeta};
 
 use super::{ACCESS_KEY_ID_ANNOTATION, MANAGED_BY_LABEL, MANAGED_BY_VALUE};
@@ -16,11 +14,7 @@ use crate::{
 
 /// Name of the Secret the resource publishes to.
 pub fn secret_name(obj: &IamAccessKey) -> String {
-    obj.spec
-        .secret
-        .name
-        .clone()
-        .unwrap_or_else(|| obj.name_any())
+    obj.spec.secret.name.clone().unwrap_or_else(|| obj.name_any())
 }
 
 /// The full Secret for a key. Never log it: it holds the secret access key.
@@ -32,14 +26,8 @@ pub fn build_secret(obj: &IamAccessKey, access_key_id: &str, secret: &SecretAcce
     annotations.insert(ACCESS_KEY_ID_ANNOTATION.into(), access_key_id.into());
     let data: BTreeMap<String, ByteString> = match spec.format {
         SecretFormat::Env => BTreeMap::from([
-            (
-                "AWS_ACCESS_KEY_ID".into(),
-                ByteString(access_key_id.as_bytes().to_vec()),
-            ),
-            (
-                "AWS_SECRET_ACCESS_KEY".into(),
-                ByteString(secret.expose().as_bytes().to_vec()),
-            ),
+            ("AWS_ACCESS_KEY_ID".into(), ByteString(access_key_id.as_bytes().to_vec())),
+            ("AWS_SECRET_ACCESS_KEY".into(), ByteString(secret.expose().as_bytes().to_vec())),
         ]),
         SecretFormat::CredentialsFile => {
             let file = format!(
@@ -66,29 +54,16 @@ pub fn build_secret(obj: &IamAccessKey, access_key_id: &str, secret: &SecretAcce
 }
 
 /// Classify the Secret's metadata: ours only if it names this very resource (by UID) as owner.
-pub fn observe_secret(
-    obj: &IamAccessKey,
-    meta: Option<&PartialObjectMeta<Secret>>,
-) -> SecretObservation {
+pub fn observe_secret(obj: &IamAccessKey, meta: Option<&PartialObjectMeta<Secret>>) -> SecretObservation {
     let Some(meta) = meta else {
         return SecretObservation::Missing;
     };
     let uid = obj.uid();
-    let owned = meta
-        .metadata
-        .owner_references
-        .iter()
-        .flatten()
-        .any(|r| Some(&r.uid) == uid.as_ref());
+    let owned = meta.metadata.owner_references.iter().flatten().any(|r| Some(&r.uid) == uid.as_ref());
     if !owned {
         return SecretObservation::NotOurs;
     }
-    let access_key_id = meta
-        .metadata
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(ACCESS_KEY_ID_ANNOTATION))
-        .cloned();
+    let access_key_id = meta.metadata.annotations.as_ref().and_then(|a| a.get(ACCESS_KEY_ID_ANNOTATION)).cloned();
     SecretObservation::Ours { access_key_id }
 }
 
@@ -110,60 +85,35 @@ mod tests {
 
     #[test]
     fn env_format_has_both_variables_label_annotation_and_owner() {
-        let s = build_secret(
-            &resource("Env"),
-            "AKIA1",
-            &SecretAccessKey::new("s3cr3t".into()),
-        );
+        let s = build_secret(&resource("Env"), "AKIA1", &SecretAccessKey::new("s3cr3t".into()));
         let data = s.data.unwrap();
         assert_eq!(data["AWS_ACCESS_KEY_ID"].0, b"AKIA1");
         assert_eq!(data["AWS_SECRET_ACCESS_KEY"].0, b"s3cr3t");
         let labels = s.metadata.labels.unwrap();
         assert_eq!(labels[MANAGED_BY_LABEL], MANAGED_BY_VALUE);
         assert_eq!(labels["team"], "a");
-        assert_eq!(
-            s.metadata.annotations.unwrap()[ACCESS_KEY_ID_ANNOTATION],
-            "AKIA1"
-        );
+        assert_eq!(s.metadata.annotations.unwrap()[ACCESS_KEY_ID_ANNOTATION], "AKIA1");
         assert_eq!(s.metadata.owner_references.unwrap()[0].uid, "uid-1");
     }
 
     #[test]
     fn credentials_file_format_uses_the_profile() {
-        let s = build_secret(
-            &resource("CredentialsFile"),
-            "AKIA1",
-            &SecretAccessKey::new("x".into()),
-        );
+        let s = build_secret(&resource("CredentialsFile"), "AKIA1", &SecretAccessKey::new("x".into()));
         let file = String::from_utf8(s.data.unwrap()["credentials"].0.clone()).unwrap();
-        assert_eq!(
-            file,
-            "[ci]\naws_access_key_id = AKIA1\naws_secret_access_key = x\n"
-        );
+        assert_eq!(file, "[ci]\naws_access_key_id = AKIA1\naws_secret_access_key = x\n");
     }
 
     #[test]
     fn a_secret_owned_by_another_uid_is_not_ours() {
         let obj = resource("Env");
         let mut meta = PartialObjectMeta::<Secret>::default();
-        assert_eq!(
-            observe_secret(&obj, Some(&meta)),
-            SecretObservation::NotOurs
-        );
+        assert_eq!(observe_secret(&obj, Some(&meta)), SecretObservation::NotOurs);
         let mut r = obj.controller_owner_ref(&()).unwrap();
         meta.metadata.owner_references = Some(vec![r.clone()]);
-        assert_eq!(
-            observe_secret(&obj, Some(&meta)),
-            SecretObservation::Ours {
-                access_key_id: None
-            }
-        );
+        assert_eq!(observe_secret(&obj, Some(&meta)), SecretObservation::Ours { access_key_id: None });
         r.uid = "other".into();
         meta.metadata.owner_references = Some(vec![r]);
-        assert_eq!(
-            observe_secret(&obj, Some(&meta)),
-            SecretObservation::NotOurs
-        );
+        assert_eq!(observe_secret(&obj, Some(&meta)), SecretObservation::NotOurs);
         assert_eq!(observe_secret(&obj, None), SecretObservation::Missing);
     }
 }

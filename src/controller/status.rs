@@ -13,10 +13,7 @@ pub fn ledger(status: &IamAccessKeyStatus) -> Ledger {
     let rotation = status.rotation.clone().unwrap_or_default();
     Ledger {
         keys: status.keys.clone(),
-        pending_create: status
-            .pending_create
-            .as_ref()
-            .map(|p| p.existing_key_ids.clone()),
+        pending_create: status.pending_create.as_ref().map(|p| p.existing_key_ids.clone()),
         key_status: status.key_status,
         rotated_serial: rotation.serial,
         rotate_requested_at: rotation.requested_at,
@@ -24,44 +21,21 @@ pub fn ledger(status: &IamAccessKeyStatus) -> Ledger {
 }
 
 /// Refresh the summary fields (current key, next rotation, foreign keys) from the ledger and IAM.
-pub fn derive_summary(
-    obj: &IamAccessKey,
-    status: &mut IamAccessKeyStatus,
-    iam_keys: &[IamKey],
-    secret_name: &str,
-) {
-    let current = status
-        .keys
-        .iter()
-        .find(|k| k.phase == KeyPhase::Current)
-        .cloned();
+pub fn derive_summary(obj: &IamAccessKey, status: &mut IamAccessKeyStatus, iam_keys: &[IamKey], secret_name: &str) {
+    let current = status.keys.iter().find(|k| k.phase == KeyPhase::Current).cloned();
     status.access_key_id = current.as_ref().map(|k| k.access_key_id.clone());
     status.create_date = current.as_ref().map(|k| k.create_date.clone());
-    status.key_status = current
-        .as_ref()
-        .and_then(|c| iam_keys.iter().find(|k| k.access_key_id == c.access_key_id))
-        .map(|k| k.status);
-    status.next_rotation_at = current
-        .as_ref()
-        .and_then(|c| next_rotation_at(&obj.spec, c))
-        .map(Time);
+    status.key_status =
+        current.as_ref().and_then(|c| iam_keys.iter().find(|k| k.access_key_id == c.access_key_id)).map(|k| k.status);
+    status.next_rotation_at = current.as_ref().and_then(|c| next_rotation_at(&obj.spec, c)).map(Time);
     status.secret_name = current.as_ref().map(|_| secret_name.to_owned());
     let tracked = |id: &str| status.keys.iter().any(|k| k.access_key_id == id);
-    status.foreign_keys = iam_keys
-        .iter()
-        .filter(|k| !tracked(&k.access_key_id))
-        .count() as u32;
+    status.foreign_keys = iam_keys.iter().filter(|k| !tracked(&k.access_key_id)).count() as u32;
     status.observed_generation = obj.metadata.generation;
 }
 
 /// Set the `Ready` condition; the transition time only moves when the status flips.
-pub fn set_ready(
-    status: &mut IamAccessKeyStatus,
-    obj: &IamAccessKey,
-    ready: bool,
-    reason: &str,
-    message: String,
-) {
+pub fn set_ready(status: &mut IamAccessKeyStatus, obj: &IamAccessKey, ready: bool, reason: &str, message: String) {
     let value = if ready { "True" } else { "False" };
     let previous = status.conditions.iter().find(|c| c.type_ == "Ready");
     let last_transition_time = match previous {

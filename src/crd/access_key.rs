@@ -61,9 +61,7 @@ pub struct IamAccessKeySpec {
 }
 
 /// Whether AWS accepts requests signed with the key.
-#[derive(
-    Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash, schemars::JsonSchema,
-)]
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash, schemars::JsonSchema)]
 pub enum KeyStatus {
     #[default]
     Active,
@@ -80,9 +78,7 @@ impl KeyStatus {
 }
 
 /// What happens to the IAM keys when the resource is deleted.
-#[derive(
-    Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema,
-)]
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
 pub enum DeletionPolicy {
     #[default]
     Delete,
@@ -143,9 +139,7 @@ fn default_profile() -> String {
 }
 
 /// Layout of the Secret's data.
-#[derive(
-    Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema,
-)]
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
 pub enum SecretFormat {
     #[default]
     Env,

@@ -63,9 +63,7 @@ impl FromStr for Duration {
             };
             rest = &rest[unit_len..];
             let ms = n.checked_mul(unit_ms).ok_or_else(err)?;
-            total = total
-                .checked_add(std::time::Duration::from_millis(ms))
-                .ok_or_else(err)?;
+            total = total.checked_add(std::time::Duration::from_millis(ms)).ok_or_else(err)?;
         }
         Ok(Duration(total))
     }

@@ -33,19 +33,12 @@ impl AwsIam {
         let loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
         let mut config = loader.load().await;
         if config.region().is_none() {
-            config = config
-                .into_builder()
-                .region(aws_config::Region::new("us-east-1"))
-                .build();
+            config = config.into_builder().region(aws_config::Region::new("us-east-1")).build();
         }
         Self::new(&config, metrics)
     }
 
-    fn record<T>(
-        &self,
-        operation: &'static str,
-        result: Result<T, IamError>,
-    ) -> Result<T, IamError> {
+    fn record<T>(&self, operation: &'static str, result: Result<T, IamError>) -> Result<T, IamError> {
         self.metrics.iam_call(operation, result.as_ref().err());
         result
     }
@@ -98,28 +91,14 @@ fn status_type(s: KeyStatus) -> StatusType {
 impl IamApi for AwsIam {
     async fn get_user(&self, user: &str) -> Result<IamUser, IamError> {
         let op = "GetUser";
-        let result = self
-            .iam
-            .get_user()
-            .user_name(user)
-            .send()
-            .await
-            .map_err(|e| sdk_error(op, e));
+        let result = self.iam.get_user().user_name(user).send().await.map_err(|e| sdk_error(op, e));
         let result = result.and_then(|out| {
-            let u = out.user.ok_or_else(|| IamError::Unavailable {
-                operation: op,
-                message: "no user in response".into(),
-            })?;
-            let tags: BTreeMap<String, String> = u
-                .tags()
-                .iter()
-                .map(|t| (t.key().to_owned(), t.value().to_owned()))
-                .collect();
-            Ok(IamUser {
-                arn: u.arn().to_owned(),
-                path: u.path().to_owned(),
-                tags,
-            })
+            let u = out
+                .user
+                .ok_or_else(|| IamError::Unavailable { operation: op, message: "no user in response".into() })?;
+            let tags: BTreeMap<String, String> =
+                u.tags().iter().map(|t| (t.key().to_owned(), t.value().to_owned())).collect();
+            Ok(IamUser { arn: u.arn().to_owned(), path: u.path().to_owned(), tags })
         });
         self.record(op, result)
     }
@@ -127,13 +106,7 @@ impl IamApi for AwsIam {
     async fn list_access_keys(&self, user: &str) -> Result<Vec<IamKey>, IamError> {
         let op = "ListAccessKeys";
         // A user has at most two keys: one page always holds them all.
-        let result = self
-            .iam
-            .list_access_keys()
-            .user_name(user)
-            .send()
-            .await
-            .map_err(|e| sdk_error(op, e));
+        let result = self.iam.list_access_keys().user_name(user).send().await.map_err(|e| sdk_error(op, e));
         let result = result.map(|out| {
             out.access_key_metadata()
                 .iter()
@@ -141,10 +114,7 @@ impl IamApi for AwsIam {
                     Some(IamKey {
                         access_key_id: k.access_key_id()?.to_owned(),
                         status: key_status(k.status()),
-                        create_date: k
-                            .create_date()
-                            .map(timestamp)
-                            .unwrap_or(Timestamp::UNIX_EPOCH),
+                        create_date: k.create_date().map(timestamp).unwrap_or(Timestamp::UNIX_EPOCH),
                     })
                 })
                 .collect()
@@ -154,26 +124,16 @@ impl IamApi for AwsIam {
 
     async fn create_access_key(&self, user: &str) -> Result<NewKey, IamError> {
         let op = "CreateAccessKey";
-        let result = self
-            .iam
-            .create_access_key()
-            .user_name(user)
-            .send()
-            .await
-            .map_err(|e| sdk_error(op, e));
+        let result = self.iam.create_access_key().user_name(user).send().await.map_err(|e| sdk_error(op, e));
         let result = result.and_then(|out| {
-            let k = out.access_key.ok_or_else(|| IamError::Unavailable {
-                operation: op,
-                message: "no key in response".into(),
-            })?;
+            let k = out
+                .access_key
+                .ok_or_else(|| IamError::Unavailable { operation: op, message: "no key in response".into() })?;
             Ok(NewKey {
                 key: IamKey {
                     access_key_id: k.access_key_id().to_owned(),
                     status: key_status(Some(k.status())),
-                    create_date: k
-                        .create_date()
-                        .map(timestamp)
-                        .unwrap_or_else(Timestamp::now),
+                    create_date: k.create_date().map(timestamp).unwrap_or_else(Timestamp::now),
                 },
                 secret: SecretAccessKey::new(k.secret_access_key().to_owned()),
             })
@@ -181,12 +141,7 @@ impl IamApi for AwsIam {
         self.record(op, result)
     }
 
-    async fn update_access_key(
-        &self,
-        user: &str,
-        key_id: &str,
-        status: KeyStatus,
-    ) -> Result<(), IamError> {
+    async fn update_access_key(&self, user: &str, key_id: &str, status: KeyStatus) -> Result<(), IamError> {
         let op = "UpdateAccessKey";
         let result = self
             .iam
@@ -217,17 +172,12 @@ impl IamApi for AwsIam {
 
     async fn tag_user(&self, user: &str, tags: &[(String, String)]) -> Result<(), IamError> {
         let op = "TagUser";
-        let mut req = self.iam.tag_user().user_name(user);
-        for (k, v) in tags {
-            let tag = aws_sdk_iam::types::Tag::builder().key(k).value(v).build();
-            let tag = tag.map_err(|e| IamError::Invalid {
-                operation: op,
-                message: e.to_string(),
-            });
-            req = req.tags(self.record(op, tag)?);
-        }
-        let result = req.send().await.map(drop).map_err(|e| sdk_error(op, e));
-        self.record(op, result)
+        let tags: Result<Vec<_>, _> =
+            tags.iter().map(|(k, v)| aws_sdk_iam::types::Tag::builder().key(k).value(v).build()).collect();
+        // A tag without key or value is a bug of ours, not an IAM call.
+        let tags = tags.map_err(|e| IamError::Invalid { operation: op, message: e.to_string() })?;
+        let result = self.iam.tag_user().user_name(user).set_tags(Some(tags)).send().await;
+        self.record(op, result.map(drop).map_err(|e| sdk_error(op, e)))
     }
 
     async fn untag_user(&self, user: &str, keys: &[String]) -> Result<(), IamError> {
@@ -246,13 +196,8 @@ impl IamApi for AwsIam {
 
     async fn access_key_last_used(&self, key_id: &str) -> Result<KeyLastUsed, IamError> {
         let op = "GetAccessKeyLastUsed";
-        let result = self
-            .iam
-            .get_access_key_last_used()
-            .access_key_id(key_id)
-            .send()
-            .await
-            .map_err(|e| sdk_error(op, e));
+        let result =
+            self.iam.get_access_key_last_used().access_key_id(key_id).send().await.map_err(|e| sdk_error(op, e));
         let result = result.map(|out| match out.access_key_last_used {
             None => KeyLastUsed::default(),
             Some(u) => {
@@ -268,35 +213,14 @@ impl IamApi for AwsIam {
         self.record(op, result)
     }
 
-    async fn caller_identity(
-        &self,
-        key_id: &str,
-        secret: &SecretAccessKey,
-    ) -> Result<String, IamError> {
+    async fn caller_identity(&self, key_id: &str, secret: &SecretAccessKey) -> Result<String, IamError> {
         let op = "GetCallerIdentity";
-        let creds = Credentials::new(
-            key_id,
-            secret.expose(),
-            None,
-            None,
-            "iam-key-operator-verify",
-        );
-        let config = self
-            .sts_config
-            .to_builder()
-            .credentials_provider(creds)
-            .build();
+        let creds = Credentials::new(key_id, secret.expose(), None, None, "iam-key-operator-verify");
+        let config = self.sts_config.to_builder().credentials_provider(creds).build();
         let sts = aws_sdk_sts::Client::from_conf(config);
-        let result = sts
-            .get_caller_identity()
-            .send()
-            .await
-            .map_err(|e| sdk_error(op, e));
+        let result = sts.get_caller_identity().send().await.map_err(|e| sdk_error(op, e));
         let result = result.and_then(|out| {
-            out.arn.ok_or_else(|| IamError::Unavailable {
-                operation: op,
-                message: "no ARN in response".into(),
-            })
+            out.arn.ok_or_else(|| IamError::Unavailable { operation: op, message: "no ARN in response".into() })
         });
         self.record(op, result)
     }

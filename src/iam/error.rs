@@ -5,49 +5,28 @@
 pub enum IamError {
     /// The user or key does not exist (IAM `NoSuchEntity`).
     #[error("{operation}: not found: {message}")]
-    NotFound {
-        operation: &'static str,
-        message: String,
-    },
+    NotFound { operation: &'static str, message: String },
     /// IAM refuses a third key (`LimitExceeded`).
     #[error("{operation}: limit exceeded: {message}")]
-    LimitExceeded {
-        operation: &'static str,
-        message: String,
-    },
+    LimitExceeded { operation: &'static str, message: String },
     /// The operator's identity may not do this (`AccessDenied`, bad credentials).
     #[error("{operation}: not authorized: {message}")]
-    AccessDenied {
-        operation: &'static str,
-        message: String,
-    },
+    AccessDenied { operation: &'static str, message: String },
     /// IAM asks us to slow down (`Throttling`).
     #[error("{operation}: throttled: {message}")]
-    Throttled {
-        operation: &'static str,
-        message: String,
-    },
+    Throttled { operation: &'static str, message: String },
     /// IAM could not be reached or failed on its side (timeouts, 5xx).
     #[error("{operation}: IAM unavailable: {message}")]
-    Unavailable {
-        operation: &'static str,
-        message: String,
-    },
+    Unavailable { operation: &'static str, message: String },
     /// IAM refused the request's content (`ValidationError`, `InvalidInput`, ...).
     #[error("{operation}: refused by IAM: {message}")]
-    Invalid {
-        operation: &'static str,
-        message: String,
-    },
+    Invalid { operation: &'static str, message: String },
 }
 
 impl IamError {
     /// Whether trying the same call again later can succeed without anyone changing anything.
     pub fn is_retryable(&self) -> bool {
-        matches!(
-            self,
-            IamError::Throttled { .. } | IamError::Unavailable { .. }
-        )
+        matches!(self, IamError::Throttled { .. } | IamError::Unavailable { .. })
     }
 
     pub fn is_not_found(&self) -> bool {
@@ -55,12 +34,7 @@ impl IamError {
     }
 
     /// Classify by the AWS error code (and HTTP status when there is no code).
-    pub fn from_code(
-        operation: &'static str,
-        code: Option<&str>,
-        http_status: Option<u16>,
-        message: String,
-    ) -> Self {
+    pub fn from_code(operation: &'static str, code: Option<&str>, http_status: Option<u16>, message: String) -> Self {
         match code {
             Some("NoSuchEntity") => IamError::NotFound { operation, message },
             Some("LimitExceeded") => IamError::LimitExceeded { operation, message },
@@ -72,18 +46,13 @@ impl IamError {
                 | "UnrecognizedClientException"
                 | "ExpiredToken",
             ) => IamError::AccessDenied { operation, message },
-            Some(
-                "Throttling"
-                | "ThrottlingException"
-                | "RequestLimitExceeded"
-                | "TooManyRequestsException",
-            ) => IamError::Throttled { operation, message },
+            Some("Throttling" | "ThrottlingException" | "RequestLimitExceeded" | "TooManyRequestsException") => {
+                IamError::Throttled { operation, message }
+            }
             Some("ServiceFailure" | "ServiceUnavailable" | "InternalFailure" | "InternalError") => {
                 IamError::Unavailable { operation, message }
             }
-            _ if http_status.is_some_and(|s| s >= 500) => {
-                IamError::Unavailable { operation, message }
-            }
+            _ if http_status.is_some_and(|s| s >= 500) => IamError::Unavailable { operation, message },
             _ if http_status == Some(429) => IamError::Throttled { operation, message },
             Some(_) => IamError::Invalid { operation, message },
             None => IamError::Unavailable { operation, message },
@@ -104,10 +73,7 @@ mod tests {
         assert!(e(Some("SomethingNew"), Some(500)).is_retryable());
         assert!(!e(Some("AccessDenied"), Some(403)).is_retryable());
         assert!(!e(Some("LimitExceeded"), Some(409)).is_retryable());
-        assert!(matches!(
-            e(Some("ValidationError"), Some(400)),
-            IamError::Invalid { .. }
-        ));
+        assert!(matches!(e(Some("ValidationError"), Some(400)), IamError::Invalid { .. }));
         assert!(matches!(e(None, None), IamError::Unavailable { .. }));
     }
 }

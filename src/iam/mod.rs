@@ -74,20 +74,11 @@ pub trait IamApi: Send + Sync {
     async fn get_user(&self, user: &str) -> Result<IamUser, IamError>;
     async fn list_access_keys(&self, user: &str) -> Result<Vec<IamKey>, IamError>;
     async fn create_access_key(&self, user: &str) -> Result<NewKey, IamError>;
-    async fn update_access_key(
-        &self,
-        user: &str,
-        key_id: &str,
-        status: KeyStatus,
-    ) -> Result<(), IamError>;
+    async fn update_access_key(&self, user: &str, key_id: &str, status: KeyStatus) -> Result<(), IamError>;
     async fn delete_access_key(&self, user: &str, key_id: &str) -> Result<(), IamError>;
     async fn tag_user(&self, user: &str, tags: &[(String, String)]) -> Result<(), IamError>;
     async fn untag_user(&self, user: &str, keys: &[String]) -> Result<(), IamError>;
     async fn access_key_last_used(&self, key_id: &str) -> Result<KeyLastUsed, IamError>;
     /// STS GetCallerIdentity signed with the given key: the ARN it authenticates as.
-    async fn caller_identity(
-        &self,
-        key_id: &str,
-        secret: &SecretAccessKey,
-    ) -> Result<String, IamError>;
+    async fn caller_identity(&self, key_id: &str, secret: &SecretAccessKey) -> Result<String, IamError>;
 }

@@ -42,18 +42,11 @@ pub fn plan_cleanup(obs: &CleanupObservation) -> CleanupStep {
         let Some(tags) = tags else {
             return CleanupStep::ReadUser;
         };
-        let ours = |id: &str| {
-            tags.get(id)
-                .is_some_and(|v| *v == obs.owner.key_tag_value())
-        };
+        let ours = |id: &str| tags.get(id).is_some_and(|v| *v == obs.owner.key_tag_value());
         let tracked = |id: &str| obs.ledger.keys.iter().any(|k| k.access_key_id == id);
         let leftover = |id: &str| {
             !tags.contains_key(id)
-                && obs
-                    .ledger
-                    .pending_create
-                    .as_ref()
-                    .is_some_and(|before| !before.iter().any(|b| b == id))
+                && obs.ledger.pending_create.as_ref().is_some_and(|before| !before.iter().any(|b| b == id))
         };
         for key in keys {
             let id = key.access_key_id.as_str();
@@ -64,20 +57,12 @@ pub fn plan_cleanup(obs: &CleanupObservation) -> CleanupStep {
                 DeletionPolicy::Retain => (ours(id) && !in_use) || leftover(id),
             };
             if delete {
-                return CleanupStep::DeleteKey {
-                    access_key_id: id.to_owned(),
-                };
+                return CleanupStep::DeleteKey { access_key_id: id.to_owned() };
             }
         }
-        let retained: Vec<String> = keys
-            .iter()
-            .map(|k| k.access_key_id.clone())
-            .filter(|id| ours(id))
-            .collect();
+        let retained: Vec<String> = keys.iter().map(|k| k.access_key_id.clone()).filter(|id| ours(id)).collect();
         if !retained.is_empty() {
-            return CleanupStep::MarkRetained {
-                access_key_ids: retained,
-            };
+            return CleanupStep::MarkRetained { access_key_ids: retained };
         }
         let tag_keys = our_tag_keys(obs.owner, tags);
         if !tag_keys.is_empty() {
@@ -94,9 +79,7 @@ pub fn plan_cleanup(obs: &CleanupObservation) -> CleanupStep {
 /// are gone already).
 fn our_tag_keys(owner: &Owner, tags: &BTreeMap<String, String>) -> Vec<String> {
     tags.iter()
-        .filter(|(k, v)| {
-            (k.as_str() == OWNER_TAG && **v == owner.0) || **v == owner.key_tag_value()
-        })
+        .filter(|(k, v)| (k.as_str() == OWNER_TAG && **v == owner.0) || **v == owner.key_tag_value())
         .map(|(k, _)| k.clone())
         .collect()
 }

@@ -213,11 +213,7 @@ enum Ownership {
 }
 
 fn ownership(key: &IamKey, obs: &Observation, tags: &BTreeMap<String, String>) -> Ownership {
-    let tracked = obs
-        .ledger
-        .keys
-        .iter()
-        .any(|k| k.access_key_id == key.access_key_id);
+    let tracked = obs.ledger.keys.iter().any(|k| k.access_key_id == key.access_key_id);
     match tags.get(&key.access_key_id) {
         Some(v) if *v == obs.owner.key_tag_value() => Ownership::Ours,
         Some(_) => Ownership::Foreign,
@@ -240,18 +236,10 @@ pub fn plan_next_step(obs: &Observation) -> Step {
 
     // Tags are read only when something is not explained by status alone: the first key, an
     // interrupted create, or a key status does not list. A converged resource skips the read.
-    let all_tracked = keys.iter().all(|k| {
-        obs.ledger
-            .keys
-            .iter()
-            .any(|o| o.access_key_id == k.access_key_id)
-    });
+    let all_tracked = keys.iter().all(|k| obs.ledger.keys.iter().any(|o| o.access_key_id == k.access_key_id));
     let tags = match tags {
         Some(t) => t,
-        None if obs.ledger.keys.is_empty()
-            || obs.ledger.pending_create.is_some()
-            || !all_tracked =>
-        {
+        None if obs.ledger.keys.is_empty() || obs.ledger.pending_create.is_some() || !all_tracked => {
             return Step::ReadUser;
         }
         None => return plan_owned_keys(obs, keys, None),
@@ -267,11 +255,7 @@ pub fn plan_next_step(obs: &Observation) -> Step {
     plan_owned_keys(obs, keys, Some(tags))
 }
 
-fn plan_owned_keys(
-    obs: &Observation,
-    keys: &[IamKey],
-    tags: Option<&BTreeMap<String, String>>,
-) -> Step {
+fn plan_owned_keys(obs: &Observation, keys: &[IamKey], tags: Option<&BTreeMap<String, String>>) -> Step {
     let ledger = obs.ledger;
     let secret_key_id = match obs.secret {
         SecretObservation::Ours { access_key_id } => access_key_id.as_deref(),
@@ -290,10 +274,7 @@ fn plan_owned_keys(
             if own == Ownership::Ours && secret_key_id == Some(key.access_key_id.as_str()) {
                 return Step::AdoptSecretKey { key: key.clone() };
             }
-            return Step::DeleteOrphan {
-                access_key_id: key.access_key_id.clone(),
-                tagged: own == Ownership::Ours,
-            };
+            return Step::DeleteOrphan { access_key_id: key.access_key_id.clone(), tagged: own == Ownership::Ours };
         }
     }
 
@@ -301,12 +282,9 @@ fn plan_owned_keys(
     for owned in &ledger.keys {
         if in_iam(&owned.access_key_id).is_none() {
             // A retired key past its deleteAt may have been deleted by us just before a crash.
-            let expected = owned.phase == KeyPhase::Inactive
-                && owned.delete_at.as_ref().is_some_and(|t| t.0 <= obs.now);
-            return Step::ForgetKey {
-                access_key_id: owned.access_key_id.clone(),
-                expected,
-            };
+            let expected =
+                owned.phase == KeyPhase::Inactive && owned.delete_at.as_ref().is_some_and(|t| t.0 <= obs.now);
+            return Step::ForgetKey { access_key_id: owned.access_key_id.clone(), expected };
         }
     }
 
@@ -343,21 +321,16 @@ fn plan_owned_keys(
             KeyPhase::Draining => match &owned.deactivate_at {
                 Some(t) if t.0 > obs.now => wake(t.0),
                 _ => {
-                    let already_inactive = in_iam(&owned.access_key_id)
-                        .is_some_and(|k| k.status == KeyStatus::Inactive);
-                    return Step::RetireKey {
-                        access_key_id: owned.access_key_id.clone(),
-                        already_inactive,
-                    };
+                    let already_inactive =
+                        in_iam(&owned.access_key_id).is_some_and(|k| k.status == KeyStatus::Inactive);
+                    return Step::RetireKey { access_key_id: owned.access_key_id.clone(), already_inactive };
                 }
             },
             // During the rollback window an admin may reactivate the key in IAM: not fought.
             KeyPhase::Inactive => match &owned.delete_at {
                 Some(t) if t.0 > obs.now => wake(t.0),
                 _ => {
-                    return Step::DeleteRetired {
-                        access_key_id: owned.access_key_id.clone(),
-                    };
+                    return Step::DeleteRetired { access_key_id: owned.access_key_id.clone() };
                 }
             },
         }
@@ -367,9 +340,7 @@ fn plan_owned_keys(
     match obs.last_used_due {
         Some(t) if t > obs.now => wake(t),
         _ => {
-            return Step::RefreshLastUsed {
-                access_key_id: current.access_key_id.clone(),
-            };
+            return Step::RefreshLastUsed { access_key_id: current.access_key_id.clone() };
         }
     }
     if let Some(t) = next_rotation_at(obs.spec, current) {
@@ -379,37 +350,22 @@ fn plan_owned_keys(
 }
 
 /// Why the current key must be replaced now, if it must.
-fn new_key_reason(
-    obs: &Observation,
-    current: Option<&OwnedKey>,
-    secret_key_id: Option<&str>,
-) -> Option<NewKeyReason> {
+fn new_key_reason(obs: &Observation, current: Option<&OwnedKey>, secret_key_id: Option<&str>) -> Option<NewKeyReason> {
     let Some(current) = current else {
-        return Some(if obs.ledger.keys.is_empty() {
-            NewKeyReason::Initial
-        } else {
-            NewKeyReason::KeyLost
-        });
+        return Some(if obs.ledger.keys.is_empty() { NewKeyReason::Initial } else { NewKeyReason::KeyLost });
     };
     if secret_key_id != Some(current.access_key_id.as_str()) {
         return Some(NewKeyReason::SecretLost);
     }
     // Requested rotations wait for a previous one to finish draining: one rotation at a time.
-    if obs
-        .ledger
-        .keys
-        .iter()
-        .any(|k| k.phase == KeyPhase::Draining)
-    {
+    if obs.ledger.keys.iter().any(|k| k.phase == KeyPhase::Draining) {
         return None;
     }
     let rotation = obs.spec.rotation.as_ref();
     if rotation.is_some_and(|r| r.serial > obs.ledger.rotated_serial) {
         return Some(NewKeyReason::Serial);
     }
-    if obs.rotate_requested_at.is_some()
-        && obs.rotate_requested_at != obs.ledger.rotate_requested_at.as_deref()
-    {
+    if obs.rotate_requested_at.is_some() && obs.rotate_requested_at != obs.ledger.rotate_requested_at.as_deref() {
         return Some(NewKeyReason::Requested);
     }
     if next_rotation_at(obs.spec, current).is_some_and(|t| t <= obs.now) {
@@ -427,29 +383,16 @@ pub fn next_rotation_at(spec: &IamAccessKeySpec, current: &OwnedKey) -> Option<T
 fn plan_new_key(obs: &Observation, keys: &[IamKey], reason: NewKeyReason) -> Step {
     if keys.len() >= MAX_KEYS_PER_USER {
         // Only our own retired keys may make room; never the current key, never a foreign one.
-        let retired = obs
-            .ledger
-            .keys
-            .iter()
-            .filter(|k| k.phase == KeyPhase::Inactive)
-            .min_by_key(|k| k.create_date.0);
+        let retired = obs.ledger.keys.iter().filter(|k| k.phase == KeyPhase::Inactive).min_by_key(|k| k.create_date.0);
         if let Some(k) = retired {
-            return Step::MakeRoom {
-                access_key_id: k.access_key_id.clone(),
-            };
+            return Step::MakeRoom { access_key_id: k.access_key_id.clone() };
         }
         // A draining key frees its slot once it retires; a lost current key has nobody using it.
-        let draining = obs
-            .ledger
-            .keys
-            .iter()
-            .find(|k| k.phase == KeyPhase::Draining);
+        let draining = obs.ledger.keys.iter().find(|k| k.phase == KeyPhase::Draining);
         if let Some(k) = draining
             && k.deactivate_at.as_ref().is_some_and(|t| t.0 > obs.now)
         {
-            return Step::Done {
-                wake_at: k.deactivate_at.as_ref().map(|t| t.0),
-            };
+            return Step::Done { wake_at: k.deactivate_at.as_ref().map(|t| t.0) };
         }
         let blocking = keys.iter().map(|k| k.access_key_id.clone()).collect();
         return Step::Blocked(Blocked::KeyLimitExceeded { blocking });
@@ -457,9 +400,7 @@ fn plan_new_key(obs: &Observation, keys: &[IamKey], reason: NewKeyReason) -> Ste
     let existing: Vec<String> = keys.iter().map(|k| k.access_key_id.clone()).collect();
     match &obs.ledger.pending_create {
         Some(before) if *before == existing => Step::CreateKey { reason },
-        _ => Step::StartCreate {
-            existing_key_ids: existing,
-        },
+        _ => Step::StartCreate { existing_key_ids: existing },
     }
 }
 

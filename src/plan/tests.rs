@@ -20,28 +20,15 @@ fn owner() -> Owner {
 }
 
 fn iam_key(id: &str, status: KeyStatus) -> IamKey {
-    IamKey {
-        access_key_id: id.into(),
-        status,
-        create_date: t(0),
-    }
+    IamKey { access_key_id: id.into(), status, create_date: t(0) }
 }
 
 fn owned(id: &str, phase: KeyPhase) -> OwnedKey {
-    OwnedKey {
-        access_key_id: id.into(),
-        phase,
-        create_date: Time(t(0)),
-        deactivate_at: None,
-        delete_at: None,
-    }
+    OwnedKey { access_key_id: id.into(), phase, create_date: Time(t(0)), deactivate_at: None, delete_at: None }
 }
 
 fn tags(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-    pairs
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
+    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
 }
 
 fn claimed_with(keys: &[&str]) -> BTreeMap<String, String> {
@@ -94,15 +81,10 @@ impl World {
 
 /// A resource whose key A is current, published and Active.
 fn converged() -> World {
-    let mut w = World::new(
-        vec![iam_key("A", KeyStatus::Active)],
-        Some(claimed_with(&["A"])),
-    );
+    let mut w = World::new(vec![iam_key("A", KeyStatus::Active)], Some(claimed_with(&["A"])));
     w.ledger.keys = vec![owned("A", KeyPhase::Current)];
     w.ledger.key_status = Some(KeyStatus::Active);
-    w.secret = SecretObservation::Ours {
-        access_key_id: Some("A".into()),
-    };
+    w.secret = SecretObservation::Ours { access_key_id: Some("A".into()) };
     w
 }
 
@@ -110,39 +92,18 @@ fn converged() -> World {
 fn new_resource_reads_tags_claims_then_records_a_pending_create_before_creating() {
     let mut w = World::new(vec![], None);
     assert_eq!(w.plan(), Step::ReadUser);
-    w.user = UserObservation::Found {
-        keys: vec![],
-        tags: Some(BTreeMap::new()),
-    };
+    w.user = UserObservation::Found { keys: vec![], tags: Some(BTreeMap::new()) };
     assert_eq!(w.plan(), Step::ClaimUser);
-    w.user = UserObservation::Found {
-        keys: vec![],
-        tags: Some(claimed_with(&[])),
-    };
-    assert_eq!(
-        w.plan(),
-        Step::StartCreate {
-            existing_key_ids: vec![]
-        }
-    );
+    w.user = UserObservation::Found { keys: vec![], tags: Some(claimed_with(&[])) };
+    assert_eq!(w.plan(), Step::StartCreate { existing_key_ids: vec![] });
     w.ledger.pending_create = Some(vec![]);
-    assert_eq!(
-        w.plan(),
-        Step::CreateKey {
-            reason: NewKeyReason::Initial
-        }
-    );
+    assert_eq!(w.plan(), Step::CreateKey { reason: NewKeyReason::Initial });
 }
 
 #[test]
 fn user_claimed_by_another_resource_blocks_before_any_write() {
     let w = World::new(vec![], Some(tags(&[(OWNER_TAG, "other/ns/x")])));
-    assert_eq!(
-        w.plan(),
-        Step::Blocked(Blocked::UserClaimed {
-            by: "other/ns/x".into()
-        })
-    );
+    assert_eq!(w.plan(), Step::Blocked(Blocked::UserClaimed { by: "other/ns/x".into() }));
 }
 
 #[test]
@@ -155,246 +116,114 @@ fn a_secret_we_did_not_write_is_a_conflict_even_before_the_claim() {
 #[test]
 fn converged_resource_needs_no_tags_and_waits_for_the_next_due_time() {
     let mut w = converged();
-    w.user = UserObservation::Found {
-        keys: vec![iam_key("A", KeyStatus::Active)],
-        tags: None,
-    };
-    assert_eq!(
-        w.plan(),
-        Step::Done {
-            wake_at: Some(t(10_000))
-        }
-    );
+    w.user = UserObservation::Found { keys: vec![iam_key("A", KeyStatus::Active)], tags: None };
+    assert_eq!(w.plan(), Step::Done { wake_at: Some(t(10_000)) });
 }
 
 #[test]
 fn untagged_key_created_during_an_interrupted_create_is_deleted_but_older_foreign_keys_are_not() {
-    let mut w = World::new(
-        vec![
-            iam_key("F", KeyStatus::Active),
-            iam_key("LOST", KeyStatus::Active),
-        ],
-        Some(claimed_with(&[])),
-    );
+    let mut w =
+        World::new(vec![iam_key("F", KeyStatus::Active), iam_key("LOST", KeyStatus::Active)], Some(claimed_with(&[])));
     w.ledger.pending_create = Some(vec!["F".into()]);
-    assert_eq!(
-        w.plan(),
-        Step::DeleteOrphan {
-            access_key_id: "LOST".into(),
-            tagged: false
-        }
-    );
-    w.user = UserObservation::Found {
-        keys: vec![iam_key("F", KeyStatus::Active)],
-        tags: Some(claimed_with(&[])),
-    };
-    assert_eq!(
-        w.plan(),
-        Step::CreateKey {
-            reason: NewKeyReason::Initial
-        }
-    );
+    assert_eq!(w.plan(), Step::DeleteOrphan { access_key_id: "LOST".into(), tagged: false });
+    w.user = UserObservation::Found { keys: vec![iam_key("F", KeyStatus::Active)], tags: Some(claimed_with(&[])) };
+    assert_eq!(w.plan(), Step::CreateKey { reason: NewKeyReason::Initial });
 }
 
 #[test]
 fn tagged_key_that_never_reached_the_secret_is_an_orphan() {
-    let w = World::new(
-        vec![iam_key("B", KeyStatus::Active)],
-        Some(claimed_with(&["B"])),
-    );
-    assert_eq!(
-        w.plan(),
-        Step::DeleteOrphan {
-            access_key_id: "B".into(),
-            tagged: true
-        }
-    );
+    let w = World::new(vec![iam_key("B", KeyStatus::Active)], Some(claimed_with(&["B"])));
+    assert_eq!(w.plan(), Step::DeleteOrphan { access_key_id: "B".into(), tagged: true });
 }
 
 #[test]
 fn key_in_the_secret_but_not_in_status_is_adopted() {
-    let mut w = World::new(
-        vec![iam_key("B", KeyStatus::Active)],
-        Some(claimed_with(&["B"])),
-    );
-    w.secret = SecretObservation::Ours {
-        access_key_id: Some("B".into()),
-    };
-    assert_eq!(
-        w.plan(),
-        Step::AdoptSecretKey {
-            key: iam_key("B", KeyStatus::Active)
-        }
-    );
+    let mut w = World::new(vec![iam_key("B", KeyStatus::Active)], Some(claimed_with(&["B"])));
+    w.secret = SecretObservation::Ours { access_key_id: Some("B".into()) };
+    assert_eq!(w.plan(), Step::AdoptSecretKey { key: iam_key("B", KeyStatus::Active) });
 }
 
 #[test]
 fn secret_deleted_issues_a_new_key_and_current_drains() {
     let mut w = converged();
     w.secret = SecretObservation::Missing;
-    assert_eq!(
-        w.plan(),
-        Step::StartCreate {
-            existing_key_ids: vec!["A".into()]
-        }
-    );
+    assert_eq!(w.plan(), Step::StartCreate { existing_key_ids: vec!["A".into()] });
 }
 
 #[test]
 fn console_deactivation_is_drift_and_is_reverted_but_a_spec_change_is_not_drift() {
     let mut w = converged();
-    w.user = UserObservation::Found {
-        keys: vec![iam_key("A", KeyStatus::Inactive)],
-        tags: None,
-    };
-    let step = Step::SetKeyStatus {
-        access_key_id: "A".into(),
-        status: KeyStatus::Active,
-        drift: true,
-    };
+    w.user = UserObservation::Found { keys: vec![iam_key("A", KeyStatus::Inactive)], tags: None };
+    let step = Step::SetKeyStatus { access_key_id: "A".into(), status: KeyStatus::Active, drift: true };
     assert_eq!(w.plan(), step);
     let mut w = converged();
     w.spec.key_status = KeyStatus::Inactive;
-    let step = Step::SetKeyStatus {
-        access_key_id: "A".into(),
-        status: KeyStatus::Inactive,
-        drift: false,
-    };
+    let step = Step::SetKeyStatus { access_key_id: "A".into(), status: KeyStatus::Inactive, drift: false };
     assert_eq!(w.plan(), step);
 }
 
 #[test]
 fn current_key_deleted_in_iam_is_forgotten_then_replaced() {
     let mut w = converged();
-    w.user = UserObservation::Found {
-        keys: vec![],
-        tags: Some(claimed_with(&["A"])),
-    };
-    assert_eq!(
-        w.plan(),
-        Step::ForgetKey {
-            access_key_id: "A".into(),
-            expected: false
-        }
-    );
+    w.user = UserObservation::Found { keys: vec![], tags: Some(claimed_with(&["A"])) };
+    assert_eq!(w.plan(), Step::ForgetKey { access_key_id: "A".into(), expected: false });
     w.ledger.keys.clear();
-    assert_eq!(
-        w.plan(),
-        Step::StartCreate {
-            existing_key_ids: vec![]
-        }
-    );
+    assert_eq!(w.plan(), Step::StartCreate { existing_key_ids: vec![] });
 }
 
 #[test]
 fn two_foreign_keys_block_with_key_limit_exceeded_naming_them() {
-    let w = World::new(
-        vec![
-            iam_key("F1", KeyStatus::Active),
-            iam_key("F2", KeyStatus::Inactive),
-        ],
-        Some(claimed_with(&[])),
-    );
+    let w =
+        World::new(vec![iam_key("F1", KeyStatus::Active), iam_key("F2", KeyStatus::Inactive)], Some(claimed_with(&[])));
     let blocking = vec!["F1".to_string(), "F2".to_string()];
-    assert_eq!(
-        w.plan(),
-        Step::Blocked(Blocked::KeyLimitExceeded { blocking })
-    );
+    assert_eq!(w.plan(), Step::Blocked(Blocked::KeyLimitExceeded { blocking }));
 }
 
 #[test]
 fn rotation_makes_room_only_by_deleting_our_retired_key() {
     let mut w = converged();
     w.user = UserObservation::Found {
-        keys: vec![
-            iam_key("A", KeyStatus::Active),
-            iam_key("OLD", KeyStatus::Inactive),
-        ],
+        keys: vec![iam_key("A", KeyStatus::Active), iam_key("OLD", KeyStatus::Inactive)],
         tags: Some(claimed_with(&["A", "OLD"])),
     };
     let mut old = owned("OLD", KeyPhase::Inactive);
     old.delete_at = Some(Time(t(50_000)));
     w.ledger.keys.push(old);
-    w.spec.rotation = Some(RotationSpec {
-        serial: 1,
-        ..Default::default()
-    });
-    assert_eq!(
-        w.plan(),
-        Step::MakeRoom {
-            access_key_id: "OLD".into()
-        }
-    );
+    w.spec.rotation = Some(RotationSpec { serial: 1, ..Default::default() });
+    assert_eq!(w.plan(), Step::MakeRoom { access_key_id: "OLD".into() });
 }
 
 #[test]
 fn draining_key_is_retired_after_grace_then_deleted_after_the_window() {
     let mut w = converged();
     w.user = UserObservation::Found {
-        keys: vec![
-            iam_key("A", KeyStatus::Active),
-            iam_key("OLD", KeyStatus::Active),
-        ],
+        keys: vec![iam_key("A", KeyStatus::Active), iam_key("OLD", KeyStatus::Active)],
         tags: None,
     };
     let mut old = owned("OLD", KeyPhase::Draining);
     old.deactivate_at = Some(Time(t(200)));
     old.delete_at = Some(Time(t(300)));
     w.ledger.keys.push(old.clone());
-    assert_eq!(
-        w.plan(),
-        Step::Done {
-            wake_at: Some(t(200))
-        }
-    );
+    assert_eq!(w.plan(), Step::Done { wake_at: Some(t(200)) });
     w.now = t(200);
-    assert_eq!(
-        w.plan(),
-        Step::RetireKey {
-            access_key_id: "OLD".into(),
-            already_inactive: false
-        }
-    );
+    assert_eq!(w.plan(), Step::RetireKey { access_key_id: "OLD".into(), already_inactive: false });
     old.phase = KeyPhase::Inactive;
     w.ledger.keys[1] = old;
     // An admin reactivated it for a rollback: not fought during the window.
-    assert_eq!(
-        w.plan(),
-        Step::Done {
-            wake_at: Some(t(300))
-        }
-    );
+    assert_eq!(w.plan(), Step::Done { wake_at: Some(t(300)) });
     w.now = t(300);
-    assert_eq!(
-        w.plan(),
-        Step::DeleteRetired {
-            access_key_id: "OLD".into()
-        }
-    );
+    assert_eq!(w.plan(), Step::DeleteRetired { access_key_id: "OLD".into() });
 }
 
 #[test]
 fn serial_bump_and_annotation_rotate_once() {
     let mut w = converged();
-    w.spec.rotation = Some(RotationSpec {
-        serial: 2,
-        ..Default::default()
-    });
+    w.spec.rotation = Some(RotationSpec { serial: 2, ..Default::default() });
     w.ledger.rotated_serial = 1;
-    assert_eq!(
-        w.plan(),
-        Step::StartCreate {
-            existing_key_ids: vec!["A".into()]
-        }
-    );
+    assert_eq!(w.plan(), Step::StartCreate { existing_key_ids: vec!["A".into()] });
     w.ledger.rotated_serial = 2;
     w.rotate_requested_at = Some("2026-01-01T00:00:00Z".into());
-    assert_eq!(
-        w.plan(),
-        Step::StartCreate {
-            existing_key_ids: vec!["A".into()]
-        }
-    );
+    assert_eq!(w.plan(), Step::StartCreate { existing_key_ids: vec!["A".into()] });
     w.ledger.rotate_requested_at = w.rotate_requested_at.clone();
     assert!(matches!(w.plan(), Step::Done { .. }));
 }
@@ -402,60 +231,29 @@ fn serial_bump_and_annotation_rotate_once() {
 #[test]
 fn cleanup_deletes_our_keys_untags_then_deletes_the_secret_and_never_touches_foreign_keys() {
     let o = owner();
-    let mut ledger = Ledger::default();
-    ledger.keys = vec![owned("A", KeyPhase::Current)];
+    let ledger = Ledger { keys: vec![owned("A", KeyPhase::Current)], ..Default::default() };
     let mut all_tags = claimed_with(&["A"]);
     all_tags.insert("F".into(), "someone else".into());
-    let keys = vec![
-        iam_key("F", KeyStatus::Active),
-        iam_key("A", KeyStatus::Active),
-    ];
-    let secret = SecretObservation::Ours {
-        access_key_id: Some("A".into()),
-    };
+    let keys = vec![iam_key("F", KeyStatus::Active), iam_key("A", KeyStatus::Active)];
+    let secret = SecretObservation::Ours { access_key_id: Some("A".into()) };
     let run = |policy, keys: Vec<IamKey>, tags: BTreeMap<String, String>| {
-        let user = UserObservation::Found {
-            keys,
-            tags: Some(tags),
-        };
-        plan_cleanup(&CleanupObservation {
-            owner: &o,
-            policy,
-            ledger: &ledger,
-            user: &user,
-            secret: &secret,
-        })
+        let user = UserObservation::Found { keys, tags: Some(tags) };
+        plan_cleanup(&CleanupObservation { owner: &o, policy, ledger: &ledger, user: &user, secret: &secret })
     };
     assert_eq!(
         run(DeletionPolicy::Delete, keys.clone(), all_tags.clone()),
-        CleanupStep::DeleteKey {
-            access_key_id: "A".into()
-        }
+        CleanupStep::DeleteKey { access_key_id: "A".into() }
     );
     let only_foreign = vec![iam_key("F", KeyStatus::Active)];
-    let untag = CleanupStep::Untag {
-        tag_keys: vec!["A".into(), OWNER_TAG.into()],
-    };
-    assert_eq!(
-        run(
-            DeletionPolicy::Delete,
-            only_foreign.clone(),
-            all_tags.clone()
-        ),
-        untag
-    );
+    let untag = CleanupStep::Untag { tag_keys: vec!["A".into(), OWNER_TAG.into()] };
+    assert_eq!(run(DeletionPolicy::Delete, only_foreign.clone(), all_tags.clone()), untag);
     assert_eq!(
         run(DeletionPolicy::Retain, keys, all_tags.clone()),
-        CleanupStep::MarkRetained {
-            access_key_ids: vec!["A".into()]
-        }
+        CleanupStep::MarkRetained { access_key_ids: vec!["A".into()] }
     );
     let mut untagged = all_tags.clone();
     untagged.retain(|k, _| k == "F");
-    assert_eq!(
-        run(DeletionPolicy::Delete, only_foreign, untagged),
-        CleanupStep::DeleteSecret
-    );
+    assert_eq!(run(DeletionPolicy::Delete, only_foreign, untagged), CleanupStep::DeleteSecret);
 }
 
 // Random worlds: whatever IAM, status and the Secret look like, the planner never acts on a
@@ -473,69 +271,52 @@ fn arb_world() -> impl Strategy<Value = World> {
         0..3i64,
         any::<bool>(),
     )
-        .prop_map(
-            move |(iam, ledger, claimed, secret_kind, secret_id, now, serial, pending)| {
-                let mut keys: Vec<IamKey> = vec![];
-                let mut tag_map = BTreeMap::new();
-                let o = owner();
-                if claimed {
-                    tag_map.insert(OWNER_TAG.to_string(), o.0.clone());
+        .prop_map(move |(iam, ledger, claimed, secret_kind, secret_id, now, serial, pending)| {
+            let mut keys: Vec<IamKey> = vec![];
+            let mut tag_map = BTreeMap::new();
+            let o = owner();
+            if claimed {
+                tag_map.insert(OWNER_TAG.to_string(), o.0.clone());
+            }
+            for (i, active, tag) in iam {
+                let id = ids[i];
+                if keys.iter().any(|k| k.access_key_id == id) {
+                    continue;
                 }
-                for (i, active, tag) in iam {
-                    let id = ids[i];
-                    if keys.iter().any(|k| k.access_key_id == id) {
-                        continue;
-                    }
-                    keys.push(iam_key(
-                        id,
-                        if active {
-                            KeyStatus::Active
-                        } else {
-                            KeyStatus::Inactive
-                        },
-                    ));
-                    match tag {
-                        0 => {}
-                        1 => drop(tag_map.insert(id.to_string(), o.key_tag_value())),
-                        _ => drop(tag_map.insert(id.to_string(), "iam-key-operator x/y/z".into())),
-                    }
+                keys.push(iam_key(id, if active { KeyStatus::Active } else { KeyStatus::Inactive }));
+                match tag {
+                    0 => {}
+                    1 => drop(tag_map.insert(id.to_string(), o.key_tag_value())),
+                    _ => drop(tag_map.insert(id.to_string(), "iam-key-operator x/y/z".into())),
                 }
-                let mut w = World::new(keys, Some(tag_map));
-                for (i, phase, at) in ledger {
-                    let id = ids[i];
-                    if w.ledger.keys.iter().any(|k| k.access_key_id == id) {
-                        continue;
-                    }
-                    let phase =
-                        [KeyPhase::Current, KeyPhase::Draining, KeyPhase::Inactive][phase as usize];
-                    if phase == KeyPhase::Current
-                        && w.ledger.keys.iter().any(|k| k.phase == KeyPhase::Current)
-                    {
-                        continue;
-                    }
-                    let mut k = owned(id, phase);
-                    k.deactivate_at = Some(Time(t(at)));
-                    k.delete_at = Some(Time(t(at + 100)));
-                    w.ledger.keys.push(k);
+            }
+            let mut w = World::new(keys, Some(tag_map));
+            for (i, phase, at) in ledger {
+                let id = ids[i];
+                if w.ledger.keys.iter().any(|k| k.access_key_id == id) {
+                    continue;
                 }
-                w.secret = match secret_kind {
-                    0 => SecretObservation::Missing,
-                    1 => SecretObservation::NotOurs,
-                    _ => SecretObservation::Ours {
-                        access_key_id: Some(ids[secret_id].to_string()),
-                    },
-                };
-                w.now = t(now);
-                w.spec.rotation = Some(RotationSpec {
-                    serial,
-                    ..Default::default()
-                });
-                if pending {
-                    w.ledger.pending_create = Some(vec![]);
+                let phase = [KeyPhase::Current, KeyPhase::Draining, KeyPhase::Inactive][phase as usize];
+                if phase == KeyPhase::Current && w.ledger.keys.iter().any(|k| k.phase == KeyPhase::Current) {
+                    continue;
                 }
-                w
-            },
-        )
+                let mut k = owned(id, phase);
+                k.deactivate_at = Some(Time(t(at)));
+                k.delete_at = Some(Time(t(at + 100)));
+                w.ledger.keys.push(k);
+            }
+            w.secret = match secret_kind {
+                0 => SecretObservation::Missing,
+                1 => SecretObservation::NotOurs,
+                _ => SecretObservation::Ours { access_key_id: Some(ids[secret_id].to_string()) },
+            };
+            w.now = t(now);
+            w.spec.rotation = Some(RotationSpec { serial, ..Default::default() });
+            if pending {
+                w.ledger.pending_create = Some(vec![]);
+            }
+            w
+        })
 }
 
 proptest! {

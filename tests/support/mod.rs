@@ -35,12 +35,7 @@ impl Fixture {
         let client = env.kube_client().await.expect("kube client");
         let ns = env.fresh_namespace(prefix).await.expect("namespace");
         let user = env.fresh_iam_user(prefix).await.expect("IAM user");
-        Fixture {
-            env,
-            client,
-            ns,
-            user,
-        }
+        Fixture { env, client, ns, user }
     }
 
     pub fn keys_api(&self) -> Api<IamAccessKey> {
@@ -68,17 +63,11 @@ impl Fixture {
             "spec": spec,
         }))
         .expect("valid IamAccessKey");
-        self.keys_api()
-            .create(&PostParams::default(), &obj)
-            .await
-            .expect("create IamAccessKey")
+        self.keys_api().create(&PostParams::default(), &obj).await.expect("create IamAccessKey")
     }
 
     pub async fn delete(&self, name: &str) {
-        self.keys_api()
-            .delete(name, &DeleteParams::default())
-            .await
-            .expect("delete IamAccessKey");
+        self.keys_api().delete(name, &DeleteParams::default()).await.expect("delete IamAccessKey");
     }
 
     /// Poll the resource until `check` holds; panics with the last state after `timeout`.
@@ -91,11 +80,7 @@ impl Fixture {
     ) -> IamAccessKey {
         let deadline = Instant::now() + timeout;
         loop {
-            let obj = self
-                .keys_api()
-                .get_opt(name)
-                .await
-                .expect("get IamAccessKey");
+            let obj = self.keys_api().get_opt(name).await.expect("get IamAccessKey");
             if let Some(obj) = &obj
                 && check(obj)
             {
@@ -113,26 +98,18 @@ impl Fixture {
     }
 
     pub async fn wait_ready(&self, name: &str) -> IamAccessKey {
-        self.wait_for(name, Duration::from_secs(60), "Ready=True", |o| {
-            ready(o).is_some_and(|(s, _, _)| s == "True")
-        })
-        .await
+        self.wait_for(name, Duration::from_secs(60), "Ready=True", |o| ready(o).is_some_and(|(s, _, _)| s == "True"))
+            .await
     }
 
     pub async fn wait_reason(&self, name: &str, reason: &str) -> IamAccessKey {
-        self.wait_for(name, Duration::from_secs(60), reason, |o| {
-            ready(o).is_some_and(|(_, r, _)| r == reason)
-        })
-        .await
+        self.wait_for(name, Duration::from_secs(60), reason, |o| ready(o).is_some_and(|(_, r, _)| r == reason)).await
     }
 
     pub async fn wait_gone(&self, name: &str, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         while self.keys_api().get_opt(name).await.expect("get").is_some() {
-            assert!(
-                Instant::now() < deadline,
-                "{name} still exists after {timeout:?}"
-            );
+            assert!(Instant::now() < deadline, "{name} still exists after {timeout:?}");
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
@@ -141,10 +118,7 @@ impl Fixture {
     pub async fn secret_creds(&self, secret: &str) -> Option<(String, String)> {
         let s = self.secrets().get_opt(secret).await.expect("get Secret")?;
         let data = s.data.unwrap_or_default();
-        let get = |k: &str| {
-            data.get(k)
-                .map(|b| String::from_utf8(b.0.clone()).expect("utf-8"))
-        };
+        let get = |k: &str| data.get(k).map(|b| String::from_utf8(b.0.clone()).expect("utf-8"));
         Some((get("AWS_ACCESS_KEY_ID")?, get("AWS_SECRET_ACCESS_KEY")?))
     }
 
@@ -154,18 +128,8 @@ impl Fixture {
     }
 
     pub async fn user_tags(&self) -> BTreeMap<String, String> {
-        let out = self
-            .env
-            .iam_client()
-            .list_user_tags()
-            .user_name(&self.user)
-            .send()
-            .await
-            .expect("ListUserTags");
-        out.tags()
-            .iter()
-            .map(|t| (t.key().to_string(), t.value().to_string()))
-            .collect()
+        let out = self.env.iam_client().list_user_tags().user_name(&self.user).send().await.expect("ListUserTags");
+        out.tags().iter().map(|t| (t.key().to_string(), t.value().to_string())).collect()
     }
 
     /// Whether the key authenticates as the fixture's user (STS GetCallerIdentity).
@@ -175,14 +139,8 @@ impl Fixture {
 
     /// A key created directly in IAM, as a person or another tool would.
     pub async fn foreign_key(&self) -> String {
-        let out = self
-            .env
-            .iam_client()
-            .create_access_key()
-            .user_name(&self.user)
-            .send()
-            .await
-            .expect("CreateAccessKey");
+        let out =
+            self.env.iam_client().create_access_key().user_name(&self.user).send().await.expect("CreateAccessKey");
         out.access_key().expect("key").access_key_id().to_string()
     }
 
@@ -191,75 +149,41 @@ impl Fixture {
     pub async fn assert_consistent(&self, name: &str, foreign: &[String]) {
         let obj = self.keys_api().get(name).await.expect("get");
         let status = obj.status.clone().expect("status");
-        let mut expected: Vec<String> = status
-            .keys
-            .iter()
-            .map(|k| k.access_key_id.clone())
-            .collect();
+        let mut expected: Vec<String> = status.keys.iter().map(|k| k.access_key_id.clone()).collect();
         expected.extend(foreign.iter().cloned());
         expected.sort();
         let actual: Vec<String> = self.iam_keys().await.into_keys().collect();
         assert_eq!(actual, expected, "IAM keys vs status.keys + foreign keys");
         let secret = status.secret_name.clone().expect("status.secretName");
-        let (id, key) = self
-            .secret_creds(&secret)
-            .await
-            .expect("Secret with credentials");
-        assert_eq!(
-            Some(&id),
-            status.access_key_id.as_ref(),
-            "Secret holds the current key"
-        );
-        assert!(
-            self.authenticates(&id, &key).await,
-            "the Secret's key authenticates"
-        );
+        let (id, key) = self.secret_creds(&secret).await.expect("Secret with credentials");
+        assert_eq!(Some(&id), status.access_key_id.as_ref(), "Secret holds the current key");
+        assert!(self.authenticates(&id, &key).await, "the Secret's key authenticates");
         assert!(status.pending_create.is_none(), "no create left pending");
     }
 }
 
 /// `(status, reason, message)` of the Ready condition.
 pub fn ready(obj: &IamAccessKey) -> Option<(String, String, String)> {
-    let c = obj
-        .status
-        .as_ref()?
-        .conditions
-        .iter()
-        .find(|c| c.type_ == "Ready")?;
+    let c = obj.status.as_ref()?.conditions.iter().find(|c| c.type_ == "Ready")?;
     Some((c.status.clone(), c.reason.clone(), c.message.clone()))
 }
 
 pub async fn iam_keys(env: &TestEnv, user: &str) -> BTreeMap<String, String> {
-    let out = env
-        .iam_client()
-        .list_access_keys()
-        .user_name(user)
-        .send()
-        .await
-        .expect("ListAccessKeys");
+    let out = env.iam_client().list_access_keys().user_name(user).send().await.expect("ListAccessKeys");
     out.access_key_metadata()
         .iter()
         .map(|k| {
             (
                 k.access_key_id().unwrap_or_default().to_string(),
-                k.status()
-                    .map(|s| s.as_str().to_string())
-                    .unwrap_or_default(),
+                k.status().map(|s| s.as_str().to_string()).unwrap_or_default(),
             )
         })
         .collect()
 }
 
 pub async fn authenticates_as(env: &TestEnv, id: &str, secret: &str, user: &str) -> bool {
-    match env
-        .sts_client(id, secret)
-        .get_caller_identity()
-        .send()
-        .await
-    {
-        Ok(out) => out
-            .arn()
-            .is_some_and(|arn| arn.ends_with(&format!(":user/{user}"))),
+    match env.sts_client(id, secret).get_caller_identity().send().await {
+        Ok(out) => out.arn().is_some_and(|arn| arn.ends_with(&format!(":user/{user}"))),
         Err(_) => false,
     }
 }
@@ -274,16 +198,9 @@ pub struct Operator {
 }
 
 impl Operator {
-    pub fn start(
-        env: &'static TestEnv,
-        ns: &str,
-        extra_env: &[(&str, &str)],
-        extra_args: &[&str],
-    ) -> Operator {
+    pub fn start(env: &'static TestEnv, ns: &str, extra_env: &[(&str, &str)], extra_args: &[&str]) -> Operator {
         let metrics_port = free_port();
-        let log_path = env
-            .dir()
-            .join(format!("operator-{ns}-{}.log", std::process::id()));
+        let log_path = env.dir().join(format!("operator-{ns}-{}.log", std::process::id()));
         Self::spawn(env, ns, extra_env, extra_args, metrics_port, log_path)
     }
 
@@ -295,56 +212,26 @@ impl Operator {
         metrics_port: u16,
         log_path: PathBuf,
     ) -> Operator {
-        let log = File::options()
-            .create(true)
-            .append(true)
-            .open(&log_path)
-            .expect("operator log file");
+        let log = File::options().create(true).append(true).open(&log_path).expect("operator log file");
         let mut cmd = env.command(env!("CARGO_BIN_EXE_iam-key-operator"));
-        cmd.args([
-            "run",
-            "--namespace",
-            ns,
-            "--cluster-name",
-            CLUSTER,
-            "--resync",
-            "3s",
-            "--verify-timeout",
-            "20s",
-        ])
-        .args(["--metrics-addr", &format!("127.0.0.1:{metrics_port}")])
-        .args(extra_args)
-        // Debug logging everywhere: the secret must not leak even at this level.
-        .env(
-            "RUST_LOG",
-            "debug,hyper=info,h2=info,rustls=info,tower=info",
-        )
-        .env_remove("IKO_FAILPOINT")
-        .envs(extra_env.iter().copied())
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().expect("log"))
-        .stderr(log);
+        cmd.args(["run", "--namespace", ns, "--cluster-name", CLUSTER, "--resync", "3s", "--verify-timeout", "20s"])
+            .args(["--metrics-addr", &format!("127.0.0.1:{metrics_port}")])
+            .args(extra_args)
+            // Debug logging everywhere: the secret must not leak even at this level.
+            .env("RUST_LOG", "debug,hyper=info,h2=info,rustls=info,tower=info")
+            .env_remove("IKO_FAILPOINT")
+            .envs(extra_env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log);
         let child = cmd.spawn().expect("spawn iam-key-operator");
-        Operator {
-            child: Some(child),
-            log_path,
-            metrics_port,
-            ns: ns.into(),
-            env,
-        }
+        Operator { child: Some(child), log_path, metrics_port, ns: ns.into(), env }
     }
 
     /// Start again after a crash, with the same log file and metrics port.
     pub fn restart(&mut self, extra_env: &[(&str, &str)]) {
         self.kill();
-        let again = Self::spawn(
-            self.env,
-            &self.ns.clone(),
-            extra_env,
-            &[],
-            self.metrics_port,
-            self.log_path.clone(),
-        );
+        let again = Self::spawn(self.env, &self.ns.clone(), extra_env, &[], self.metrics_port, self.log_path.clone());
         *self = again;
     }
 
@@ -356,21 +243,12 @@ impl Operator {
     pub async fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
         let deadline = Instant::now() + timeout;
         loop {
-            if let Some(status) = self
-                .child
-                .as_mut()
-                .expect("running")
-                .try_wait()
-                .expect("try_wait")
-            {
+            if let Some(status) = self.child.as_mut().expect("running").try_wait().expect("try_wait") {
                 self.child = None;
                 return status;
             }
             if Instant::now() > deadline {
-                panic!(
-                    "operator did not exit within {timeout:?}; log:\n{}",
-                    tail(&self.log(), 40)
-                );
+                panic!("operator did not exit within {timeout:?}; log:\n{}", tail(&self.log(), 40));
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -399,32 +277,19 @@ impl Operator {
 
     /// Sum of `iam_key_operator_iam_calls_total` for the given operations.
     pub async fn iam_calls(&self, operations: &[&str]) -> u64 {
-        sum_metric(
-            &self.metrics().await,
-            "iam_key_operator_iam_calls_total",
-            |labels| {
-                operations
-                    .iter()
-                    .any(|op| labels.contains(&format!("operation=\"{op}\"")))
-            },
-        )
+        sum_metric(&self.metrics().await, "iam_key_operator_iam_calls_total", |labels| {
+            operations.iter().any(|op| labels.contains(&format!("operation=\"{op}\"")))
+        })
     }
 
     pub async fn kube_writes(&self) -> u64 {
-        sum_metric(
-            &self.metrics().await,
-            "iam_key_operator_kube_writes_total",
-            |_| true,
-        )
+        sum_metric(&self.metrics().await, "iam_key_operator_kube_writes_total", |_| true)
     }
 
     /// Panic if the secret appears in anything the operator printed.
     pub fn assert_log_free_of(&self, secret: &str) {
         let log = self.log();
-        assert!(
-            !log.is_empty(),
-            "the operator logged nothing: the check would prove nothing"
-        );
+        assert!(!log.is_empty(), "the operator logged nothing: the check would prove nothing");
         assert!(
             !log.contains(secret),
             "the secret access key appears in the operator's log {}",
@@ -439,13 +304,7 @@ impl Drop for Operator {
     }
 }
 
-pub const IAM_WRITES: &[&str] = &[
-    "CreateAccessKey",
-    "UpdateAccessKey",
-    "DeleteAccessKey",
-    "TagUser",
-    "UntagUser",
-];
+pub const IAM_WRITES: &[&str] = &["CreateAccessKey", "UpdateAccessKey", "DeleteAccessKey", "TagUser", "UntagUser"];
 
 fn sum_metric(text: &str, name: &str, filter: impl Fn(&str) -> bool) -> u64 {
     text.lines()
@@ -461,9 +320,5 @@ pub fn tail(s: &str, n: usize) -> String {
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
+    TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
 }
