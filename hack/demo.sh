@@ -45,8 +45,7 @@ kubectl get secret uploader-aws -n demo \
 kubectl get secret uploader-aws -n demo -o jsonpath='{.metadata.annotations}{"\n"}'
 
 step "Events"
-kubectl get events -n demo --sort-by=.lastTimestamp -o custom-columns=TYPE:.type,REASON:.reason,MESSAGE:.note 2>/dev/null \
-  || kubectl get events -n demo
+kubectl get events -n demo
 
 step "A few metrics"
 curl -fsS http://127.0.0.1:18080/metrics | grep -E '^iam_key_operator_(iam_calls|reconciles)_total' | head -12
