@@ -24,6 +24,14 @@ struct Cli {
 enum Command {
     /// Run the controller.
     Run(RunArgs),
+    /// Ask for a new key now: sets the `iam.keyop.dev/rotate-requested-at` annotation.
+    Rotate {
+        /// Namespace of the IamAccessKey.
+        #[arg(short, long)]
+        namespace: String,
+        /// Name of the IamAccessKey.
+        name: String,
+    },
     /// Print the CustomResourceDefinitions as YAML (or write one file each into a directory).
     Crd {
         #[arg(long)]
@@ -75,6 +83,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             Ok(())
         }
         Command::Run(args) => run(args).await,
+        Command::Rotate { namespace, name } => {
+            let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+            let client = kube::Client::try_default().await?;
+            let at = controller::request_rotation(client, &namespace, &name).await?;
+            println!("iamaccesskey {namespace}/{name}: rotation requested at {at}");
+            Ok(())
+        }
     }
 }
 

@@ -247,19 +247,40 @@ impl<'a> Run<'a> {
                 };
                 self.note(kind, reason, note).await;
             }
-            Step::RetireKey { access_key_id, already_inactive } => {
+            Step::RetireKey { access_key_id, already_inactive, still_in_use } => {
                 if !already_inactive {
                     iam.update_access_key(&user, &access_key_id, KeyStatus::Inactive).await?;
                     self.set_iam_status(&access_key_id, KeyStatus::Inactive);
                 }
-                let retain = self.rotation().retain_inactive.as_signed();
+                // The rollback window starts when the key really goes Inactive.
+                let delete_at = crate::plan::after(self.now, self.rotation().retain_inactive.as_signed());
                 for k in self.status.keys.iter_mut().filter(|k| k.access_key_id == access_key_id) {
                     k.phase = KeyPhase::Inactive;
-                    k.delete_at.get_or_insert(Time(crate::plan::after(self.now, retain)));
+                    k.delete_at = Some(Time(delete_at));
                 }
                 self.save_status().await?;
-                let note = format!("previous access key {access_key_id} deactivated after its grace period");
-                self.note(EventType::Normal, "KeyDeactivated", note).await;
+                if still_in_use {
+                    let note = format!(
+                        "previous access key {access_key_id} deactivated although IAM shows it still in use: rotation.maxWait is over"
+                    );
+                    self.note(EventType::Warning, "RetiredWhileInUse", note).await;
+                } else {
+                    let note = format!("previous access key {access_key_id} deactivated after its grace period");
+                    self.note(EventType::Normal, "KeyDeactivated", note).await;
+                }
+            }
+            Step::CheckKeyUsage { access_key_id } => {
+                let used = iam.access_key_last_used(&access_key_id).await?;
+                for k in self.status.keys.iter_mut().filter(|k| k.access_key_id == access_key_id) {
+                    k.last_used_at = used.date.map(Time);
+                    k.usage_checked_at = Some(Time(self.now));
+                }
+                self.save_status().await?;
+            }
+            Step::RestartTargets { access_key_id } => {
+                super::restart::restart_targets(self.ctx, self.obj, &access_key_id).await?;
+                self.status.restarted_for = Some(access_key_id);
+                self.save_status().await?;
             }
             Step::DeleteRetired { access_key_id } => {
                 self.delete_key(&access_key_id, true).await?;
@@ -349,11 +370,10 @@ impl<'a> Run<'a> {
     fn install_current(&mut self, key: IamKey) {
         let rotation = self.rotation();
         let deactivate_at = crate::plan::after(self.now, rotation.grace_period.as_signed());
-        let delete_at = crate::plan::after(deactivate_at, rotation.retain_inactive.as_signed());
         for k in self.status.keys.iter_mut().filter(|k| k.phase == KeyPhase::Current) {
             k.phase = KeyPhase::Draining;
+            k.replaced_at = Some(Time(self.now));
             k.deactivate_at = Some(Time(deactivate_at));
-            k.delete_at = Some(Time(delete_at));
         }
         self.status.keys.push(OwnedKey {
             access_key_id: key.access_key_id,
@@ -361,6 +381,9 @@ impl<'a> Run<'a> {
             create_date: Time(key.create_date),
             deactivate_at: None,
             delete_at: None,
+            replaced_at: None,
+            last_used_at: None,
+            usage_checked_at: None,
         });
         self.status.key_status = Some(key.status);
         self.status.pending_create = None;

@@ -2,6 +2,7 @@
 
 mod apply;
 mod cleanup;
+mod restart;
 pub mod secret;
 mod status;
 
@@ -204,6 +205,16 @@ fn error_policy(obj: Arc<IamAccessKey>, err: &Error, ctx: Arc<Context>) -> Actio
         info!(namespace = ?obj.namespace(), name = %obj.name_any(), reason = err.reason(), error = %err, retry_in = ?wait, "waiting");
     }
     Action::requeue(wait)
+}
+
+/// Set the rotate-requested-at annotation to now (what `iam-key-operator rotate` does).
+pub async fn request_rotation(client: Client, namespace: &str, name: &str) -> Result<Timestamp, kube::Error> {
+    let now = Timestamp::from_second(Timestamp::now().as_second()).unwrap_or(Timestamp::UNIX_EPOCH);
+    let api: Api<IamAccessKey> = Api::namespaced(client, namespace);
+    let patch = serde_json::json!({"metadata": {"annotations": {ROTATE_REQUESTED_AT_ANNOTATION: now.to_string()}}});
+    let params = kube::api::PatchParams { field_manager: Some("iam-key-operator-rotate".into()), ..Default::default() };
+    api.patch(name, &params, &kube::api::Patch::Merge(&patch)).await?;
+    Ok(now)
 }
 
 /// Run the controller until a shutdown signal. One controller per watched namespace (or one

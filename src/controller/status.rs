@@ -17,6 +17,7 @@ pub fn ledger(status: &IamAccessKeyStatus) -> Ledger {
         key_status: status.key_status,
         rotated_serial: rotation.serial,
         rotate_requested_at: rotation.requested_at,
+        restarted_for: status.restarted_for.clone(),
     }
 }
 

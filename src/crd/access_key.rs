@@ -168,6 +168,21 @@ pub struct RotationSpec {
     #[serde(default)]
     #[schemars(range(min = 0))]
     pub serial: i64,
+
+    /// Deactivate the previous key only once IAM shows no use of it since the new key was
+    /// published (AWS's advice for rotation), checked every `usageCheckInterval` after the grace
+    /// period, for at most `maxWait`. Default false.
+    #[serde(default)]
+    pub wait_for_unused: bool,
+
+    /// With `waitForUnused`: how often the previous key's last use is read. Default `5m`.
+    #[serde(default = "default_usage_check_interval")]
+    pub usage_check_interval: Duration,
+
+    /// With `waitForUnused`: after this long the previous key is deactivated even if still in
+    /// use (a Warning event says so). Default `24h`.
+    #[serde(default = "default_max_wait")]
+    pub max_wait: Duration,
 }
 
 impl Default for RotationSpec {
@@ -177,8 +192,19 @@ impl Default for RotationSpec {
             grace_period: default_grace_period(),
             retain_inactive: default_retain_inactive(),
             serial: 0,
+            wait_for_unused: false,
+            usage_check_interval: default_usage_check_interval(),
+            max_wait: default_max_wait(),
         }
     }
+}
+
+fn default_usage_check_interval() -> Duration {
+    Duration::from_secs(300)
+}
+
+fn default_max_wait() -> Duration {
+    Duration::from_secs(24 * 3600)
 }
 
 fn default_grace_period() -> Duration {
@@ -242,6 +268,9 @@ pub struct IamAccessKeyStatus {
     /// The rotation serial and rotate-request time already acted on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rotation: Option<RotationRecord>,
+    /// The key ID the restart targets were last rolled out for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restarted_for: Option<String>,
     /// The resource generation this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
@@ -292,6 +321,15 @@ pub struct OwnedKey {
     /// When a retired key is deleted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub delete_at: Option<Time>,
+    /// When a previous key was replaced by a new one in the Secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replaced_at: Option<Time>,
+    /// Last use of a draining key, as IAM reported it (with `waitForUnused`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_used_at: Option<Time>,
+    /// When that last use was read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage_checked_at: Option<Time>,
 }
 
 /// Phase of an owned key.

@@ -81,6 +81,8 @@ pub struct Ledger {
     pub key_status: Option<KeyStatus>,
     pub rotated_serial: i64,
     pub rotate_requested_at: Option<String>,
+    /// The key ID the restart targets were rolled out for.
+    pub restarted_for: Option<String>,
 }
 
 pub struct Observation<'a> {
@@ -183,11 +185,13 @@ pub enum Step {
         status: KeyStatus,
         drift: bool,
     },
-    /// A draining key's grace period ended: deactivate it (or just record it, if already Inactive).
-    RetireKey {
-        access_key_id: String,
-        already_inactive: bool,
-    },
+    /// Roll out the restart targets so they pick up the newly published key.
+    RestartTargets { access_key_id: String },
+    /// `waitForUnused`: read whether the draining key is still used.
+    CheckKeyUsage { access_key_id: String },
+    /// A draining key's grace period ended: deactivate it (or just record it, if already
+    /// Inactive). `still_in_use`: `waitForUnused` gave up after `maxWait`.
+    RetireKey { access_key_id: String, already_inactive: bool, still_in_use: bool },
     /// A retired key's rollback window ended.
     DeleteRetired {
         access_key_id: String,
@@ -300,6 +304,11 @@ fn plan_owned_keys(obs: &Observation, keys: &[IamKey], tags: Option<&BTreeMap<St
         return Step::Done { wake_at: None };
     };
 
+    // 3b. Workloads roll out once per published key.
+    if !obs.spec.restart_targets.is_empty() && ledger.restarted_for.as_deref() != Some(current.access_key_id.as_str()) {
+        return Step::RestartTargets { access_key_id: current.access_key_id.clone() };
+    }
+
     // 4. The current key's status follows the spec; a difference we did not make is drift.
     if let Some(iam_key) = in_iam(&current.access_key_id)
         && iam_key.status != obs.spec.key_status
@@ -323,7 +332,17 @@ fn plan_owned_keys(obs: &Observation, keys: &[IamKey], tags: Option<&BTreeMap<St
                 _ => {
                     let already_inactive =
                         in_iam(&owned.access_key_id).is_some_and(|k| k.status == KeyStatus::Inactive);
-                    return Step::RetireKey { access_key_id: owned.access_key_id.clone(), already_inactive };
+                    let retire = |still_in_use| Step::RetireKey {
+                        access_key_id: owned.access_key_id.clone(),
+                        already_inactive,
+                        still_in_use,
+                    };
+                    match usage_gate(obs, owned) {
+                        UsageGate::Open => return retire(false),
+                        UsageGate::GaveUp => return retire(true),
+                        UsageGate::Check => return Step::CheckKeyUsage { access_key_id: owned.access_key_id.clone() },
+                        UsageGate::WaitUntil(t) => wake(t),
+                    }
                 }
             },
             // During the rollback window an admin may reactivate the key in IAM: not fought.
@@ -347,6 +366,46 @@ fn plan_owned_keys(obs: &Observation, keys: &[IamKey], tags: Option<&BTreeMap<St
         wake(t);
     }
     Step::Done { wake_at }
+}
+
+enum UsageGate {
+    /// Nothing holds the key back.
+    Open,
+    /// Still in use, but `maxWait` is over.
+    GaveUp,
+    /// Its last use must be read (again).
+    Check,
+    /// In use at the last check; check again then.
+    WaitUntil(Timestamp),
+}
+
+/// `waitForUnused`: a draining key past its grace period retires only once IAM shows no use of
+/// it for a whole `usageCheckInterval` (or none since it was replaced), or when `maxWait` is over.
+fn usage_gate(obs: &Observation, key: &OwnedKey) -> UsageGate {
+    let rotation = match &obs.spec.rotation {
+        Some(r) if r.wait_for_unused => r,
+        _ => return UsageGate::Open,
+    };
+    let Some(replaced_at) = key.replaced_at.as_ref().map(|t| t.0) else { return UsageGate::Open };
+    let give_up_at = after(replaced_at, rotation.max_wait.as_signed());
+    if obs.now >= give_up_at {
+        return UsageGate::GaveUp;
+    }
+    let Some(checked_at) = key.usage_checked_at.as_ref().map(|t| t.0) else { return UsageGate::Check };
+    // A check made during the grace period says nothing about clients after it.
+    let grace_end = key.deactivate_at.as_ref().map_or(replaced_at, |t| t.0);
+    if checked_at < grace_end {
+        return UsageGate::Check;
+    }
+    // Quiet means no use after it was replaced, or none during the interval before the check.
+    let interval = rotation.usage_check_interval.as_signed();
+    let quiet_since = checked_at.checked_sub(interval).unwrap_or(checked_at).max(replaced_at);
+    let used_recently = key.last_used_at.as_ref().is_some_and(|t| t.0 > quiet_since);
+    if !used_recently {
+        return UsageGate::Open;
+    }
+    let next_check = after(checked_at, interval);
+    if next_check <= obs.now { UsageGate::Check } else { UsageGate::WaitUntil(next_check.min(give_up_at)) }
 }
 
 /// Why the current key must be replaced now, if it must.

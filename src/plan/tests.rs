@@ -24,7 +24,16 @@ fn iam_key(id: &str, status: KeyStatus) -> IamKey {
 }
 
 fn owned(id: &str, phase: KeyPhase) -> OwnedKey {
-    OwnedKey { access_key_id: id.into(), phase, create_date: Time(t(0)), deactivate_at: None, delete_at: None }
+    OwnedKey {
+        access_key_id: id.into(),
+        phase,
+        create_date: Time(t(0)),
+        deactivate_at: None,
+        delete_at: None,
+        replaced_at: None,
+        last_used_at: None,
+        usage_checked_at: None,
+    }
 }
 
 fn tags(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
@@ -206,7 +215,7 @@ fn draining_key_is_retired_after_grace_then_deleted_after_the_window() {
     w.ledger.keys.push(old.clone());
     assert_eq!(w.plan(), Step::Done { wake_at: Some(t(200)) });
     w.now = t(200);
-    assert_eq!(w.plan(), Step::RetireKey { access_key_id: "OLD".into(), already_inactive: false });
+    assert_eq!(w.plan(), Step::RetireKey { access_key_id: "OLD".into(), already_inactive: false, still_in_use: false });
     old.phase = KeyPhase::Inactive;
     w.ledger.keys[1] = old;
     // An admin reactivated it for a rollback: not fought during the window.
@@ -346,4 +355,83 @@ proptest! {
             _ => {}
         }
     }
+}
+
+#[test]
+fn restart_targets_roll_out_once_per_published_key() {
+    let mut w = converged();
+    w.spec.restart_targets =
+        vec![crate::crd::RestartTarget { kind: crate::crd::RestartKind::Deployment, name: "web".into() }];
+    assert_eq!(w.plan(), Step::RestartTargets { access_key_id: "A".into() });
+    w.ledger.restarted_for = Some("A".into());
+    assert!(matches!(w.plan(), Step::Done { .. }));
+}
+
+fn draining_world(wait_for_unused: bool) -> World {
+    let mut w = converged();
+    w.user = UserObservation::Found {
+        keys: vec![iam_key("A", KeyStatus::Active), iam_key("OLD", KeyStatus::Active)],
+        tags: None,
+    };
+    let mut old = owned("OLD", KeyPhase::Draining);
+    old.replaced_at = Some(Time(t(100)));
+    old.deactivate_at = Some(Time(t(200)));
+    w.ledger.keys.push(old);
+    w.spec.rotation = Some(RotationSpec {
+        wait_for_unused,
+        usage_check_interval: "10s".parse().unwrap(),
+        max_wait: "1000s".parse().unwrap(),
+        ..Default::default()
+    });
+    w.now = t(200);
+    w
+}
+
+#[test]
+fn wait_for_unused_holds_a_used_key_active_and_rechecks_on_its_interval() {
+    let mut w = draining_world(true);
+    assert_eq!(w.plan(), Step::CheckKeyUsage { access_key_id: "OLD".into() });
+    // Used during the last interval: wait for the next check.
+    w.ledger.keys[1].usage_checked_at = Some(Time(t(200)));
+    w.ledger.keys[1].last_used_at = Some(Time(t(195)));
+    assert_eq!(w.plan(), Step::Done { wake_at: Some(t(210)) });
+    w.now = t(210);
+    assert_eq!(w.plan(), Step::CheckKeyUsage { access_key_id: "OLD".into() });
+    // Still used within the last interval (10s before the check): keep waiting.
+    w.ledger.keys[1].usage_checked_at = Some(Time(t(210)));
+    w.ledger.keys[1].last_used_at = Some(Time(t(205)));
+    assert_eq!(w.plan(), Step::Done { wake_at: Some(t(220)) });
+    // The client switched: no use during the interval before the check. Retire.
+    w.now = t(220);
+    w.ledger.keys[1].usage_checked_at = Some(Time(t(220)));
+    let retire = Step::RetireKey { access_key_id: "OLD".into(), already_inactive: false, still_in_use: false };
+    assert_eq!(w.plan(), retire);
+}
+
+#[test]
+fn wait_for_unused_gives_up_after_max_wait_and_says_so() {
+    let mut w = draining_world(true);
+    w.ledger.keys[1].usage_checked_at = Some(Time(t(1095)));
+    w.ledger.keys[1].last_used_at = Some(Time(t(1090)));
+    w.now = t(1100);
+    let retire = Step::RetireKey { access_key_id: "OLD".into(), already_inactive: false, still_in_use: true };
+    assert_eq!(w.plan(), retire);
+}
+
+#[test]
+fn a_usage_check_made_during_the_grace_period_does_not_count() {
+    let mut w = draining_world(true);
+    w.ledger.keys[1].usage_checked_at = Some(Time(t(150)));
+    assert_eq!(w.plan(), Step::CheckKeyUsage { access_key_id: "OLD".into() });
+    let w = draining_world(false);
+    assert!(matches!(w.plan(), Step::RetireKey { still_in_use: false, .. }));
+}
+
+#[test]
+fn scheduled_rotation_is_due_interval_after_the_key_was_created() {
+    let mut w = converged();
+    w.spec.rotation = Some(RotationSpec { interval: Some("200s".parse().unwrap()), ..Default::default() });
+    assert_eq!(w.plan(), Step::Done { wake_at: Some(t(200)) });
+    w.now = t(200);
+    assert_eq!(w.plan(), Step::StartCreate { existing_key_ids: vec!["A".into()] });
 }
