@@ -56,8 +56,8 @@ dev-up: tools ## Start a local API server + IAM endpoint in the background; then
 	target/debug/testenv down --state-dir $(DEV_DIR) >/dev/null 2>&1 || true
 	mkdir -p $(DEV_DIR)
 	rm -f $(DEV_DIR)/env
-	nohup target/debug/testenv up --state-dir $(DEV_DIR) --crds crds >$(DEV_DIR)/testenv.log 2>&1 &
-	@for i in $$(seq 1 120); do [ -f $(DEV_DIR)/env ] && break; sleep 1; done
+	@nohup target/debug/testenv up --state-dir $(DEV_DIR) --crds crds >$(DEV_DIR)/testenv.log 2>&1 & pid=$$!; \
+	for i in $$(seq 1 120); do [ -f $(DEV_DIR)/env ] && break; kill -0 $$pid 2>/dev/null || break; sleep 1; done
 	@[ -f $(DEV_DIR)/env ] || { echo "dev-up failed, see $(DEV_DIR)/testenv.log"; tail -20 $(DEV_DIR)/testenv.log; exit 1; }
 	@echo "up. Use it with:  source $(DEV_DIR)/env && kubectl get iak -A"
 
