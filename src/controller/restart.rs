@@ -22,9 +22,15 @@ pub async fn restart_targets(ctx: &Context, obj: &IamAccessKey, access_key_id: &
     let ns = obj.namespace().unwrap_or_default();
     for target in &obj.spec.restart_targets {
         let restarted = match target.kind {
-            RestartKind::Deployment => restart::<Deployment>(ctx, &ns, &target.name, access_key_id, template_of_deploy).await?,
-            RestartKind::StatefulSet => restart::<StatefulSet>(ctx, &ns, &target.name, access_key_id, template_of_sts).await?,
-            RestartKind::DaemonSet => restart::<DaemonSet>(ctx, &ns, &target.name, access_key_id, template_of_ds).await?,
+            RestartKind::Deployment => {
+                restart::<Deployment>(ctx, &ns, &target.name, access_key_id, template_of_deploy).await?
+            }
+            RestartKind::StatefulSet => {
+                restart::<StatefulSet>(ctx, &ns, &target.name, access_key_id, template_of_sts).await?
+            }
+            RestartKind::DaemonSet => {
+                restart::<DaemonSet>(ctx, &ns, &target.name, access_key_id, template_of_ds).await?
+            }
         };
         let kind = format!("{:?}", target.kind);
         match restarted {
@@ -67,7 +73,10 @@ async fn restart<K>(
     current: TemplateAnnotation<K>,
 ) -> Result<Option<bool>, Error>
 where
-    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug,
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + DeserializeOwned
+        + std::fmt::Debug,
 {
     let api: Api<K> = Api::namespaced(ctx.client.clone(), ns);
     let Some(workload) = api.get_opt(name).await? else { return Ok(None) };

@@ -186,12 +186,20 @@ pub enum Step {
         drift: bool,
     },
     /// Roll out the restart targets so they pick up the newly published key.
-    RestartTargets { access_key_id: String },
+    RestartTargets {
+        access_key_id: String,
+    },
     /// `waitForUnused`: read whether the draining key is still used.
-    CheckKeyUsage { access_key_id: String },
+    CheckKeyUsage {
+        access_key_id: String,
+    },
     /// A draining key's grace period ended: deactivate it (or just record it, if already
     /// Inactive). `still_in_use`: `waitForUnused` gave up after `maxWait`.
-    RetireKey { access_key_id: String, already_inactive: bool, still_in_use: bool },
+    RetireKey {
+        access_key_id: String,
+        already_inactive: bool,
+        still_in_use: bool,
+    },
     /// A retired key's rollback window ended.
     DeleteRetired {
         access_key_id: String,
