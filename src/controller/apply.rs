@@ -85,6 +85,7 @@ struct Run<'a> {
     /// Working copy, and what the API server holds (to write only on change).
     status: IamAccessKeyStatus,
     saved: Option<IamAccessKeyStatus>,
+    resource_version: Option<String>,
     user: UserObservation,
     user_info: Option<IamUser>,
     secret: SecretObservation,
@@ -102,6 +103,7 @@ impl<'a> Run<'a> {
             secret_name: secret_name(obj),
             status: obj.status.clone().unwrap_or_default(),
             saved: obj.status.clone(),
+            resource_version: obj.metadata.resource_version.clone(),
             user: UserObservation::Missing,
             user_info: None,
             secret: SecretObservation::Missing,
@@ -490,13 +492,19 @@ impl<'a> Run<'a> {
         }
         let api: Api<IamAccessKey> =
             Api::namespaced(self.ctx.client.clone(), &self.obj.namespace().unwrap_or_default());
+        // The resourceVersion makes the write conditional: if anyone else (a second operator
+        // instance, say) changed the resource since we read it, the write fails and the
+        // reconcile starts over from a fresh read instead of overwriting their status.
         let patch = serde_json::json!({
             "apiVersion": "iam.keyop.dev/v1alpha1",
             "kind": "IamAccessKey",
+            "metadata": {"resourceVersion": self.resource_version},
             "status": self.status,
         });
-        api.patch_status(&self.obj.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch))
+        let written = api
+            .patch_status(&self.obj.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch))
             .await?;
+        self.resource_version = written.metadata.resource_version;
         self.ctx.metrics.kube_write("IamAccessKey", "status");
         self.saved = Some(self.status.clone());
         Ok(())

@@ -171,6 +171,12 @@ async fn reconcile(obj: Arc<IamAccessKey>, ctx: Arc<Context>) -> Result<Action, 
     async move {
         let timer = std::time::Instant::now();
         let api: Api<IamAccessKey> = Api::namespaced(ctx.client.clone(), &ns);
+        // The watch cache can lag behind our own last status write; deciding on a stale
+        // ledger would redo work. One GET per reconcile buys a current view.
+        let obj = match api.get_opt(&obj.name_any()).await? {
+            Some(fresh) => Arc::new(fresh),
+            None => return Ok(Action::await_change()),
+        };
         let result = finalizer(&api, FINALIZER, obj.clone(), |event| async {
             match event {
                 FinalizerEvent::Apply(o) => apply::apply(&o, &ctx).await,
