@@ -5,10 +5,13 @@
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use clap::{Parser, Subcommand};
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use iam_key_operator::{
     controller::{self, Context, Settings},
     crd::{self, Duration as SpecDuration},
     iam::AwsIam,
+    leader::{self, LeaderConfig},
     metrics::Metrics,
     server, telemetry,
 };
@@ -63,6 +66,22 @@ struct RunArgs {
     /// Resources reconciled at the same time.
     #[arg(long, env = "IKO_CONCURRENCY", default_value_t = 8)]
     concurrency: u16,
+    /// Only reconcile IamAccessKeys with these labels (e.g. `shard=a`): lets several instances
+    /// split one cluster.
+    #[arg(long, env = "IKO_SELECTOR")]
+    selector: Option<String>,
+    /// Run only while holding a Lease, so that replicas do not reconcile at the same time.
+    #[arg(long, env = "IKO_LEADER_ELECT")]
+    leader_elect: bool,
+    /// Name of the Lease.
+    #[arg(long, env = "IKO_LEASE_NAME", default_value = "iam-key-operator")]
+    lease_name: String,
+    /// Namespace of the Lease (default: the Pod's, from POD_NAMESPACE).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    lease_namespace: String,
+    /// How long a Lease stays valid without renewal: the longest a failover takes.
+    #[arg(long, env = "IKO_LEASE_DURATION", default_value = "15s")]
+    lease_duration: SpecDuration,
     /// Log format.
     #[arg(long, env = "IKO_LOG_FORMAT", value_enum, default_value = "text")]
     log_format: telemetry::LogFormat,
@@ -107,13 +126,39 @@ async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
         resync: args.resync.as_std().max(Duration::from_secs(1)),
         verify_timeout: args.verify_timeout.as_std(),
         namespaces: args.namespaces,
+        selector: args.selector,
         concurrency: args.concurrency.max(1),
     };
     tracing::info!(cluster = %settings.cluster_name, namespaces = ?settings.namespaces, "starting iam-key-operator");
-    let ctx = Arc::new(Context::new(client, iam, metrics.clone(), settings));
-    let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let ctx = Arc::new(Context::new(client.clone(), iam, metrics.clone(), settings));
+    let ready = Arc::new(AtomicBool::new(false));
     let server = tokio::spawn(server::serve(args.metrics_addr, metrics, ready.clone()));
-    controller::run(ctx, ready).await;
+    let leadership = if args.leader_elect {
+        // A standby replica is ready: it serves its purpose by waiting.
+        ready.store(true, Ordering::Relaxed);
+        let identity = std::env::var("POD_NAME").unwrap_or_else(|_| format!("iam-key-operator-{}", std::process::id()));
+        tracing::info!(lease = %args.lease_name, namespace = %args.lease_namespace, %identity, "waiting for the lease");
+        let config = LeaderConfig {
+            lease_name: args.lease_name,
+            namespace: args.lease_namespace,
+            identity,
+            lease_duration: args.lease_duration.as_std(),
+        };
+        let held = leader::acquire(client, config).await?;
+        tracing::info!("acquired the lease: reconciling");
+        ready.store(false, Ordering::Relaxed);
+        Some(held)
+    } else {
+        None
+    };
+    tokio::select! {
+        () = controller::run(ctx, ready) => {}
+        () = async { if let Some(l) = leadership { l.lost().await } else { std::future::pending().await } } => {
+            // Another replica may be reconciling already: stop at once, let Kubernetes restart us.
+            tracing::error!("lost the lease: exiting");
+            std::process::exit(1);
+        }
+    }
     server.abort();
     tracing::info!("stopped");
     Ok(())

@@ -53,6 +53,8 @@ pub struct Settings {
     pub verify_timeout: Duration,
     /// Namespaces to watch (empty: all).
     pub namespaces: Vec<String>,
+    /// Label selector of the IamAccessKeys to reconcile.
+    pub selector: Option<String>,
     /// Resources reconciled at once.
     pub concurrency: u16,
 }
@@ -65,6 +67,7 @@ impl Default for Settings {
             resync: Duration::from_secs(3600),
             verify_timeout: Duration::from_secs(60),
             namespaces: vec![],
+            selector: None,
             concurrency: 8,
         }
     }
@@ -240,7 +243,11 @@ pub async fn run(ctx: Arc<Context>, ready: Arc<std::sync::atomic::AtomicBool>) {
         // independent of how many other Secrets the cluster holds.
         let our_secrets = watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY_VALUE}"));
         let secret_events = watcher(secrets, our_secrets).default_backoff().touched_objects();
-        let controller = Controller::new(keys, watcher::Config::default().any_semantic())
+        let mut selected = watcher::Config::default().any_semantic();
+        if let Some(selector) = &ctx.settings.selector {
+            selected = selected.labels(selector);
+        }
+        let controller = Controller::new(keys, selected)
             .owns_stream(secret_events)
             .with_config(kube::runtime::controller::Config::default().concurrency(ctx.settings.concurrency))
             .shutdown_on_signal();
