@@ -21,6 +21,10 @@ pub enum Error {
     )]
     VerifyFailed { access_key_id: String, user_arn: String, answer: String },
 
+    /// No tenancy policy allows this namespace to manage this IAM user.
+    #[error("{0}")]
+    NotAuthorized(String),
+
     /// Something about the resource itself makes it impossible to act on.
     #[error("{0}")]
     Invalid(String),
@@ -48,8 +52,10 @@ impl Error {
                 Blocked::UserClaimed { .. } => "UserClaimed",
                 Blocked::SecretConflict => "SecretConflict",
                 Blocked::KeyLimitExceeded { .. } => "KeyLimitExceeded",
+                Blocked::KeyUnused { .. } => "DeactivatedUnused",
             },
             Error::VerifyFailed { .. } => "KeyVerificationFailed",
+            Error::NotAuthorized(_) => "NotAuthorized",
             Error::Invalid(_) => "InvalidSpec",
             Error::Finalizer(_) => "FinalizerError",
         }
@@ -60,7 +66,7 @@ impl Error {
         match self {
             Error::Iam(e) => e.is_retryable(),
             Error::Kube(_) | Error::VerifyFailed { .. } | Error::Finalizer(_) => true,
-            Error::Blocked { .. } | Error::Invalid(_) => false,
+            Error::Blocked { .. } | Error::Invalid(_) | Error::NotAuthorized(_) => false,
         }
     }
 }

@@ -10,5 +10,6 @@ pub mod iam;
 pub mod leader;
 pub mod metrics;
 pub mod plan;
+pub mod policy;
 pub mod server;
 pub mod telemetry;

@@ -25,6 +25,7 @@ use crate::{
     failpoint,
     iam::{IamError, IamKey, IamUser, NewKey},
     plan::{Blocked, NewKeyReason, Observation, Owner, SecretObservation, Step, UserObservation, plan_next_step},
+    policy::{Decision, Limits, NamespaceFacts, UserFacts, authorize},
 };
 
 /// Upper bound of steps in one reconcile; a fresh resource needs about eight.
@@ -39,10 +40,12 @@ pub async fn apply(obj: &Arc<IamAccessKey>, ctx: &Context) -> Result<Action, Err
         return Err(err);
     }
     let mut run = Run::new(obj, ctx);
-    let result = match run.observe().await {
-        Ok(()) => run.converge().await,
-        Err(e) => Err(e),
-    };
+    let result = async {
+        run.authorize().await?;
+        run.observe().await?;
+        run.converge().await
+    }
+    .await;
     match result {
         Ok(wake_at) => {
             run.succeed().await?;
@@ -88,6 +91,7 @@ struct Run<'a> {
     resource_version: Option<String>,
     user: UserObservation,
     user_info: Option<IamUser>,
+    limits: Limits,
     secret: SecretObservation,
 }
 
@@ -106,6 +110,7 @@ impl<'a> Run<'a> {
             resource_version: obj.metadata.resource_version.clone(),
             user: UserObservation::Missing,
             user_info: None,
+            limits: Limits::default(),
             secret: SecretObservation::Missing,
         }
     }
@@ -114,10 +119,49 @@ impl<'a> Run<'a> {
         &self.obj.spec.user_name
     }
 
+    /// Tenancy first: nothing is written to IAM for a resource no policy allows.
+    async fn authorize(&mut self) -> Result<(), Error> {
+        let policies = self.ctx.tenancy.policies();
+        let ns = self.obj.namespace().unwrap_or_default();
+        let labels = self.ctx.tenancy.namespace_labels(&ns);
+        let namespace = NamespaceFacts { name: &ns, labels: &labels };
+        let user = self.user_name().to_owned();
+        let mut decision = authorize(&policies, &namespace, &UserFacts { name: &user, details: None });
+        if decision == Decision::NeedUserDetails {
+            let info = match self.ctx.iam.get_user(&user).await {
+                Ok(info) => info,
+                Err(e) if e.is_not_found() => return Err(self.blocked(Blocked::UserNotFound)),
+                Err(e) => return Err(e.into()),
+            };
+            let details = Some((info.path.as_str(), &info.tags));
+            decision = authorize(&policies, &namespace, &UserFacts { name: &user, details });
+            self.user_info = Some(info);
+        }
+        match decision {
+            Decision::Allowed(limits) => {
+                self.limits = limits;
+                Ok(())
+            }
+            Decision::Denied(message) => Err(Error::NotAuthorized(message)),
+            Decision::NeedUserDetails => Err(Error::Invalid("policy decision needs user details twice".into())),
+        }
+    }
+
     async fn observe(&mut self) -> Result<(), Error> {
         self.secret = observe_secret_meta(self.ctx, self.obj).await?;
         self.user = observe_user(self.ctx, self.user_name()).await?;
+        // The user was read for the policy already: its tags are known.
+        if let (UserObservation::Found { tags, .. }, Some(info)) = (&mut self.user, &self.user_info) {
+            *tags = Some(info.tags.clone());
+        }
         Ok(())
+    }
+
+    /// Last use of the current key, if status holds it.
+    fn current_last_used(&self) -> Option<Timestamp> {
+        let current = self.status.keys.iter().find(|k| k.phase == KeyPhase::Current)?;
+        let used = self.status.last_used.as_ref().filter(|u| u.access_key_id == current.access_key_id)?;
+        used.date.as_ref().map(|t| t.0)
     }
 
     fn iam_keys_mut(&mut self) -> Option<&mut Vec<IamKey>> {
@@ -152,6 +196,8 @@ impl<'a> Run<'a> {
                 user: &self.user,
                 secret: &self.secret,
                 last_used_due: self.ctx.last_used_due(self.obj),
+                current_last_used: self.current_last_used(),
+                limits: &self.limits,
             });
             debug!(?step, "planned");
             if let Step::Done { wake_at } = step {
@@ -232,6 +278,17 @@ impl<'a> Run<'a> {
                 self.save_status().await?;
             }
             Step::CreateKey { reason } => self.create_key(reason).await?,
+            Step::DeactivateUnused { access_key_id, since } => {
+                iam.update_access_key(&user, &access_key_id, KeyStatus::Inactive).await?;
+                self.set_iam_status(&access_key_id, KeyStatus::Inactive);
+                self.status.key_status = Some(KeyStatus::Inactive);
+                self.save_status().await?;
+                let note = format!(
+                    "access key {access_key_id} deactivated: unused since {since}, longer than deactivateUnusedAfter of policy {}",
+                    self.limits.policies.join(", ")
+                );
+                self.note(EventType::Warning, "DeactivatedUnused", note).await;
+            }
             Step::SetKeyStatus { access_key_id, status, drift } => {
                 iam.update_access_key(&user, &access_key_id, status).await?;
                 self.set_iam_status(&access_key_id, status);
@@ -334,6 +391,10 @@ impl<'a> Run<'a> {
                 "Secret {}/{} exists and was not created by this IamAccessKey: delete it or set spec.secret.name to a free name",
                 self.obj.namespace().unwrap_or_default(),
                 self.secret_name
+            ),
+            Blocked::KeyUnused { access_key_id, since } => format!(
+                "access key {access_key_id} is Inactive: unused since {since}, longer than deactivateUnusedAfter of policy {}; rotate (iam-key-operator rotate, or the {ROTATE_REQUESTED_AT_ANNOTATION} annotation) to issue a new key",
+                self.limits.policies.join(", ")
             ),
             Blocked::KeyLimitExceeded { blocking } => format!(
                 "IAM user {user} already has 2 access keys ({}) and none is this resource's to remove: delete one in IAM to continue",
@@ -485,7 +546,7 @@ impl<'a> Run<'a> {
     async fn save_status(&mut self) -> Result<(), Error> {
         // Without a look at IAM (paused, IAM down) the summary keeps what it said before.
         if let UserObservation::Found { keys, .. } = &self.user {
-            derive_summary(self.obj, &mut self.status, keys, &self.secret_name);
+            derive_summary(self.obj, &mut self.status, keys, &self.secret_name, &self.limits);
         }
         if self.saved.as_ref() == Some(&self.status) {
             return Ok(());
@@ -519,7 +580,7 @@ impl<'a> Run<'a> {
             _ => "no access key".into(),
         };
         if let UserObservation::Found { keys, .. } = &self.user {
-            derive_summary(self.obj, &mut self.status, keys, &self.secret_name);
+            derive_summary(self.obj, &mut self.status, keys, &self.secret_name, &self.limits);
         }
         if self.status.foreign_keys > 0 {
             message.push_str(&format!(

@@ -5,6 +5,7 @@ mod cleanup;
 mod restart;
 pub mod secret;
 mod status;
+pub mod tenancy;
 
 use std::{
     collections::HashMap,
@@ -80,6 +81,7 @@ pub struct Context {
     pub recorder: Recorder,
     pub metrics: Arc<Metrics>,
     pub settings: Settings,
+    pub tenancy: tenancy::Tenancy,
     /// Consecutive failures per resource, for exponential backoff.
     failures: Mutex<HashMap<ObjectRef<IamAccessKey>, u32>>,
     /// When each resource's last use is next read (by UID). Kept in memory so that reading
@@ -89,6 +91,7 @@ pub struct Context {
 
 impl Context {
     pub fn new(client: Client, iam: Arc<dyn IamApi>, metrics: Arc<Metrics>, settings: Settings) -> Self {
+        let tenancy = tenancy::Tenancy::start(client.clone());
         let instance = std::env::var("POD_NAME").ok();
         let reporter = Reporter { controller: FIELD_MANAGER.into(), instance };
         Context {
@@ -97,6 +100,7 @@ impl Context {
             iam,
             metrics,
             settings,
+            tenancy,
             failures: Mutex::default(),
             last_used_due: Mutex::default(),
         }
@@ -229,6 +233,8 @@ pub async fn request_rotation(client: Client, namespace: &str, name: &str) -> Re
 /// Run the controller until a shutdown signal. One controller per watched namespace (or one
 /// for the whole cluster).
 pub async fn run(ctx: Arc<Context>, ready: Arc<std::sync::atomic::AtomicBool>) {
+    // Deciding with an empty policy cache would deny everything for a moment.
+    ctx.tenancy.wait_until_ready().await;
     let scopes: Vec<Option<String>> = if ctx.settings.namespaces.is_empty() {
         vec![None]
     } else {
@@ -248,6 +254,8 @@ pub async fn run(ctx: Arc<Context>, ready: Arc<std::sync::atomic::AtomicBool>) {
             selected = selected.labels(selector);
         }
         let controller = Controller::new(keys, selected)
+            // A policy change can allow or deny any resource: look at all of them again.
+            .reconcile_all_on(ctx.tenancy.changes())
             .owns_stream(secret_events)
             .with_config(kube::runtime::controller::Config::default().concurrency(ctx.settings.concurrency))
             .shutdown_on_signal();

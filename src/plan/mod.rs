@@ -18,6 +18,7 @@ pub use cleanup::{CleanupObservation, CleanupStep, plan_cleanup};
 use crate::{
     crd::{IamAccessKeySpec, KeyPhase, KeyStatus, OwnedKey},
     iam::IamKey,
+    policy::Limits,
 };
 
 /// User tag that claims an IAM user for one resource.
@@ -96,6 +97,10 @@ pub struct Observation<'a> {
     pub secret: &'a SecretObservation,
     /// When the current key's last use is due to be read again (`None`: now).
     pub last_used_due: Option<Timestamp>,
+    /// Last use of the current key, as last read (`None`: never used, or not read yet).
+    pub current_last_used: Option<Timestamp>,
+    /// What the tenancy policies impose.
+    pub limits: &'a Limits,
 }
 
 /// Why a new key is issued.
@@ -113,6 +118,8 @@ pub enum NewKeyReason {
     Serial,
     /// The rotate-requested-at annotation changed.
     Requested,
+    /// A policy's `maxKeyAge` was reached.
+    MaxKeyAge,
 }
 
 impl NewKeyReason {
@@ -124,6 +131,7 @@ impl NewKeyReason {
             NewKeyReason::Schedule => "Schedule",
             NewKeyReason::Serial => "Serial",
             NewKeyReason::Requested => "Requested",
+            NewKeyReason::MaxKeyAge => "MaxKeyAge",
         }
     }
 }
@@ -140,6 +148,11 @@ pub enum Blocked {
     SecretConflict,
     KeyLimitExceeded {
         blocking: Vec<String>,
+    },
+    /// A policy's `deactivateUnusedAfter` deactivated the current key.
+    KeyUnused {
+        access_key_id: String,
+        since: Timestamp,
     },
 }
 
@@ -178,6 +191,11 @@ pub enum Step {
     /// Create, tag, verify, publish and record a new key; the current one (if any) drains.
     CreateKey {
         reason: NewKeyReason,
+    },
+    /// A policy's `deactivateUnusedAfter`: the current key was not used since `since`.
+    DeactivateUnused {
+        access_key_id: String,
+        since: Timestamp,
     },
     /// Set a key's status in IAM. `drift`: IAM differed from what the operator had set.
     SetKeyStatus {
@@ -317,8 +335,18 @@ fn plan_owned_keys(obs: &Observation, keys: &[IamKey], tags: Option<&BTreeMap<St
         return Step::RestartTargets { access_key_id: current.access_key_id.clone() };
     }
 
-    // 4. The current key's status follows the spec; a difference we did not make is drift.
+    // 4. The current key's status follows the spec, unless a policy deactivated it for lack of
+    // use; a difference we did not make is drift.
+    let unused_since = unused_since(obs, current);
     if let Some(iam_key) = in_iam(&current.access_key_id)
+        && unused_since.is_some()
+        && iam_key.status == KeyStatus::Active
+    {
+        let since = unused_since.unwrap_or(obs.now);
+        return Step::DeactivateUnused { access_key_id: current.access_key_id.clone(), since };
+    }
+    if let Some(iam_key) = in_iam(&current.access_key_id)
+        && unused_since.is_none()
         && iam_key.status != obs.spec.key_status
     {
         return Step::SetKeyStatus {
@@ -370,10 +398,27 @@ fn plan_owned_keys(obs: &Observation, keys: &[IamKey], tags: Option<&BTreeMap<St
             return Step::RefreshLastUsed { access_key_id: current.access_key_id.clone() };
         }
     }
-    if let Some(t) = next_rotation_at(obs.spec, current) {
+    if let Some(t) = rotation_due_at(obs.spec, obs.limits, current) {
         wake(t);
     }
-    Step::Done { wake_at }
+    if let Some(d) = obs.limits.deactivate_unused_after
+        && unused_since.is_none()
+    {
+        wake(after(obs.current_last_used.unwrap_or(current.create_date.0), d.as_signed()));
+    }
+    match unused_since {
+        Some(since) if obs.spec.key_status == KeyStatus::Active => {
+            Step::Blocked(Blocked::KeyUnused { access_key_id: current.access_key_id.clone(), since })
+        }
+        _ => Step::Done { wake_at },
+    }
+}
+
+/// Since when the current key has not been used, if that is longer than a policy allows.
+fn unused_since(obs: &Observation, current: &OwnedKey) -> Option<Timestamp> {
+    let limit = obs.limits.deactivate_unused_after?;
+    let since = obs.current_last_used.unwrap_or(current.create_date.0);
+    (after(since, limit.as_signed()) <= obs.now).then_some(since)
 }
 
 enum UsageGate {
@@ -435,14 +480,31 @@ fn new_key_reason(obs: &Observation, current: Option<&OwnedKey>, secret_key_id: 
     if obs.rotate_requested_at.is_some() && obs.rotate_requested_at != obs.ledger.rotate_requested_at.as_deref() {
         return Some(NewKeyReason::Requested);
     }
-    if next_rotation_at(obs.spec, current).is_some_and(|t| t <= obs.now) {
+    let by_schedule = next_rotation_at(obs.spec, current);
+    let by_policy = max_age_at(obs.limits, current);
+    if by_policy.is_some_and(|t| t <= obs.now && by_schedule.is_none_or(|s| t < s)) {
+        return Some(NewKeyReason::MaxKeyAge);
+    }
+    if by_schedule.is_some_and(|t| t <= obs.now) {
         return Some(NewKeyReason::Schedule);
     }
     None
 }
 
+/// When `current` must be replaced: by schedule or by a policy's `maxKeyAge`, whichever is first.
+pub fn rotation_due_at(spec: &IamAccessKeySpec, limits: &Limits, current: &OwnedKey) -> Option<Timestamp> {
+    match (next_rotation_at(spec, current), max_age_at(limits, current)) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+fn max_age_at(limits: &Limits, current: &OwnedKey) -> Option<Timestamp> {
+    Some(after(current.create_date.0, limits.max_key_age?.as_signed()))
+}
+
 /// When the scheduled rotation of `current` is due.
-pub fn next_rotation_at(spec: &IamAccessKeySpec, current: &OwnedKey) -> Option<Timestamp> {
+fn next_rotation_at(spec: &IamAccessKeySpec, current: &OwnedKey) -> Option<Timestamp> {
     let interval = spec.rotation.as_ref()?.interval?;
     current.create_date.0.checked_add(interval.as_signed()).ok()
 }

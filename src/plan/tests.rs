@@ -58,6 +58,8 @@ struct World {
     now: Timestamp,
     last_used_due: Option<Timestamp>,
     rotate_requested_at: Option<String>,
+    current_last_used: Option<Timestamp>,
+    limits: crate::policy::Limits,
 }
 
 impl World {
@@ -70,6 +72,8 @@ impl World {
             now: t(100),
             last_used_due: Some(t(10_000)),
             rotate_requested_at: None,
+            current_last_used: None,
+            limits: Default::default(),
         }
     }
 
@@ -84,6 +88,8 @@ impl World {
             user: &self.user,
             secret: &self.secret,
             last_used_due: self.last_used_due,
+            current_last_used: self.current_last_used,
+            limits: &self.limits,
         })
     }
 }
@@ -433,5 +439,32 @@ fn scheduled_rotation_is_due_interval_after_the_key_was_created() {
     w.spec.rotation = Some(RotationSpec { interval: Some("200s".parse().unwrap()), ..Default::default() });
     assert_eq!(w.plan(), Step::Done { wake_at: Some(t(200)) });
     w.now = t(200);
+    assert_eq!(w.plan(), Step::StartCreate { existing_key_ids: vec!["A".into()] });
+}
+
+#[test]
+fn policy_max_key_age_forces_a_rotation_before_the_schedule() {
+    let mut w = converged();
+    w.spec.rotation = Some(RotationSpec { interval: Some("1000s".parse().unwrap()), ..Default::default() });
+    w.limits.max_key_age = Some("300s".parse().unwrap());
+    assert_eq!(w.plan(), Step::Done { wake_at: Some(t(300)) });
+    w.now = t(300);
+    assert_eq!(w.plan(), Step::StartCreate { existing_key_ids: vec!["A".into()] });
+    w.ledger.pending_create = Some(vec!["A".into()]);
+    assert_eq!(w.plan(), Step::CreateKey { reason: NewKeyReason::MaxKeyAge });
+}
+
+#[test]
+fn policy_deactivates_an_unused_key_and_reports_it_without_fighting_back() {
+    let mut w = converged();
+    w.limits.deactivate_unused_after = Some("500s".parse().unwrap());
+    w.current_last_used = Some(t(50));
+    assert_eq!(w.plan(), Step::Done { wake_at: Some(t(550)) });
+    w.now = t(550);
+    assert_eq!(w.plan(), Step::DeactivateUnused { access_key_id: "A".into(), since: t(50) });
+    w.user = UserObservation::Found { keys: vec![iam_key("A", KeyStatus::Inactive)], tags: None };
+    assert_eq!(w.plan(), Step::Blocked(Blocked::KeyUnused { access_key_id: "A".into(), since: t(50) }));
+    // A rotation request issues a fresh, usable key.
+    w.rotate_requested_at = Some("now".into());
     assert_eq!(w.plan(), Step::StartCreate { existing_key_ids: vec!["A".into()] });
 }

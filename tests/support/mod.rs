@@ -11,12 +11,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use iam_key_operator::crd::IamAccessKey;
+use iam_key_operator::crd::{IamAccessKey, IamAccessKeyPolicy};
 use k8s_openapi::api::core::v1::Secret;
 use kube::{
     Api, Client,
     api::{DeleteParams, PostParams},
 };
+use serde_json::json;
 use testenv::TestEnv;
 
 pub const CLUSTER: &str = "test";
@@ -29,13 +30,33 @@ pub struct Fixture {
 }
 
 impl Fixture {
-    /// A fresh namespace and IAM user in the shared environment.
+    /// A fresh namespace and IAM user in the shared environment, and a tenancy policy that
+    /// allows the namespace to manage users named like the user (`<user>*`).
     pub async fn new(prefix: &str) -> Fixture {
+        let f = Self::without_policy(prefix).await;
+        f.allow(&format!("allow-{}", f.ns), json!({"namespaces": [f.ns], "userNames": [format!("{}*", f.user)]})).await;
+        f
+    }
+
+    /// A fresh namespace and IAM user; no policy allows anything yet.
+    pub async fn without_policy(prefix: &str) -> Fixture {
         let env = testenv::shared();
         let client = env.kube_client().await.expect("kube client");
         let ns = env.fresh_namespace(prefix).await.expect("namespace");
         let user = env.fresh_iam_user(prefix).await.expect("IAM user");
         Fixture { env, client, ns, user }
+    }
+
+    /// Create (or replace) a cluster-wide IamAccessKeyPolicy with one rule.
+    pub async fn allow(&self, name: &str, rule: serde_json::Value) {
+        let api: Api<IamAccessKeyPolicy> = Api::all(self.client.clone());
+        let policy: IamAccessKeyPolicy = serde_json::from_value(json!({
+            "apiVersion": "iam.keyop.dev/v1alpha1", "kind": "IamAccessKeyPolicy",
+            "metadata": {"name": name}, "spec": {"rules": [rule]}
+        }))
+        .expect("valid policy");
+        let params = kube::api::PatchParams::apply("tests").force();
+        api.patch(name, &params, &kube::api::Patch::Apply(&policy)).await.expect("apply policy");
     }
 
     pub fn keys_api(&self) -> Api<IamAccessKey> {

@@ -1,0 +1,150 @@
+//! Tenancy: which namespaces may manage access keys of which IAM users (pure).
+//!
+//! Default deny: a resource is allowed only when some `IamAccessKeyPolicy` rule matches both its
+//! namespace (name glob or label selector) and its IAM user (name glob, path prefix, user tag;
+//! `{namespace}` in a pattern stands for the resource's namespace). Several matching rules
+//! combine to the strictest limits.
+
+#[cfg(test)]
+mod tests;
+
+use std::{collections::BTreeMap, sync::Arc};
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use kube::ResourceExt;
+
+use crate::crd::{Duration, IamAccessKeyPolicy, PolicyRule};
+
+/// The namespace a resource lives in.
+pub struct NamespaceFacts<'a> {
+    pub name: &'a str,
+    pub labels: &'a BTreeMap<String, String>,
+}
+
+/// The IAM user a resource names; path and tags are known only once read from IAM.
+pub struct UserFacts<'a> {
+    pub name: &'a str,
+    pub details: Option<(&'a str, &'a BTreeMap<String, String>)>,
+}
+
+/// Limits the matching rules put on the keys.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Limits {
+    /// Policies whose rules allowed the resource (for messages).
+    pub policies: Vec<String>,
+    pub max_key_age: Option<Duration>,
+    pub deactivate_unused_after: Option<Duration>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Decision {
+    Allowed(Limits),
+    Denied(String),
+    /// A rule for this namespace depends on the user's IAM path or tags: read the user, ask again.
+    NeedUserDetails,
+}
+
+pub fn authorize(policies: &[Arc<IamAccessKeyPolicy>], ns: &NamespaceFacts, user: &UserFacts) -> Decision {
+    let mut limits = Limits::default();
+    let mut undecided = false;
+    for policy in policies {
+        for rule in &policy.spec.rules {
+            if !namespace_matches(rule, ns) {
+                continue;
+            }
+            match user_matches(rule, ns.name, user) {
+                Some(true) => {
+                    if !limits.policies.contains(&policy.name_any()) {
+                        limits.policies.push(policy.name_any());
+                    }
+                    limits.max_key_age = strictest(limits.max_key_age, rule.max_key_age);
+                    limits.deactivate_unused_after =
+                        strictest(limits.deactivate_unused_after, rule.deactivate_unused_after);
+                }
+                Some(false) => {}
+                None => undecided = true,
+            }
+        }
+    }
+    // Limits come from every matching rule, so all must be decided before allowing.
+    if undecided {
+        Decision::NeedUserDetails
+    } else if limits.policies.is_empty() {
+        Decision::Denied(format!(
+            "no IamAccessKeyPolicy allows namespace {:?} to manage access keys of IAM user {:?}: ask a platform admin for a policy rule",
+            ns.name, user.name
+        ))
+    } else {
+        Decision::Allowed(limits)
+    }
+}
+
+fn strictest(a: Option<Duration>, b: Option<Duration>) -> Option<Duration> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+fn namespace_matches(rule: &PolicyRule, ns: &NamespaceFacts) -> bool {
+    let by_name = rule.namespaces.iter().flatten().any(|pattern| glob_matches(pattern, ns.name));
+    let by_labels = rule.namespace_selector.as_ref().is_some_and(|s| selector_matches(s, ns.labels));
+    by_name || by_labels
+}
+
+/// Every criterion the rule sets must hold. `None`: it depends on details not read yet.
+fn user_matches(rule: &PolicyRule, namespace: &str, user: &UserFacts) -> Option<bool> {
+    let expand = |pattern: &str| pattern.replace("{namespace}", namespace);
+    if let Some(names) = &rule.user_names
+        && !names.iter().any(|p| glob_matches(&expand(p), user.name))
+    {
+        return Some(false);
+    }
+    if rule.user_path_prefix.is_none() && rule.user_tag.is_none() {
+        return Some(true);
+    }
+    let (path, tags) = user.details?;
+    let path_ok = rule.user_path_prefix.as_ref().is_none_or(|prefix| path.starts_with(&expand(prefix)));
+    let tag_ok = rule.user_tag.as_ref().is_none_or(|t| tags.get(&t.key).is_some_and(|v| *v == expand(&t.value)));
+    Some(path_ok && tag_ok)
+}
+
+/// `*` matches any run of characters, `?` any one character; everything else literally.
+pub fn glob_matches(pattern: &str, text: &str) -> bool {
+    let (p, t): (Vec<char>, Vec<char>) = (pattern.chars().collect(), text.chars().collect());
+    let (mut pi, mut ti) = (0, 0);
+    let mut backtrack: Option<(usize, usize)> = None;
+    while ti < t.len() {
+        if pi < p.len() && (p[pi] == '?' || p[pi] == t[ti]) {
+            pi += 1;
+            ti += 1;
+        } else if pi < p.len() && p[pi] == '*' {
+            backtrack = Some((pi, ti));
+            pi += 1;
+        } else if let Some((star, matched)) = backtrack {
+            // Let the last `*` swallow one more character and retry.
+            pi = star + 1;
+            ti = matched + 1;
+            backtrack = Some((star, matched + 1));
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|c| *c == '*')
+}
+
+fn selector_matches(selector: &LabelSelector, labels: &BTreeMap<String, String>) -> bool {
+    let labels_ok = selector.match_labels.iter().flatten().all(|(k, v)| labels.get(k) == Some(v));
+    let expressions_ok = selector.match_expressions.iter().flatten().all(|e| {
+        let values = e.values.as_deref().unwrap_or_default();
+        let value = labels.get(&e.key);
+        match e.operator.as_str() {
+            "In" => value.is_some_and(|v| values.contains(v)),
+            "NotIn" => value.is_none_or(|v| !values.contains(v)),
+            "Exists" => value.is_some(),
+            "DoesNotExist" => value.is_none(),
+            _ => false,
+        }
+    });
+    labels_ok && expressions_ok
+}
