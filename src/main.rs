@@ -46,7 +46,7 @@ enum Command {
 struct RunArgs {
     /// Name of this cluster in IAM ownership tags (`<cluster>/<namespace>/<name>`): give each
     /// cluster that manages keys of the same AWS account its own.
-    #[arg(long, env = "IKO_CLUSTER_NAME", default_value = "default")]
+    #[arg(long, env = "IKO_CLUSTER_NAME", default_value = "default", value_parser = parse_cluster_name)]
     cluster_name: String,
     /// Only reconcile resources in this namespace (repeatable; default: all namespaces).
     #[arg(long = "namespace", env = "IKO_NAMESPACES", value_delimiter = ',')]
@@ -85,6 +85,16 @@ struct RunArgs {
     /// Log format.
     #[arg(long, env = "IKO_LOG_FORMAT", value_enum, default_value = "text")]
     log_format: telemetry::LogFormat,
+}
+
+/// Part of every ownership tag: letters, digits, `.`, `_`, `-`; at most 63 characters.
+fn parse_cluster_name(s: &str) -> Result<String, String> {
+    let ok = !s.is_empty() && s.len() <= 63 && s.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
+    if ok {
+        Ok(s.to_owned())
+    } else {
+        Err(format!("{s:?}: use 1-63 letters, digits, '.', '_' or '-' (it becomes part of IAM tags)"))
+    }
 }
 
 #[tokio::main]

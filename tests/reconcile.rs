@@ -34,7 +34,7 @@ async fn create_publishes_a_working_key_and_claims_the_user() {
 
     let tags = f.user_tags().await;
     assert_eq!(tags["iam.keyop.dev/owner"], format!("{CLUSTER}/{}/app", f.ns));
-    assert_eq!(tags[&id], format!("iam-key-operator {CLUSTER}/{}/app", f.ns));
+    assert_eq!(tags[&id], format!("iam-key-operator:{CLUSTER}/{}/app", f.ns));
     // Last use is recorded: the verification call signed a request with the key.
     let obj = f
         .wait_for("app", Duration::from_secs(30), "lastUsed", |o| {

@@ -49,13 +49,24 @@ where
     E: ProvideErrorMetadata + std::error::Error + 'static,
 {
     let status = err.raw_response().map(|r| r.status().as_u16());
-    let code = err.code().map(str::to_owned);
-    let message = match err.message() {
-        Some(m) => m.to_owned(),
+    // IAM-compatible endpoints (moto, LocalStack) sometimes wrap errors in a shape the SDK does
+    // not parse (`<Errors><Error>`); read code and message from the body then.
+    let body = err.raw_response().and_then(|r| r.body().bytes()).map(String::from_utf8_lossy);
+    let from_body = |tag: &str| body.as_deref().and_then(|b| xml_text(b, tag));
+    let code = err.code().map(str::to_owned).or_else(|| from_body("Code"));
+    let message = match err.message().map(str::to_owned).or_else(|| from_body("Message")) {
+        Some(m) => m,
         // Transport failures carry no AWS message; the source chain says what happened.
         None => error_chain(&err),
     };
     IamError::from_code(operation, code.as_deref(), status, message)
+}
+
+/// The text of the first `<tag>` element.
+fn xml_text(body: &str, tag: &str) -> Option<String> {
+    let start = body.find(&format!("<{tag}>"))? + tag.len() + 2;
+    let end = start + body[start..].find(&format!("</{tag}>"))?;
+    Some(body[start..end].to_owned())
 }
 
 fn error_chain(err: &dyn std::error::Error) -> String {

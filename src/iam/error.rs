@@ -54,6 +54,8 @@ impl IamError {
             }
             _ if http_status.is_some_and(|s| s >= 500) => IamError::Unavailable { operation, message },
             _ if http_status == Some(429) => IamError::Throttled { operation, message },
+            // A refusal whose body could not be read is still a refusal.
+            None if http_status == Some(403) => IamError::AccessDenied { operation, message },
             Some(_) => IamError::Invalid { operation, message },
             None => IamError::Unavailable { operation, message },
         }
@@ -75,5 +77,6 @@ mod tests {
         assert!(!e(Some("LimitExceeded"), Some(409)).is_retryable());
         assert!(matches!(e(Some("ValidationError"), Some(400)), IamError::Invalid { .. }));
         assert!(matches!(e(None, None), IamError::Unavailable { .. }));
+        assert!(matches!(e(None, Some(403)), IamError::AccessDenied { .. }), "unreadable refusal");
     }
 }

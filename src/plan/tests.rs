@@ -302,7 +302,7 @@ fn arb_world() -> impl Strategy<Value = World> {
                 match tag {
                     0 => {}
                     1 => drop(tag_map.insert(id.to_string(), o.key_tag_value())),
-                    _ => drop(tag_map.insert(id.to_string(), "iam-key-operator x/y/z".into())),
+                    _ => drop(tag_map.insert(id.to_string(), "iam-key-operator:x/y/z".into())),
                 }
             }
             let mut w = World::new(keys, Some(tag_map));
