@@ -16,14 +16,17 @@ help: ## List the targets
 tools: ## Build/install the real parts: kube-apiserver, etcd, kubectl, helm (Go modules), moto (PyPI)
 	hack/k8s-tools.sh >/dev/null
 	hack/moto.sh >/dev/null
+	hack/lua.sh >/dev/null
 
 .PHONY: build
 build: ## Build the operator (release)
 	$(CARGO) build --release --locked
 
 .PHONY: crds
-crds: ## Regenerate crds/ from the Rust types
+crds: ## Regenerate crds/ from the Rust types (and the copies in the chart and deploy/)
 	$(CARGO) run --quiet --locked -- crd --out-dir crds
+	cp crds/*.yaml charts/iam-key-operator/crds/
+	cp crds/*.yaml deploy/crds/
 
 .PHONY: crds-check
 crds-check: ## Fail when crds/ differs from what the code generates
@@ -49,6 +52,16 @@ integration: tools ## Integration tests against a real kube-apiserver + etcd and
 
 .PHONY: test
 test: tools fmt-check clippy crds-check unit integration ## Everything CI runs
+
+.PHONY: argocd-cm
+argocd-cm: ## Regenerate argocd/argocd-cm.yaml from the Lua scripts
+	IKO_BLESS=1 $(CARGO) test --locked --features failpoints --test argocd argocd_cm
+
+IMAGE ?= iam-key-operator:0.1.0
+.PHONY: image
+image: ## Build the container image (needs a Docker engine; the dev machines have none)
+	@command -v docker >/dev/null && docker info >/dev/null 2>&1 || { echo "make image needs a running Docker engine (docker info failed)"; exit 1; }
+	docker build -t $(IMAGE) .
 
 .PHONY: dev-up
 dev-up: tools ## Start a local API server + IAM endpoint in the background; then `source .dev/env`

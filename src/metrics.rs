@@ -1,10 +1,10 @@
 //! Prometheus metrics (`iam_key_operator_*`), served on `/metrics`.
 
-use std::sync::Mutex;
+use std::sync::{Mutex, atomic::AtomicU64};
 
 use prometheus_client::{
     encoding::{EncodeLabelSet, text::encode},
-    metrics::{counter::Counter, family::Family, histogram::Histogram},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::Registry,
 };
 
@@ -33,6 +33,7 @@ pub struct Metrics {
     pub reconciles: Family<ResultLabels, Counter>,
     pub reconcile_duration: Histogram,
     pub kube_writes: Family<KubeWriteLabels, Counter>,
+    pub resources: ResourceGauges,
 }
 
 impl Default for Metrics {
@@ -47,7 +48,8 @@ impl Default for Metrics {
         registry.register("reconcile_duration_seconds", "Time spent in one reconcile", reconcile_duration.clone());
         let kube_writes = Family::<KubeWriteLabels, Counter>::default();
         registry.register("kube_writes", "Writes to the Kubernetes API by object kind and verb", kube_writes.clone());
-        Metrics { registry: Mutex::new(registry), iam_calls, reconciles, reconcile_duration, kube_writes }
+        let resources = ResourceGauges::register(&mut registry);
+        Metrics { registry: Mutex::new(registry), iam_calls, reconciles, reconcile_duration, kube_writes, resources }
     }
 }
 
@@ -76,5 +78,106 @@ impl Metrics {
         // Writing into a String cannot fail.
         let _ = encode(&mut out, &registry);
         out
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResourceLabels {
+    pub namespace: String,
+    pub name: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConditionLabels {
+    pub namespace: String,
+    pub name: String,
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: String,
+}
+
+/// What one resource looks like after a reconcile, for the per-resource gauges.
+pub struct ResourceSnapshot {
+    pub ready_reason: String,
+    pub keys: usize,
+    pub key_age_seconds: Option<f64>,
+    pub last_used_timestamp: Option<f64>,
+    pub rotation_overdue: bool,
+}
+
+/// Per-resource gauges. Their series are removed when the resource goes.
+pub struct ResourceGauges {
+    pub condition: Family<ConditionLabels, Gauge>,
+    pub keys: Family<ResourceLabels, Gauge>,
+    pub key_age: Family<ResourceLabels, Gauge<f64, AtomicU64>>,
+    pub last_used: Family<ResourceLabels, Gauge<f64, AtomicU64>>,
+    pub rotation_overdue: Family<ResourceLabels, Gauge>,
+    pub rotations: Family<ReasonLabels, Counter>,
+    reasons: Mutex<std::collections::HashMap<ResourceLabels, String>>,
+}
+
+impl ResourceGauges {
+    fn register(registry: &mut Registry) -> Self {
+        let gauges = ResourceGauges {
+            condition: Family::default(),
+            keys: Family::default(),
+            key_age: Family::default(),
+            last_used: Family::default(),
+            rotation_overdue: Family::default(),
+            rotations: Family::default(),
+            reasons: Mutex::default(),
+        };
+        registry.register("condition", "1 per resource, labelled with its Ready reason", gauges.condition.clone());
+        registry.register("keys_managed", "IAM access keys a resource owns", gauges.keys.clone());
+        registry.register("key_age_seconds", "Age of the current key at the last reconcile", gauges.key_age.clone());
+        registry.register(
+            "key_last_used_timestamp_seconds",
+            "Last use of the current key, as IAM reported it",
+            gauges.last_used.clone(),
+        );
+        registry.register(
+            "rotation_overdue",
+            "1 when a due rotation has not happened",
+            gauges.rotation_overdue.clone(),
+        );
+        registry.register("rotations", "New keys issued, by reason", gauges.rotations.clone());
+        gauges
+    }
+
+    pub fn observe(&self, namespace: &str, name: &str, s: &ResourceSnapshot) {
+        let labels = ResourceLabels { namespace: namespace.into(), name: name.into() };
+        let mut reasons = self.reasons.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(old) = reasons.insert(labels.clone(), s.ready_reason.clone())
+            && old != s.ready_reason
+        {
+            self.condition.remove(&ConditionLabels { namespace: namespace.into(), name: name.into(), reason: old });
+        }
+        let condition =
+            ConditionLabels { namespace: namespace.into(), name: name.into(), reason: s.ready_reason.clone() };
+        self.condition.get_or_create(&condition).set(1);
+        self.keys.get_or_create(&labels).set(s.keys as i64);
+        match s.key_age_seconds {
+            Some(age) => drop(self.key_age.get_or_create(&labels).set(age)),
+            None => drop(self.key_age.remove(&labels)),
+        }
+        match s.last_used_timestamp {
+            Some(t) => drop(self.last_used.get_or_create(&labels).set(t)),
+            None => drop(self.last_used.remove(&labels)),
+        }
+        self.rotation_overdue.get_or_create(&labels).set(i64::from(s.rotation_overdue));
+    }
+
+    pub fn forget(&self, namespace: &str, name: &str) {
+        let labels = ResourceLabels { namespace: namespace.into(), name: name.into() };
+        if let Some(reason) = self.reasons.lock().unwrap_or_else(|e| e.into_inner()).remove(&labels) {
+            self.condition.remove(&ConditionLabels { namespace: namespace.into(), name: name.into(), reason });
+        }
+        self.keys.remove(&labels);
+        self.key_age.remove(&labels);
+        self.last_used.remove(&labels);
+        self.rotation_overdue.remove(&labels);
     }
 }

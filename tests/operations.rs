@@ -69,6 +69,11 @@ async fn metrics_and_probes_answer() {
         "iam_key_operator_reconciles_total{result=\"ok\"}",
         "iam_key_operator_reconcile_duration_seconds_bucket",
         "iam_key_operator_iam_calls_total{operation=\"CreateAccessKey\",outcome=\"ok\"} 1",
+        "iam_key_operator_rotations_total{reason=\"Initial\"} 1",
+        &format!("iam_key_operator_condition{{namespace=\"{}\",name=\"app\",reason=\"Ready\"}} 1", f.ns),
+        &format!("iam_key_operator_keys_managed{{namespace=\"{}\",name=\"app\"}} 1", f.ns),
+        &format!("iam_key_operator_key_age_seconds{{namespace=\"{}\",name=\"app\"}}", f.ns),
+        &format!("iam_key_operator_rotation_overdue{{namespace=\"{}\",name=\"app\"}} 0", f.ns),
     ] {
         assert!(text.contains(name), "metrics lack {name}:\n{text}");
     }

@@ -24,6 +24,7 @@ use crate::{
     error::Error,
     failpoint,
     iam::{IamError, IamKey, IamUser, NewKey},
+    metrics::{ReasonLabels, ResourceSnapshot},
     plan::{Blocked, NewKeyReason, Observation, Owner, SecretObservation, Step, UserObservation, plan_next_step},
     policy::{Decision, Limits, NamespaceFacts, UserFacts, authorize},
 };
@@ -49,12 +50,14 @@ pub async fn apply(obj: &Arc<IamAccessKey>, ctx: &Context) -> Result<Action, Err
     match result {
         Ok(wake_at) => {
             run.succeed().await?;
+            run.publish_metrics("Ready");
             let resync = super::jitter(ctx.settings.resync);
             let until_wake = wake_at.map(|t| Duration::try_from(t.duration_since(run.now)).unwrap_or(Duration::ZERO));
             Ok(Action::requeue(until_wake.map_or(resync, |w| w.min(resync)) + Duration::from_millis(500)))
         }
         Err(err) => {
             run.fail(&err).await;
+            run.publish_metrics(err.reason());
             Err(err)
         }
     }
@@ -490,6 +493,7 @@ impl<'a> Run<'a> {
         if let Some(r) = self.status.rotation.as_mut() {
             r.last_reason = Some(reason.as_str().into());
         }
+        self.ctx.metrics.resources.rotations.get_or_create(&ReasonLabels { reason: reason.as_str().into() }).inc();
         failpoint!("before-status");
         self.save_status().await?;
         let note =
@@ -604,6 +608,28 @@ impl<'a> Run<'a> {
         if !repeated {
             self.note(EventType::Warning, err.reason(), err.to_string()).await;
         }
+    }
+
+    fn publish_metrics(&self, ready_reason: &str) {
+        let current = self.status.keys.iter().find(|k| k.phase == KeyPhase::Current);
+        let now = Timestamp::now();
+        let seconds = |t: Timestamp| t.as_millisecond() as f64 / 1000.0;
+        let last_used =
+            self.status.last_used.as_ref().filter(|u| current.is_some_and(|c| c.access_key_id == u.access_key_id));
+        // Ten minutes of slack: a rotation in progress is not overdue.
+        let overdue_after = jiff::SignedDuration::from_mins(10);
+        let snapshot = ResourceSnapshot {
+            ready_reason: ready_reason.into(),
+            keys: self.status.keys.len(),
+            key_age_seconds: current.map(|c| seconds(now) - seconds(c.create_date.0)),
+            last_used_timestamp: last_used.and_then(|u| u.date.as_ref()).map(|t| seconds(t.0)),
+            rotation_overdue: self
+                .status
+                .next_rotation_at
+                .as_ref()
+                .is_some_and(|t| crate::plan::after(t.0, overdue_after) < now),
+        };
+        self.ctx.metrics.resources.observe(&self.obj.namespace().unwrap_or_default(), &self.obj.name_any(), &snapshot);
     }
 
     async fn note(&self, type_: EventType, reason: &str, note: String) {

@@ -98,6 +98,7 @@ pub async fn cleanup(obj: &Arc<IamAccessKey>, ctx: &Context) -> Result<Action, E
                     ctx.event(obj, EventType::Normal, "KeysDeleted", note).await;
                 }
                 ctx.forget(obj);
+                ctx.metrics.resources.forget(&ns, &obj.name_any());
                 return Ok(Action::await_change());
             }
         }
