@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use iam_key_operator::{
     controller::{self, Context, Settings},
     crd::{self, Duration as SpecDuration},
-    iam::AwsIam,
+    iam::{AwsIam, RateLimiter},
     leader::{self, LeaderConfig},
     metrics::Metrics,
     server, telemetry,
@@ -63,6 +63,13 @@ struct RunArgs {
     /// How long a new key may take to authenticate before it is discarded.
     #[arg(long, env = "IKO_VERIFY_TIMEOUT", default_value = "60s")]
     verify_timeout: SpecDuration,
+    /// IAM/STS calls per second, at most (0: unlimited). IAM throttles an account's control
+    /// plane; keep the sum over all operator instances of an account below that.
+    #[arg(long, env = "IKO_IAM_RATE", default_value_t = 10.0)]
+    iam_rate: f64,
+    /// IAM/STS calls allowed at once before the rate applies.
+    #[arg(long, env = "IKO_IAM_BURST", default_value_t = 20)]
+    iam_burst: u32,
     /// Resources reconciled at the same time.
     #[arg(long, env = "IKO_CONCURRENCY", default_value_t = 8)]
     concurrency: u16,
@@ -129,7 +136,8 @@ async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
 
     let metrics = Arc::new(Metrics::default());
     let client = kube::Client::try_default().await?;
-    let iam = Arc::new(AwsIam::from_env(metrics.clone()).await);
+    let limiter = RateLimiter::new(args.iam_rate, args.iam_burst);
+    let iam = Arc::new(AwsIam::from_env(metrics.clone(), limiter).await);
     let settings = Settings {
         cluster_name: args.cluster_name,
         last_used_refresh: args.last_used_refresh.as_std().max(Duration::from_secs(1)),

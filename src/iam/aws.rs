@@ -9,33 +9,35 @@ use aws_sdk_iam::{error::ProvideErrorMetadata, types::StatusType};
 use aws_smithy_runtime_api::client::{orchestrator::HttpResponse, result::SdkError};
 use jiff::Timestamp;
 
-use super::{IamApi, IamError, IamKey, IamUser, KeyLastUsed, NewKey, SecretAccessKey};
+use super::{IamApi, IamError, IamKey, IamUser, KeyLastUsed, NewKey, RateLimiter, SecretAccessKey};
 use crate::{crd::KeyStatus, metrics::Metrics};
 
 pub struct AwsIam {
     iam: aws_sdk_iam::Client,
     sts_config: aws_sdk_sts::config::Config,
     metrics: Arc<Metrics>,
+    limiter: RateLimiter,
 }
 
 impl AwsIam {
-    pub fn new(sdk_config: &aws_config::SdkConfig, metrics: Arc<Metrics>) -> Self {
+    pub fn new(sdk_config: &aws_config::SdkConfig, metrics: Arc<Metrics>, limiter: RateLimiter) -> Self {
         AwsIam {
             iam: aws_sdk_iam::Client::new(sdk_config),
             sts_config: aws_sdk_sts::config::Config::from(sdk_config),
             metrics,
+            limiter,
         }
     }
 
     /// Loads the standard AWS configuration (env, profile, IRSA / Pod Identity); IAM is global,
     /// so the region only matters for STS and defaults to us-east-1.
-    pub async fn from_env(metrics: Arc<Metrics>) -> Self {
+    pub async fn from_env(metrics: Arc<Metrics>, limiter: RateLimiter) -> Self {
         let loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
         let mut config = loader.load().await;
         if config.region().is_none() {
             config = config.into_builder().region(aws_config::Region::new("us-east-1")).build();
         }
-        Self::new(&config, metrics)
+        Self::new(&config, metrics, limiter)
     }
 
     fn record<T>(&self, operation: &'static str, result: Result<T, IamError>) -> Result<T, IamError> {
@@ -102,6 +104,7 @@ fn status_type(s: KeyStatus) -> StatusType {
 impl IamApi for AwsIam {
     async fn get_user(&self, user: &str) -> Result<IamUser, IamError> {
         let op = "GetUser";
+        self.limiter.acquire().await;
         let result = self.iam.get_user().user_name(user).send().await.map_err(|e| sdk_error(op, e));
         let result = result.and_then(|out| {
             let u = out
@@ -116,6 +119,7 @@ impl IamApi for AwsIam {
 
     async fn list_access_keys(&self, user: &str) -> Result<Vec<IamKey>, IamError> {
         let op = "ListAccessKeys";
+        self.limiter.acquire().await;
         // A user has at most two keys: one page always holds them all.
         let result = self.iam.list_access_keys().user_name(user).send().await.map_err(|e| sdk_error(op, e));
         let result = result.map(|out| {
@@ -135,6 +139,7 @@ impl IamApi for AwsIam {
 
     async fn create_access_key(&self, user: &str) -> Result<NewKey, IamError> {
         let op = "CreateAccessKey";
+        self.limiter.acquire().await;
         let result = self.iam.create_access_key().user_name(user).send().await.map_err(|e| sdk_error(op, e));
         let result = result.and_then(|out| {
             let k = out
@@ -154,6 +159,7 @@ impl IamApi for AwsIam {
 
     async fn update_access_key(&self, user: &str, key_id: &str, status: KeyStatus) -> Result<(), IamError> {
         let op = "UpdateAccessKey";
+        self.limiter.acquire().await;
         let result = self
             .iam
             .update_access_key()
@@ -169,6 +175,7 @@ impl IamApi for AwsIam {
 
     async fn delete_access_key(&self, user: &str, key_id: &str) -> Result<(), IamError> {
         let op = "DeleteAccessKey";
+        self.limiter.acquire().await;
         let result = self
             .iam
             .delete_access_key()
@@ -183,6 +190,7 @@ impl IamApi for AwsIam {
 
     async fn tag_user(&self, user: &str, tags: &[(String, String)]) -> Result<(), IamError> {
         let op = "TagUser";
+        self.limiter.acquire().await;
         let tags: Result<Vec<_>, _> =
             tags.iter().map(|(k, v)| aws_sdk_iam::types::Tag::builder().key(k).value(v).build()).collect();
         // A tag without key or value is a bug of ours, not an IAM call.
@@ -193,6 +201,7 @@ impl IamApi for AwsIam {
 
     async fn untag_user(&self, user: &str, keys: &[String]) -> Result<(), IamError> {
         let op = "UntagUser";
+        self.limiter.acquire().await;
         let result = self
             .iam
             .untag_user()
@@ -207,6 +216,7 @@ impl IamApi for AwsIam {
 
     async fn access_key_last_used(&self, key_id: &str) -> Result<KeyLastUsed, IamError> {
         let op = "GetAccessKeyLastUsed";
+        self.limiter.acquire().await;
         let result =
             self.iam.get_access_key_last_used().access_key_id(key_id).send().await.map_err(|e| sdk_error(op, e));
         let result = result.map(|out| match out.access_key_last_used {
@@ -226,6 +236,7 @@ impl IamApi for AwsIam {
 
     async fn caller_identity(&self, key_id: &str, secret: &SecretAccessKey) -> Result<String, IamError> {
         let op = "GetCallerIdentity";
+        self.limiter.acquire().await;
         let creds = Credentials::new(key_id, secret.expose(), None, None, "iam-key-operator-verify");
         let config = self.sts_config.to_builder().credentials_provider(creds).build();
         let sts = aws_sdk_sts::Client::from_conf(config);

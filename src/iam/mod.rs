@@ -5,6 +5,7 @@
 
 mod aws;
 mod error;
+mod rate;
 
 use std::{collections::BTreeMap, fmt};
 
@@ -13,6 +14,7 @@ use jiff::Timestamp;
 
 pub use aws::AwsIam;
 pub use error::IamError;
+pub use rate::RateLimiter;
 
 use crate::crd::KeyStatus;
 
