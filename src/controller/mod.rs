@@ -18,7 +18,7 @@ use jiff::Timestamp;
 use k8s_openapi::api::core::v1::Secret;
 use kube::{
     Api, Client, Resource, ResourceExt,
-    core::PartialObjectMeta,
+    core::{DeserializeGuard, PartialObjectMeta},
     runtime::{
         Controller, WatchStreamExt,
         controller::Action,
@@ -118,9 +118,9 @@ impl Context {
         }
     }
 
-    fn backoff(&self, obj: &IamAccessKey, err: &Error) -> Duration {
+    fn backoff(&self, obj: &impl Resource, err: &Error) -> Duration {
         let mut failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
-        let n = failures.entry(ObjectRef::from_obj(obj)).or_insert(0);
+        let n = failures.entry(object_ref(obj)).or_insert(0);
         *n = n.saturating_add(1);
         // Retryable faults (throttling, outages) start fast; waiting conditions start slower.
         let (base, cap) = if err.is_retryable() { (2.0, 300.0) } else { (5.0, 600.0) };
@@ -128,8 +128,8 @@ impl Context {
         jitter(Duration::from_secs_f64(secs))
     }
 
-    fn reset_backoff(&self, obj: &IamAccessKey) {
-        self.failures.lock().unwrap_or_else(|e| e.into_inner()).remove(&ObjectRef::from_obj(obj));
+    fn reset_backoff(&self, obj: &impl Resource) {
+        self.failures.lock().unwrap_or_else(|e| e.into_inner()).remove(&object_ref(obj));
     }
 
     /// When the resource's last use is next read; `None`: now.
@@ -163,6 +163,10 @@ impl Context {
     }
 }
 
+fn object_ref(obj: &impl Resource) -> ObjectRef<IamAccessKey> {
+    ObjectRef::new(&obj.name_any()).within(&obj.namespace().unwrap_or_default())
+}
+
 /// ±10%, so that many resources do not wake up in lockstep.
 fn jitter(d: Duration) -> Duration {
     d.mul_f64(rand::rng().random_range(0.9..1.1))
@@ -172,17 +176,36 @@ fn after(t: Timestamp, d: Duration) -> Timestamp {
     crate::plan::after(t, jiff::SignedDuration::try_from(d).unwrap_or(jiff::SignedDuration::MAX))
 }
 
-async fn reconcile(obj: Arc<IamAccessKey>, ctx: Arc<Context>) -> Result<Action, Error> {
-    let ns = obj.namespace().unwrap_or_default();
-    let span = info_span!("reconcile", namespace = %ns, name = %obj.name_any());
+/// The watch delivers objects through `DeserializeGuard`, so one stored object the types cannot
+/// read (written before a schema change, say) is reported instead of stopping the watch.
+type Watched = DeserializeGuard<IamAccessKey>;
+
+async fn reconcile(watched: Arc<Watched>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let ns = watched.namespace().unwrap_or_default();
+    // A short random id ties together the log lines of one reconcile.
+    let trace_id = format!("{:08x}", rand::rng().random::<u32>());
+    let span = info_span!("reconcile", namespace = %ns, name = %watched.name_any(), trace_id = %trace_id);
     async move {
         let timer = std::time::Instant::now();
         let api: Api<IamAccessKey> = Api::namespaced(ctx.client.clone(), &ns);
         // The watch cache can lag behind our own last status write; deciding on a stale
         // ledger would redo work. One GET per reconcile buys a current view.
-        let obj = match api.get_opt(&obj.name_any()).await? {
-            Some(fresh) => Arc::new(fresh),
-            None => return Ok(Action::await_change()),
+        let obj = match api.get_opt(&watched.name_any()).await {
+            Ok(Some(fresh)) => Arc::new(fresh),
+            Ok(None) => return Ok(Action::await_change()),
+            Err(kube::Error::SerdeError(e)) => {
+                let err = Error::Invalid(format!("the stored IamAccessKey cannot be read ({e}): fix or delete it"));
+                let event = Event {
+                    type_: EventType::Warning,
+                    reason: err.reason().into(),
+                    note: Some(err.to_string()),
+                    action: "Read".into(),
+                    secondary: None,
+                };
+                let _ = ctx.recorder.publish(&event, &watched.object_ref(&())).await;
+                return Err(err);
+            }
+            Err(e) => return Err(e.into()),
         };
         let result = finalizer(&api, FINALIZER, obj.clone(), |event| async {
             match event {
@@ -202,7 +225,7 @@ async fn reconcile(obj: Arc<IamAccessKey>, ctx: Arc<Context>) -> Result<Action, 
         };
         ctx.metrics.reconciles.get_or_create(&crate::metrics::ResultLabels { result: label.into() }).inc();
         if result.is_ok() {
-            ctx.reset_backoff(&obj);
+            ctx.reset_backoff(obj.as_ref());
         }
         result
     }
@@ -210,8 +233,8 @@ async fn reconcile(obj: Arc<IamAccessKey>, ctx: Arc<Context>) -> Result<Action, 
     .await
 }
 
-fn error_policy(obj: Arc<IamAccessKey>, err: &Error, ctx: Arc<Context>) -> Action {
-    let wait = ctx.backoff(&obj, err);
+fn error_policy(obj: Arc<Watched>, err: &Error, ctx: Arc<Context>) -> Action {
+    let wait = ctx.backoff(obj.as_ref(), err);
     if err.is_retryable() {
         warn!(namespace = ?obj.namespace(), name = %obj.name_any(), reason = err.reason(), error = %err, retry_in = ?wait, "reconcile failed");
     } else {
@@ -241,7 +264,7 @@ pub async fn run(ctx: Arc<Context>, ready: Arc<std::sync::atomic::AtomicBool>) {
         ctx.settings.namespaces.iter().cloned().map(Some).collect()
     };
     let controllers = scopes.into_iter().map(|ns| {
-        let (keys, secrets): (Api<IamAccessKey>, Api<PartialObjectMeta<Secret>>) = match &ns {
+        let (keys, secrets): (Api<Watched>, Api<PartialObjectMeta<Secret>>) = match &ns {
             Some(ns) => (Api::namespaced(ctx.client.clone(), ns), Api::namespaced(ctx.client.clone(), ns)),
             None => (Api::all(ctx.client.clone()), Api::all(ctx.client.clone())),
         };
