@@ -1,62 +1,89 @@
 #!/usr/bin/env bash
-# `make demo`: the operator reconciling an example against a local API server and IAM endpoint.
+# `make demo`: install the operator's chart into a local API server, run the operator with the
+# identity the chart installed, and reconcile an example against a local IAM endpoint.
 # Leaves everything running so you can play with it; `make dev-down` stops it all.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dev=${DEV_DIR:-$PWD/.dev}
+ns=iam-key-operator
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
-step "Building the operator and starting a local kube-apiserver + etcd + moto (IAM) (make dev-up)"
+step "Building the operator; starting kube-apiserver + etcd + kube-controller-manager + moto (IAM) (make dev-up)"
 cargo build --quiet --locked
 make --no-print-directory dev-up
 # shellcheck disable=SC1091
-source "$dev/env"   # KUBECONFIG, AWS_ENDPOINT_URL_IAM/STS, dummy credentials, PATH with kubectl
+source "$dev/env"   # KUBECONFIG, AWS_ENDPOINT_URL_IAM/STS, dummy credentials, PATH with kubectl and helm
 
-step "Creating the IAM user billing-uploader in the IAM endpoint ($AWS_ENDPOINT_URL_IAM)"
+step "helm install iam-key-operator charts/iam-key-operator -n $ns (CRDs are installed already)"
+kubectl create namespace "$ns" --dry-run=client -o yaml | kubectl apply -f - >/dev/null
+helm upgrade --install iam-key-operator charts/iam-key-operator -n "$ns" --skip-crds \
+  --set clusterName=demo >/dev/null
+kubectl get deployment,serviceaccount,clusterrole,lease -n "$ns" -l app.kubernetes.io/instance=iam-key-operator 2>/dev/null \
+  || kubectl get deployment,serviceaccount -n "$ns"
+
+step "Running the operator outside the cluster with the installed ServiceAccount's token (no kubelet here)"
+server=$(kubectl config view --raw --minify -o jsonpath='{.clusters[0].cluster.server}')
+ca=$(kubectl config view --raw --minify -o jsonpath='{.clusters[0].cluster.certificate-authority-data}')
+token=$(kubectl create token iam-key-operator -n "$ns" --duration=24h)
+cat >"$dev/operator.kubeconfig" <<KUBECONFIG
+apiVersion: v1
+kind: Config
+clusters: [{name: demo, cluster: {server: "$server", certificate-authority-data: "$ca"}}]
+users: [{name: operator, user: {token: "$token"}}]
+contexts: [{name: demo, context: {cluster: demo, user: operator}}]
+current-context: demo
+KUBECONFIG
+if [ -f "$dev/operator.pid" ] && kill "$(cat "$dev/operator.pid")" 2>/dev/null; then
+  while kill -0 "$(cat "$dev/operator.pid")" 2>/dev/null; do sleep 0.2; done
+fi
+KUBECONFIG="$dev/operator.kubeconfig" POD_NAMESPACE="$ns" POD_NAME=demo-0 nohup target/debug/iam-key-operator run \
+  --cluster-name demo --leader-elect --lease-name iam-key-operator --metrics-addr 127.0.0.1:18080 \
+  >"$dev/operator.log" 2>&1 &
+echo $! >"$dev/operator.pid"
+echo "log: $dev/operator.log    metrics: http://127.0.0.1:18080/metrics"
+
+step "An IAM user under /k8s/team-billing/ in the IAM endpoint ($AWS_ENDPOINT_URL_IAM)"
 "$(dirname "$(hack/moto.sh --path)")/python" - <<'PY'
 import boto3
 iam = boto3.client("iam", region_name="us-east-1")
 try:
-    iam.create_user(UserName="billing-uploader")
+    iam.create_user(UserName="billing-uploader", Path="/k8s/team-billing/")
 except iam.exceptions.EntityAlreadyExistsException:
     pass
 print("user:", iam.get_user(UserName="billing-uploader")["User"]["Arn"])
 PY
 
-step "Starting the operator (log: $dev/operator.log, metrics: http://127.0.0.1:18080/metrics)"
-if [ -f "$dev/operator.pid" ] && kill "$(cat "$dev/operator.pid")" 2>/dev/null; then
-  while kill -0 "$(cat "$dev/operator.pid")" 2>/dev/null; do sleep 0.2; done
-fi
-nohup target/debug/iam-key-operator run --cluster-name demo --metrics-addr 127.0.0.1:18080 \
-  >"$dev/operator.log" 2>&1 &
-echo $! >"$dev/operator.pid"
+step "kubectl apply -f deploy/examples/policy.yaml   (team-* namespaces may manage users under /k8s/<namespace>/)"
+kubectl apply -f deploy/examples/policy.yaml
 
-step "kubectl apply -n demo -f deploy/examples/iamaccesskey.yaml"
-kubectl create namespace demo --dry-run=client -o yaml | kubectl apply -f - >/dev/null
-kubectl apply -n demo -f deploy/examples/iamaccesskey.yaml
-kubectl wait -n demo --for=condition=Ready iak/uploader --timeout=120s
+step "kubectl apply -n team-billing -f deploy/examples/iamaccesskey.yaml"
+kubectl create namespace team-billing --dry-run=client -o yaml | kubectl apply -f - >/dev/null
+kubectl apply -n team-billing -f deploy/examples/iamaccesskey.yaml
+kubectl wait -n team-billing --for=condition=Ready iak/uploader --timeout=120s
+kubectl wait -n team-billing --for=jsonpath='{.status.lastUsed.date}' iak/uploader --timeout=30s >/dev/null || true
 
-step "kubectl get iak -n demo"
-kubectl get iak -n demo
+step "kubectl get iak -n team-billing"
+kubectl get iak -n team-billing
 
 step "The Secret's keys (values redacted)"
-kubectl get secret uploader-aws -n demo \
+kubectl get secret uploader-aws -n team-billing \
   -o go-template='{{range $k, $v := .data}}{{$k}}: <redacted>{{"\n"}}{{end}}'
-kubectl get secret uploader-aws -n demo -o jsonpath='{.metadata.annotations}{"\n"}'
+kubectl get secret uploader-aws -n team-billing -o jsonpath='{.metadata.annotations}{"\n"}'
 
 step "Events"
-kubectl get events -n demo
+kubectl get events -n team-billing
 
 step "A few metrics"
-curl -fsS http://127.0.0.1:18080/metrics | grep -E '^iam_key_operator_(iam_calls|reconciles)_total' | head -12
+curl -fsS http://127.0.0.1:18080/metrics | grep -E '^iam_key_operator_(iam_calls|reconciles|rotations)_total' | head -12
 
 cat <<TXT
 
 Try it yourself:
   source $dev/env
-  kubectl annotate -n demo iak/uploader iam.keyop.dev/rotate-requested-at=\$(date -u +%FT%TZ) --overwrite   # rotate now
-  kubectl get iak -n demo -w                       # watch the key ID change
-  kubectl patch -n demo iak/uploader --type merge -p '{"spec":{"keyStatus":"Inactive"}}'
-  kubectl delete -n demo iak/uploader              # deletes the IAM key and the Secret
+  target/debug/iam-key-operator rotate -n team-billing uploader   # rotate now (sets the annotation)
+  kubectl get iak -n team-billing -w                                # watch the key ID change
+  kubectl get iak -n team-billing uploader -o jsonpath='{.status.keys}'   # Current / Draining / Inactive
+  kubectl patch -n team-billing iak/uploader --type merge -p '{"spec":{"keyStatus":"Inactive"}}'
+  kubectl delete -n team-billing iak/uploader                       # deletes the IAM key and the Secret
 Stop everything:  make dev-down
 TXT
