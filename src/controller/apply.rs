@@ -190,6 +190,7 @@ impl<'a> Run<'a> {
         for _ in 0..MAX_STEPS {
             let ledger = ledger(&self.status);
             let rotate_requested_at = self.obj.annotations().get(ROTATE_REQUESTED_AT_ANNOTATION).cloned();
+            let (last_used_due, last_used_read_at) = self.ctx.last_use_reads(self.obj);
             let step = plan_next_step(&Observation {
                 now: self.now,
                 owner: &self.owner,
@@ -198,7 +199,8 @@ impl<'a> Run<'a> {
                 rotate_requested_at: rotate_requested_at.as_deref(),
                 user: &self.user,
                 secret: &self.secret,
-                last_used_due: self.ctx.last_used_due(self.obj),
+                last_used_due,
+                last_used_read_at,
                 current_last_used: self.current_last_used(),
                 limits: &self.limits,
             });
@@ -369,7 +371,7 @@ impl<'a> Run<'a> {
                 if changed {
                     self.status.last_used = Some(record);
                 }
-                self.ctx.set_last_used_due(self.obj, self.now);
+                self.ctx.record_last_use_read(self.obj, self.now);
             }
         }
         Ok(())

@@ -84,9 +84,16 @@ pub struct Context {
     pub tenancy: tenancy::Tenancy,
     /// Consecutive failures per resource, for exponential backoff.
     failures: Mutex<HashMap<ObjectRef<IamAccessKey>, u32>>,
-    /// When each resource's last use is next read (by UID). Kept in memory so that reading
-    /// last-use data does not have to write status when nothing changed.
-    last_used_due: Mutex<HashMap<String, Timestamp>>,
+    /// When each resource's last use was read and is next due (by UID). Kept in memory so that
+    /// reading last-use data does not have to write status when nothing changed.
+    last_use_reads: Mutex<HashMap<String, LastUseReads>>,
+}
+
+#[derive(Clone, Copy)]
+struct LastUseReads {
+    due: Timestamp,
+    /// `None`: not read since this process started.
+    read_at: Option<Timestamp>,
 }
 
 impl Context {
@@ -102,7 +109,7 @@ impl Context {
             settings,
             tenancy,
             failures: Mutex::default(),
-            last_used_due: Mutex::default(),
+            last_use_reads: Mutex::default(),
         }
     }
 
@@ -132,33 +139,36 @@ impl Context {
         self.failures.lock().unwrap_or_else(|e| e.into_inner()).remove(&object_ref(obj));
     }
 
-    /// When the resource's last use is next read; `None`: now.
-    fn last_used_due(&self, obj: &IamAccessKey) -> Option<Timestamp> {
-        let uid = obj.uid()?;
-        let mut due = self.last_used_due.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(t) = due.get(&uid) {
-            return Some(*t);
+    /// When the resource's last use is next read (`None`: now), and when it was last read.
+    fn last_use_reads(&self, obj: &IamAccessKey) -> (Option<Timestamp>, Option<Timestamp>) {
+        let Some(uid) = obj.uid() else { return (None, None) };
+        let mut reads = self.last_use_reads.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(r) = reads.get(&uid) {
+            return (Some(r.due), r.read_at);
         }
         // First sight since start of a key read before: spread the reads over one interval
         // instead of reading every key at once after a restart.
-        obj.status.as_ref()?.last_used.as_ref()?;
+        if obj.status.as_ref().and_then(|s| s.last_used.as_ref()).is_none() {
+            return (None, None);
+        }
         let refresh = self.settings.last_used_refresh.as_secs_f64().max(1.0);
-        let t = after(Timestamp::now(), Duration::from_secs_f64(rand::rng().random_range(0.0..refresh)));
-        due.insert(uid, t);
-        Some(t)
+        let due = after(Timestamp::now(), Duration::from_secs_f64(rand::rng().random_range(0.0..refresh)));
+        reads.insert(uid, LastUseReads { due, read_at: None });
+        (Some(due), None)
     }
 
-    fn set_last_used_due(&self, obj: &IamAccessKey, now: Timestamp) {
+    fn record_last_use_read(&self, obj: &IamAccessKey, now: Timestamp) {
         if let Some(uid) = obj.uid() {
-            let t = after(now, jitter(self.settings.last_used_refresh));
-            self.last_used_due.lock().unwrap_or_else(|e| e.into_inner()).insert(uid, t);
+            let due = after(now, jitter(self.settings.last_used_refresh));
+            let reads = LastUseReads { due, read_at: Some(now) };
+            self.last_use_reads.lock().unwrap_or_else(|e| e.into_inner()).insert(uid, reads);
         }
     }
 
     fn forget(&self, obj: &IamAccessKey) {
         self.reset_backoff(obj);
         if let Some(uid) = obj.uid() {
-            self.last_used_due.lock().unwrap_or_else(|e| e.into_inner()).remove(&uid);
+            self.last_use_reads.lock().unwrap_or_else(|e| e.into_inner()).remove(&uid);
         }
     }
 }

@@ -7,6 +7,8 @@
 
 mod cleanup;
 #[cfg(test)]
+mod simulation;
+#[cfg(test)]
 mod tests;
 
 use std::collections::BTreeMap;
@@ -24,7 +26,10 @@ use crate::{
 /// User tag that claims an IAM user for one resource.
 pub const OWNER_TAG: &str = "iam.keyop.dev/owner";
 /// Prefix of the value of a per-key tag (the IAM console shows it as the key's description).
-pub const KEY_TAG_PREFIX: &str = "iam-key-operator ";
+/// No space in it: some SigV4 implementations disagree on how a space in a form body is
+/// encoded (moto refuses the AWS SDK for Rust's `%20`), and a tag must never be the reason a
+/// key is left untagged.
+pub const KEY_TAG_PREFIX: &str = "iam-key-operator:";
 /// IAM allows two access keys per user, Inactive ones included.
 pub const MAX_KEYS_PER_USER: usize = 2;
 
@@ -45,7 +50,7 @@ impl Owner {
     /// What a retained key's tag says once its resource is gone: still marked as the
     /// operator's (so no other resource adopts or deletes it), no longer anyone's.
     pub fn retained_tag_value(&self) -> String {
-        format!("{KEY_TAG_PREFIX}retained from {}", self.0)
+        format!("{KEY_TAG_PREFIX}retained:{}", self.0)
     }
 }
 
@@ -99,6 +104,8 @@ pub struct Observation<'a> {
     pub last_used_due: Option<Timestamp>,
     /// Last use of the current key, as last read (`None`: never used, or not read yet).
     pub current_last_used: Option<Timestamp>,
+    /// When this process last read the current key's last use (`None`: not since it started).
+    pub last_used_read_at: Option<Timestamp>,
     /// What the tenancy policies impose.
     pub limits: &'a Limits,
 }
@@ -339,10 +346,14 @@ fn plan_owned_keys(obs: &Observation, keys: &[IamKey], tags: Option<&BTreeMap<St
     // use; a difference we did not make is drift.
     let unused_since = unused_since(obs, current);
     if let Some(iam_key) = in_iam(&current.access_key_id)
-        && unused_since.is_some()
+        && let Some(since) = unused_since
         && iam_key.status == KeyStatus::Active
     {
-        let since = unused_since.unwrap_or(obs.now);
+        // Decide only on a reading taken after the limit passed: an older one may miss a use.
+        let limit_passed_at = obs.limits.deactivate_unused_after.map_or(since, |d| after(since, d.as_signed()));
+        if obs.last_used_read_at.is_none_or(|read| read < limit_passed_at) {
+            return Step::RefreshLastUsed { access_key_id: current.access_key_id.clone() };
+        }
         return Step::DeactivateUnused { access_key_id: current.access_key_id.clone(), since };
     }
     if let Some(iam_key) = in_iam(&current.access_key_id)
@@ -363,23 +374,9 @@ fn plan_owned_keys(obs: &Observation, keys: &[IamKey], tags: Option<&BTreeMap<St
     for owned in &ledger.keys {
         match owned.phase {
             KeyPhase::Current => {}
-            KeyPhase::Draining => match &owned.deactivate_at {
-                Some(t) if t.0 > obs.now => wake(t.0),
-                _ => {
-                    let already_inactive =
-                        in_iam(&owned.access_key_id).is_some_and(|k| k.status == KeyStatus::Inactive);
-                    let retire = |still_in_use| Step::RetireKey {
-                        access_key_id: owned.access_key_id.clone(),
-                        already_inactive,
-                        still_in_use,
-                    };
-                    match usage_gate(obs, owned) {
-                        UsageGate::Open => return retire(false),
-                        UsageGate::GaveUp => return retire(true),
-                        UsageGate::Check => return Step::CheckKeyUsage { access_key_id: owned.access_key_id.clone() },
-                        UsageGate::WaitUntil(t) => wake(t),
-                    }
-                }
+            KeyPhase::Draining => match plan_draining(obs, keys, owned) {
+                Ok(step) => return step,
+                Err(t) => wake(t),
             },
             // During the rollback window an admin may reactivate the key in IAM: not fought.
             KeyPhase::Inactive => match &owned.delete_at {
@@ -398,7 +395,7 @@ fn plan_owned_keys(obs: &Observation, keys: &[IamKey], tags: Option<&BTreeMap<St
             return Step::RefreshLastUsed { access_key_id: current.access_key_id.clone() };
         }
     }
-    if let Some(t) = rotation_due_at(obs.spec, obs.limits, current) {
+    if let Some(t) = rotation_due_at(obs.spec, obs.limits, current).filter(|t| *t > obs.now) {
         wake(t);
     }
     if let Some(d) = obs.limits.deactivate_unused_after
@@ -419,6 +416,23 @@ fn unused_since(obs: &Observation, current: &OwnedKey) -> Option<Timestamp> {
     let limit = obs.limits.deactivate_unused_after?;
     let since = obs.current_last_used.unwrap_or(current.create_date.0);
     (after(since, limit.as_signed()) <= obs.now).then_some(since)
+}
+
+/// The next step for a draining key, or when to look at it again.
+fn plan_draining(obs: &Observation, keys: &[IamKey], owned: &OwnedKey) -> Result<Step, Timestamp> {
+    if let Some(t) = owned.deactivate_at.as_ref().filter(|t| t.0 > obs.now) {
+        return Err(t.0);
+    }
+    let already_inactive =
+        keys.iter().any(|k| k.access_key_id == owned.access_key_id && k.status == KeyStatus::Inactive);
+    let retire =
+        |still_in_use| Step::RetireKey { access_key_id: owned.access_key_id.clone(), already_inactive, still_in_use };
+    match usage_gate(obs, owned) {
+        UsageGate::Open => Ok(retire(false)),
+        UsageGate::GaveUp => Ok(retire(true)),
+        UsageGate::Check => Ok(Step::CheckKeyUsage { access_key_id: owned.access_key_id.clone() }),
+        UsageGate::WaitUntil(t) => Err(t),
+    }
 }
 
 enum UsageGate {
@@ -516,12 +530,9 @@ fn plan_new_key(obs: &Observation, keys: &[IamKey], reason: NewKeyReason) -> Ste
         if let Some(k) = retired {
             return Step::MakeRoom { access_key_id: k.access_key_id.clone() };
         }
-        // A draining key frees its slot once it retires; a lost current key has nobody using it.
-        let draining = obs.ledger.keys.iter().find(|k| k.phase == KeyPhase::Draining);
-        if let Some(k) = draining
-            && k.deactivate_at.as_ref().is_some_and(|t| t.0 > obs.now)
-        {
-            return Step::Done { wake_at: k.deactivate_at.as_ref().map(|t| t.0) };
+        // A draining key frees its slot once it retires: retire it on its own schedule.
+        if let Some(k) = obs.ledger.keys.iter().find(|k| k.phase == KeyPhase::Draining) {
+            return plan_draining(obs, keys, k).unwrap_or_else(|t| Step::Done { wake_at: Some(t) });
         }
         let blocking = keys.iter().map(|k| k.access_key_id.clone()).collect();
         return Step::Blocked(Blocked::KeyLimitExceeded { blocking });

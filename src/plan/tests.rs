@@ -59,6 +59,7 @@ struct World {
     last_used_due: Option<Timestamp>,
     rotate_requested_at: Option<String>,
     current_last_used: Option<Timestamp>,
+    last_used_read_at: Option<Timestamp>,
     limits: crate::policy::Limits,
 }
 
@@ -73,6 +74,7 @@ impl World {
             last_used_due: Some(t(10_000)),
             rotate_requested_at: None,
             current_last_used: None,
+            last_used_read_at: None,
             limits: Default::default(),
         }
     }
@@ -89,6 +91,7 @@ impl World {
             secret: &self.secret,
             last_used_due: self.last_used_due,
             current_last_used: self.current_last_used,
+            last_used_read_at: self.last_used_read_at,
             limits: &self.limits,
         })
     }
@@ -461,6 +464,9 @@ fn policy_deactivates_an_unused_key_and_reports_it_without_fighting_back() {
     w.current_last_used = Some(t(50));
     assert_eq!(w.plan(), Step::Done { wake_at: Some(t(550)) });
     w.now = t(550);
+    // A reading from before the limit passed may miss a use: read again first.
+    assert_eq!(w.plan(), Step::RefreshLastUsed { access_key_id: "A".into() });
+    w.last_used_read_at = Some(t(550));
     assert_eq!(w.plan(), Step::DeactivateUnused { access_key_id: "A".into(), since: t(50) });
     w.user = UserObservation::Found { keys: vec![iam_key("A", KeyStatus::Inactive)], tags: None };
     assert_eq!(w.plan(), Step::Blocked(Blocked::KeyUnused { access_key_id: "A".into(), since: t(50) }));
