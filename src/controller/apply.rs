@@ -14,7 +14,7 @@ use tracing::debug;
 use super::{
     Context, FIELD_MANAGER, PAUSED_ANNOTATION, ROTATE_REQUESTED_AT_ANNOTATION,
     secret::{build_secret, observe_secret, secret_name},
-    status::{derive_summary, ledger, set_ready},
+    status::{derive_summary, set_ready},
 };
 use crate::{
     crd::{
@@ -25,7 +25,9 @@ use crate::{
     failpoint,
     iam::{IamError, IamKey, IamUser, NewKey},
     metrics::{ReasonLabels, ResourceSnapshot},
-    plan::{Blocked, NewKeyReason, Observation, Owner, SecretObservation, Step, UserObservation, plan_next_step},
+    plan::{
+        Blocked, Ledger, NewKeyReason, Observation, Owner, SecretObservation, Step, UserObservation, plan_next_step,
+    },
     policy::{Decision, Limits, NamespaceFacts, UserFacts, authorize},
 };
 
@@ -188,7 +190,7 @@ impl<'a> Run<'a> {
     /// Execute planner steps until it says `Done`; returns when to wake up next.
     async fn converge(&mut self) -> Result<Option<Timestamp>, Error> {
         for _ in 0..MAX_STEPS {
-            let ledger = ledger(&self.status);
+            let ledger = Ledger::from_status(&self.status);
             let rotate_requested_at = self.obj.annotations().get(ROTATE_REQUESTED_AT_ANNOTATION).cloned();
             let (last_used_due, last_used_read_at) = self.ctx.last_use_reads(self.obj);
             let step = plan_next_step(&Observation {

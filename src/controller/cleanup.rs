@@ -14,13 +14,12 @@ use super::{
     Context,
     apply::{is_paused, observe_secret_meta, observe_user},
     secret::secret_name,
-    status::ledger,
 };
 use crate::{
     crd::IamAccessKey,
     error::Error,
     failpoint,
-    plan::{Blocked, CleanupObservation, CleanupStep, Owner, SecretObservation, UserObservation, plan_cleanup},
+    plan::{Blocked, CleanupObservation, CleanupStep, Ledger, Owner, SecretObservation, UserObservation, plan_cleanup},
 };
 
 const MAX_STEPS: usize = 16;
@@ -33,7 +32,7 @@ pub async fn cleanup(obj: &Arc<IamAccessKey>, ctx: &Context) -> Result<Action, E
     let ns = obj.namespace().unwrap_or_default();
     let owner = Owner::new(&ctx.settings.cluster_name, &ns, &obj.name_any());
     let user_name = obj.spec.user_name.as_str();
-    let ledger = ledger(&obj.status.clone().unwrap_or_default());
+    let ledger = Ledger::from_status(&obj.status.clone().unwrap_or_default());
     let mut user = observe_user(ctx, user_name).await?;
     let mut secret = observe_secret_meta(ctx, obj).await?;
     let mut deleted = vec![];

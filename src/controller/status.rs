@@ -6,21 +6,9 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use crate::{
     crd::{IamAccessKey, IamAccessKeyStatus, KeyPhase},
     iam::IamKey,
-    plan::{Ledger, rotation_due_at},
+    plan::rotation_due_at,
     policy::Limits,
 };
-
-pub fn ledger(status: &IamAccessKeyStatus) -> Ledger {
-    let rotation = status.rotation.clone().unwrap_or_default();
-    Ledger {
-        keys: status.keys.clone(),
-        pending_create: status.pending_create.as_ref().map(|p| p.existing_key_ids.clone()),
-        key_status: status.key_status,
-        rotated_serial: rotation.serial,
-        rotate_requested_at: rotation.requested_at,
-        restarted_for: status.restarted_for.clone(),
-    }
-}
 
 /// Refresh the summary fields (current key, next rotation, foreign keys) from the ledger and IAM.
 pub fn derive_summary(

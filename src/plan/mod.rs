@@ -18,7 +18,7 @@ use jiff::{SignedDuration, Timestamp};
 pub use cleanup::{CleanupObservation, CleanupStep, plan_cleanup};
 
 use crate::{
-    crd::{IamAccessKeySpec, KeyPhase, KeyStatus, OwnedKey},
+    crd::{IamAccessKeySpec, IamAccessKeyStatus, KeyPhase, KeyStatus, OwnedKey},
     iam::IamKey,
     policy::Limits,
 };
@@ -32,6 +32,20 @@ pub const OWNER_TAG: &str = "iam.keyop.dev/owner";
 pub const KEY_TAG_PREFIX: &str = "iam-key-operator:";
 /// IAM allows two access keys per user, Inactive ones included.
 pub const MAX_KEYS_PER_USER: usize = 2;
+
+impl Ledger {
+    pub fn from_status(status: &IamAccessKeyStatus) -> Self {
+        let rotation = status.rotation.clone().unwrap_or_default();
+        Ledger {
+            keys: status.keys.clone(),
+            pending_create: status.pending_create.as_ref().map(|p| p.existing_key_ids.clone()),
+            key_status: status.key_status,
+            rotated_serial: rotation.serial,
+            rotate_requested_at: rotation.requested_at,
+            restarted_for: status.restarted_for.clone(),
+        }
+    }
+}
 
 /// Identity of a resource across clusters: `<cluster>/<namespace>/<name>`.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -340,18 +340,6 @@ fn step_name(step: &Step) -> &'static str {
 }
 
 /// The ledger the planner reads, from status (as `controller::status::ledger`, which is private).
-fn ledger(status: &IamAccessKeyStatus) -> Ledger {
-    let rotation = status.rotation.clone().unwrap_or_default();
-    Ledger {
-        keys: status.keys.clone(),
-        pending_create: status.pending_create.as_ref().map(|p| p.existing_key_ids.clone()),
-        key_status: status.key_status,
-        rotated_serial: rotation.serial,
-        rotate_requested_at: rotation.requested_at,
-        restarted_for: status.restarted_for.clone(),
-    }
-}
-
 fn current_of(status: &IamAccessKeyStatus) -> Option<&OwnedKey> {
     status.keys.iter().find(|k| k.phase == KeyPhase::Current)
 }
@@ -663,7 +651,7 @@ impl Sim {
             return Outcome::StepLimit;
         }
         run.steps += 1;
-        let ledger = ledger(&run.status);
+        let ledger = Ledger::from_status(&run.status);
         let last_used_due = self.last_used_due(&run);
         let current_last_used = current_of(&run.status).and_then(|c| {
             let used = run.status.last_used.as_ref().filter(|u| u.access_key_id == c.access_key_id)?;
