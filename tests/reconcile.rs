@@ -282,3 +282,30 @@ async fn converged_resource_makes_no_writes_over_several_resyncs() {
     assert_eq!(op.kube_writes().await, kube_writes, "no Kubernetes writes once converged");
     assert_eq!(f.keys_api().get("app").await.unwrap().metadata.resource_version, rv, "resource untouched");
 }
+
+#[tokio::test]
+async fn changing_the_secret_layout_rewrites_the_secret_with_the_same_key() {
+    let f = Fixture::new("layout").await;
+    let _op = f.operator(&[]);
+    f.create("app", json!({"secret": {"labels": {"team": "a"}}})).await;
+    let id = f.wait_ready("app").await.status.unwrap().access_key_id.unwrap();
+    let (_, secret) = f.secret_creds("app").await.unwrap();
+    let patch = json!({"spec": {"secret": {"format": "CredentialsFile", "profile": "p", "labels": {"team": "b"}}}});
+    f.keys_api().patch("app", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let s = loop {
+        let s = f.secrets().get("app").await.unwrap();
+        if s.data.as_ref().is_some_and(|d| d.contains_key("credentials")) {
+            break s;
+        }
+        assert!(std::time::Instant::now() < deadline, "Secret not rewritten");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let data = s.data.unwrap();
+    assert_eq!(data.len(), 1, "only the credentials file is left");
+    let file = String::from_utf8(data["credentials"].0.clone()).unwrap();
+    assert_eq!(file, format!("[p]\naws_access_key_id = {id}\naws_secret_access_key = {secret}\n"));
+    assert_eq!(s.metadata.labels.unwrap()["team"], "b");
+    assert_eq!(f.iam_keys().await.len(), 1, "same key, no rotation");
+    f.wait_ready("app").await;
+}

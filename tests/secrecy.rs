@@ -33,7 +33,7 @@ async fn the_secret_appears_nowhere_but_in_the_secret() {
     secrets.push(f.secret_creds("app").await.unwrap().1);
     seen.push_str(&serde_json::to_string(&obj).unwrap());
 
-    // Errors: a Secret conflict, a missing user, an inactive key toggled back and forth.
+    // Errors: a Secret conflict and a missing user.
     let taken: k8s_openapi::api::core::v1::Secret =
         serde_json::from_value(json!({"metadata": {"name": "taken"}})).unwrap();
     f.secrets().create(&Default::default(), &taken).await.unwrap();

@@ -12,8 +12,8 @@ use kube::{
 use tracing::debug;
 
 use super::{
-    Context, FIELD_MANAGER, PAUSED_ANNOTATION, ROTATE_REQUESTED_AT_ANNOTATION,
-    secret::{build_secret, observe_secret, secret_name},
+    ACCESS_KEY_ID_ANNOTATION, Context, FIELD_MANAGER, PAUSED_ANNOTATION, ROTATE_REQUESTED_AT_ANNOTATION,
+    secret::{build_secret, layout_stale, observe_secret, secret_in, secret_name},
     status::{derive_summary, set_ready},
 };
 use crate::{
@@ -40,6 +40,7 @@ pub async fn apply(obj: &Arc<IamAccessKey>, ctx: &Context) -> Result<Action, Err
         let err = Error::Blocked { blocked: Blocked::Paused, message };
         let mut run = Run::new(obj, ctx);
         run.fail(&err).await;
+        run.publish_metrics(err.reason());
         return Err(err);
     }
     let mut run = Run::new(obj, ctx);
@@ -78,10 +79,12 @@ pub async fn observe_user(ctx: &Context, user: &str) -> Result<UserObservation, 
     }
 }
 
-pub async fn observe_secret_meta(ctx: &Context, obj: &IamAccessKey) -> Result<SecretObservation, Error> {
+pub async fn observe_secret_meta(ctx: &Context, obj: &IamAccessKey) -> Result<(SecretObservation, bool), Error> {
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &obj.namespace().unwrap_or_default());
     let meta = secrets.get_metadata_opt(&secret_name(obj)).await?;
-    Ok(observe_secret(obj, meta.as_ref()))
+    let observation = observe_secret(obj, meta.as_ref());
+    let stale = matches!(observation, SecretObservation::Ours { .. }) && layout_stale(obj, meta.as_ref());
+    Ok((observation, stale))
 }
 
 struct Run<'a> {
@@ -98,6 +101,7 @@ struct Run<'a> {
     user_info: Option<IamUser>,
     limits: Limits,
     secret: SecretObservation,
+    secret_layout_stale: bool,
 }
 
 impl<'a> Run<'a> {
@@ -117,6 +121,7 @@ impl<'a> Run<'a> {
             user_info: None,
             limits: Limits::default(),
             secret: SecretObservation::Missing,
+            secret_layout_stale: false,
         }
     }
 
@@ -153,7 +158,7 @@ impl<'a> Run<'a> {
     }
 
     async fn observe(&mut self) -> Result<(), Error> {
-        self.secret = observe_secret_meta(self.ctx, self.obj).await?;
+        (self.secret, self.secret_layout_stale) = observe_secret_meta(self.ctx, self.obj).await?;
         self.user = observe_user(self.ctx, self.user_name()).await?;
         // The user was read for the policy already: its tags are known.
         if let (UserObservation::Found { tags, .. }, Some(info)) = (&mut self.user, &self.user_info) {
@@ -205,6 +210,7 @@ impl<'a> Run<'a> {
                 last_used_read_at,
                 current_last_used: self.current_last_used(),
                 limits: &self.limits,
+                secret_layout_stale: self.secret_layout_stale,
             });
             debug!(?step, "planned");
             if let Step::Done { wake_at } = step {
@@ -342,6 +348,20 @@ impl<'a> Run<'a> {
                     k.usage_checked_at = Some(Time(self.now));
                 }
                 self.save_status().await?;
+            }
+            Step::RewriteSecret { access_key_id } => {
+                let api: Api<Secret> =
+                    Api::namespaced(self.ctx.client.clone(), &self.obj.namespace().unwrap_or_default());
+                let held = api.get(&self.secret_name).await?; // the one read of secret data
+                let id_held = held.metadata.annotations.as_ref().and_then(|a| a.get(ACCESS_KEY_ID_ANNOTATION));
+                match secret_in(&held) {
+                    Some(secret) if id_held == Some(&access_key_id) => {
+                        self.publish(&access_key_id, &secret).await?;
+                        self.secret_layout_stale = false;
+                    }
+                    // Unreadable: treat its key as lost, which issues a new one through the grace steps.
+                    _ => self.secret = SecretObservation::Ours { access_key_id: None },
+                }
             }
             Step::RestartTargets { access_key_id } => {
                 super::restart::restart_targets(self.ctx, self.obj, &access_key_id).await?;
@@ -532,17 +552,21 @@ impl<'a> Run<'a> {
     async fn publish(&mut self, id: &str, secret: &crate::iam::SecretAccessKey) -> Result<(), Error> {
         let ns = self.obj.namespace().unwrap_or_default();
         let api: Api<Secret> = Api::namespaced(self.ctx.client.clone(), &ns);
-        let object = build_secret(self.obj, id, secret);
+        let mut object = build_secret(self.obj, id, secret);
+        let params = PostParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() };
         match self.secret {
             SecretObservation::Missing => {
-                api.create(&PostParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() }, &object)
-                    .await?;
+                api.create(&params, &object).await?;
                 self.ctx.metrics.kube_write("Secret", "create");
             }
+            // Replaced whole, conditional on the version just read: exactly the data and labels
+            // the spec asks for (nothing left from an older layout), and never over someone
+            // else's concurrent change.
             SecretObservation::Ours { .. } => {
-                api.patch(&self.secret_name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&object))
-                    .await?;
-                self.ctx.metrics.kube_write("Secret", "apply");
+                let held = api.get_metadata(&self.secret_name).await?;
+                object.metadata.resource_version = held.metadata.resource_version;
+                api.replace(&self.secret_name, &params, &object).await?;
+                self.ctx.metrics.kube_write("Secret", "replace");
             }
             SecretObservation::NotOurs => return Err(self.blocked(Blocked::SecretConflict)),
         }

@@ -34,7 +34,7 @@ pub async fn cleanup(obj: &Arc<IamAccessKey>, ctx: &Context) -> Result<Action, E
     let user_name = obj.spec.user_name.as_str();
     let ledger = Ledger::from_status(&obj.status.clone().unwrap_or_default());
     let mut user = observe_user(ctx, user_name).await?;
-    let mut secret = observe_secret_meta(ctx, obj).await?;
+    let (mut secret, _) = observe_secret_meta(ctx, obj).await?;
     let mut deleted = vec![];
     for _ in 0..MAX_STEPS {
         let step = plan_cleanup(&CleanupObservation {

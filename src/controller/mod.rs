@@ -220,7 +220,14 @@ async fn reconcile(watched: Arc<Watched>, ctx: Arc<Context>) -> Result<Action, E
         let result = finalizer(&api, FINALIZER, obj.clone(), |event| async {
             match event {
                 FinalizerEvent::Apply(o) => apply::apply(&o, &ctx).await,
-                FinalizerEvent::Cleanup(o) => cleanup::cleanup(&o, &ctx).await,
+                FinalizerEvent::Cleanup(o) => {
+                    let result = cleanup::cleanup(&o, &ctx).await;
+                    // Deletion has no status to speak through: a stuck deletion says why in events.
+                    if let Err(e) = &result {
+                        ctx.event(&o, EventType::Warning, e.reason(), format!("deletion waits: {e}")).await;
+                    }
+                    result
+                }
             }
         })
         .await

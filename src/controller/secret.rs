@@ -24,6 +24,7 @@ pub fn build_secret(obj: &IamAccessKey, access_key_id: &str, secret: &SecretAcce
     labels.insert(MANAGED_BY_LABEL.into(), MANAGED_BY_VALUE.into());
     let mut annotations = spec.annotations.clone();
     annotations.insert(ACCESS_KEY_ID_ANNOTATION.into(), access_key_id.into());
+    annotations.insert(LAYOUT_ANNOTATION.into(), layout_fingerprint(obj));
     let data: BTreeMap<String, ByteString> = match spec.format {
         SecretFormat::Env => BTreeMap::from([
             ("AWS_ACCESS_KEY_ID".into(), ByteString(access_key_id.as_bytes().to_vec())),
@@ -51,6 +52,38 @@ pub fn build_secret(obj: &IamAccessKey, access_key_id: &str, secret: &SecretAcce
         data: Some(data),
         ..Default::default()
     }
+}
+
+/// Annotation with a fingerprint of `spec.secret` (format, profile, labels, annotations) the
+/// Secret was written with: a change of the spec shows up in the metadata-only watch.
+pub const LAYOUT_ANNOTATION: &str = "iam.keyop.dev/secret-layout";
+
+/// FNV-1a over the canonical JSON of the layout fields (stable across versions and processes).
+pub fn layout_fingerprint(obj: &IamAccessKey) -> String {
+    let s = &obj.spec.secret;
+    let canonical = serde_json::json!([s.format, s.profile, s.labels, s.annotations]).to_string();
+    let hash =
+        canonical.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
+    format!("{hash:016x}")
+}
+
+/// Whether our Secret was written for another layout than the spec now asks for.
+pub fn layout_stale(obj: &IamAccessKey, meta: Option<&PartialObjectMeta<Secret>>) -> bool {
+    let written = meta.and_then(|m| m.metadata.annotations.as_ref()).and_then(|a| a.get(LAYOUT_ANNOTATION));
+    written.is_some_and(|w| *w != layout_fingerprint(obj))
+}
+
+/// The secret access key held by a Secret we wrote (in either format).
+pub fn secret_in(secret: &Secret) -> Option<SecretAccessKey> {
+    let data = secret.data.as_ref()?;
+    if let Some(v) = data.get("AWS_SECRET_ACCESS_KEY") {
+        return String::from_utf8(v.0.clone()).ok().map(SecretAccessKey::new);
+    }
+    let file = String::from_utf8(data.get("credentials")?.0.clone()).ok()?;
+    file.lines()
+        .filter_map(|l| l.split_once('='))
+        .find(|(k, _)| k.trim() == "aws_secret_access_key")
+        .map(|(_, v)| SecretAccessKey::new(v.trim().to_owned()))
 }
 
 /// Classify the Secret's metadata: ours only if it names this very resource (by UID) as owner.
@@ -101,6 +134,23 @@ mod tests {
         let s = build_secret(&resource("CredentialsFile"), "AKIA1", &SecretAccessKey::new("x".into()));
         let file = String::from_utf8(s.data.unwrap()["credentials"].0.clone()).unwrap();
         assert_eq!(file, "[ci]\naws_access_key_id = AKIA1\naws_secret_access_key = x\n");
+    }
+
+    #[test]
+    fn the_secret_is_read_back_from_either_format_and_a_layout_change_is_seen() {
+        let env = resource("Env");
+        let file = resource("CredentialsFile");
+        for obj in [&env, &file] {
+            let s = build_secret(obj, "AKIA1", &SecretAccessKey::new("s3cr3t".into()));
+            assert_eq!(secret_in(&s).map(|k| k.expose().to_owned()).as_deref(), Some("s3cr3t"));
+        }
+        let written = build_secret(&env, "AKIA1", &SecretAccessKey::new("x".into()));
+        let meta = PartialObjectMeta::<Secret> { metadata: written.metadata, ..Default::default() };
+        assert!(!layout_stale(&env, Some(&meta)));
+        assert!(layout_stale(&file, Some(&meta)), "format changed");
+        let mut relabelled = env.clone();
+        relabelled.spec.secret.labels.insert("team".into(), "b".into());
+        assert!(layout_stale(&relabelled, Some(&meta)), "labels changed");
     }
 
     #[test]

@@ -122,6 +122,8 @@ pub struct Observation<'a> {
     pub last_used_read_at: Option<Timestamp>,
     /// What the tenancy policies impose.
     pub limits: &'a Limits,
+    /// The Secret (ours) was written for another format, profile, labels or annotations.
+    pub secret_layout_stale: bool,
 }
 
 /// Why a new key is issued.
@@ -223,6 +225,10 @@ pub enum Step {
         access_key_id: String,
         status: KeyStatus,
         drift: bool,
+    },
+    /// Rewrite the Secret, same key, in the layout the spec now asks for.
+    RewriteSecret {
+        access_key_id: String,
     },
     /// Roll out the restart targets so they pick up the newly published key.
     RestartTargets {
@@ -351,7 +357,10 @@ fn plan_owned_keys(obs: &Observation, keys: &[IamKey], tags: Option<&BTreeMap<St
         return Step::Done { wake_at: None };
     };
 
-    // 3b. Workloads roll out once per published key.
+    // 3b. The Secret follows spec.secret's layout; workloads roll out once per published key.
+    if obs.secret_layout_stale {
+        return Step::RewriteSecret { access_key_id: current.access_key_id.clone() };
+    }
     if !obs.spec.restart_targets.is_empty() && ledger.restarted_for.as_deref() != Some(current.access_key_id.as_str()) {
         return Step::RestartTargets { access_key_id: current.access_key_id.clone() };
     }

@@ -331,6 +331,7 @@ fn step_name(step: &Step) -> &'static str {
         Step::DeactivateUnused { .. } => "DeactivateUnused",
         Step::SetKeyStatus { .. } => "SetKeyStatus",
         Step::RestartTargets { .. } => "RestartTargets",
+        Step::RewriteSecret { .. } => "RewriteSecret",
         Step::CheckKeyUsage { .. } => "CheckKeyUsage",
         Step::RetireKey { .. } => "RetireKey",
         Step::DeleteRetired { .. } => "DeleteRetired",
@@ -339,7 +340,6 @@ fn step_name(step: &Step) -> &'static str {
     }
 }
 
-/// The ledger the planner reads, from status (as `controller::status::ledger`, which is private).
 fn current_of(status: &IamAccessKeyStatus) -> Option<&OwnedKey> {
     status.keys.iter().find(|k| k.phase == KeyPhase::Current)
 }
@@ -669,6 +669,7 @@ impl Sim {
             current_last_used,
             last_used_read_at: self.last_used_read_at,
             limits: &self.limits,
+            secret_layout_stale: false,
         });
         self.log(format!("  plan: {step:?}"));
         *self.coverage.steps.entry(step_name(&step)).or_default() += 1;
@@ -789,6 +790,8 @@ impl Sim {
                 }
                 self.save_status(run)?;
             }
+            // The Secret's layout (format, labels) is not modelled: the world never asks for it.
+            Step::RewriteSecret { .. } => unreachable!("secret_layout_stale is always false here"),
             Step::RestartTargets { access_key_id } => {
                 // The rollout makes the client read the Secret again.
                 if !run.spec.restart_targets.is_empty() {
@@ -1393,6 +1396,7 @@ fn secret_lost_while_a_key_drains_retires_it_instead_of_blocking_forever() {
             current_last_used: None,
             last_used_read_at: None,
             limits: &limits,
+            secret_layout_stale: false,
         })
     };
     // During the grace period: wait for it to end (both slots are ours, one frees up then).
@@ -1444,6 +1448,7 @@ fn deactivate_unused_reads_last_use_again_before_deactivating() {
         current_last_used: None,
         last_used_read_at: None,
         limits: &limits,
+        secret_layout_stale: false,
     });
     assert_eq!(step, Step::RefreshLastUsed { access_key_id: "K1".into() });
 }
@@ -1489,6 +1494,7 @@ fn a_rotation_held_back_by_a_draining_key_does_not_wake_in_the_past() {
         current_last_used: None,
         last_used_read_at: None,
         limits: &limits,
+        secret_layout_stale: false,
     });
     // The scheduled rotation (due at t(3600)) waits for K1, which retires at t(4000).
     assert_eq!(step, Step::Done { wake_at: Some(t(4000)) });

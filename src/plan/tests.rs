@@ -93,6 +93,7 @@ impl World {
             current_last_used: self.current_last_used,
             last_used_read_at: self.last_used_read_at,
             limits: &self.limits,
+            secret_layout_stale: false,
         })
     }
 }
