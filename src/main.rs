@@ -70,6 +70,10 @@ struct RunArgs {
     /// IAM/STS calls allowed at once before the rate applies.
     #[arg(long, env = "IKO_IAM_BURST", default_value_t = 20)]
     iam_burst: u32,
+    /// Only IAM users under this IAM path are managed; others get NotAuthorized before any IAM
+    /// write. Keep it equal to the path the operator's IAM policy allows (e.g. /k8s/).
+    #[arg(long, env = "IKO_IAM_USER_PATH_PREFIX", default_value = "/")]
+    iam_user_path_prefix: String,
     /// Resources reconciled at the same time.
     #[arg(long, env = "IKO_CONCURRENCY", default_value_t = 8)]
     concurrency: u16,
@@ -145,6 +149,7 @@ async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
         verify_timeout: args.verify_timeout.as_std(),
         namespaces: args.namespaces,
         selector: args.selector,
+        iam_user_path_prefix: args.iam_user_path_prefix,
         concurrency: args.concurrency.max(1),
     };
     tracing::info!(cluster = %settings.cluster_name, namespaces = ?settings.namespaces, "starting iam-key-operator");

@@ -647,7 +647,7 @@ async fn assert_reconciled_with_sufficient_rbac(f: &Fixture, op: &mut InstalledO
 
 #[tokio::test]
 async fn helm_install_then_the_installed_identity_reconciles_an_example_to_ready() {
-    let f = Fixture::new("chart-app").await;
+    let f = Fixture::with_user_path("chart-app", "/k8s/").await;
     let release_ns = restricted_namespace(f.env, "chart-rel").await;
     let release = "iko-cluster";
     helm_install(f.env, release, &release_ns, &["--set", &format!("clusterName={CLUSTER}")]);
@@ -683,7 +683,7 @@ async fn helm_install_then_the_installed_identity_reconciles_an_example_to_ready
 
 #[tokio::test]
 async fn watch_namespaces_install_reconciles_with_namespaced_roles_only() {
-    let f = Fixture::new("chart-ns-app").await;
+    let f = Fixture::with_user_path("chart-ns-app", "/k8s/").await;
     let other = f.env.fresh_namespace("chart-ns-other").await.expect("namespace");
     let release_ns = restricted_namespace(f.env, "chart-ns-rel").await;
     let release = "iko-namespaced";
@@ -721,7 +721,7 @@ async fn watch_namespaces_install_reconciles_with_namespaced_roles_only() {
 
 #[tokio::test]
 async fn a_missing_rbac_rule_is_reported_as_a_forbidden_kubernetes_error() {
-    let f = Fixture::new("chart-deny-app").await;
+    let f = Fixture::with_user_path("chart-deny-app", "/k8s/").await;
     let release_ns = restricted_namespace(f.env, "chart-deny-rel").await;
     let release = "iko-deny";
     helm_install(f.env, release, &release_ns, &["--set", &format!("clusterName={CLUSTER}")]);

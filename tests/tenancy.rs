@@ -101,3 +101,18 @@ async fn deactivate_unused_after_deactivates_an_idle_key_and_reports_it() {
     tokio::time::sleep(Duration::from_secs(4)).await;
     assert_eq!(f.iam_keys().await[&id], "Inactive");
 }
+
+#[tokio::test]
+async fn users_outside_the_operators_path_prefix_are_refused_before_any_write() {
+    let f = Fixture::without_policy("prefix").await;
+    let inside = f.env.fresh_iam_user_with_path("in", "/k8s/").await.unwrap();
+    let outside = f.env.fresh_iam_user_with_path("out", "/admins/").await.unwrap();
+    f.allow(&format!("prefix-{}", f.ns), json!({"namespaces": [f.ns], "userNames": ["*"]})).await;
+    let op = Operator::start(f.env, &f.ns, &[], &["--iam-user-path-prefix", "/k8s/"]);
+    f.create("outside", json!({"userName": outside, "secret": {"name": "outside"}})).await;
+    f.create("inside", json!({"userName": inside})).await;
+    f.wait_ready("inside").await;
+    let obj = f.wait_reason("outside", "NotAuthorized").await;
+    assert!(ready(&obj).unwrap().2.contains("--iam-user-path-prefix"));
+    assert_eq!(op.iam_calls(&["TagUser"]).await, 2, "claim + key tag for the inside user only");
+}

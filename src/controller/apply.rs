@@ -137,14 +137,25 @@ impl<'a> Run<'a> {
         let namespace = NamespaceFacts { name: &ns, labels: &labels };
         let user = self.user_name().to_owned();
         let mut decision = authorize(&policies, &namespace, &UserFacts { name: &user, details: None });
-        if decision == Decision::NeedUserDetails {
+        let prefix = self.ctx.settings.iam_user_path_prefix.as_str();
+        // A user's path rarely changes: a recent sighting spares a GetUser per resync.
+        let path_known_inside = self.ctx.recent_user_path(&user).is_some_and(|p| p.starts_with(prefix));
+        let check_path = prefix != "/" && matches!(decision, Decision::Allowed(_)) && !path_known_inside;
+        if decision == Decision::NeedUserDetails || check_path {
             let info = match self.ctx.iam.get_user(&user).await {
                 Ok(info) => info,
                 Err(e) if e.is_not_found() => return Err(self.blocked(Blocked::UserNotFound)),
                 Err(e) => return Err(e.into()),
             };
+            self.ctx.remember_user_path(&user, &info.path);
             let details = Some((info.path.as_str(), &info.tags));
             decision = authorize(&policies, &namespace, &UserFacts { name: &user, details });
+            if !info.path.starts_with(prefix) {
+                decision = Decision::Denied(format!(
+                    "IAM user {user:?} is under path {:?}, outside {prefix:?}, the only path this operator manages (--iam-user-path-prefix)",
+                    info.path
+                ));
+            }
             self.user_info = Some(info);
         }
         match decision {

@@ -56,6 +56,8 @@ pub struct Settings {
     pub namespaces: Vec<String>,
     /// Label selector of the IamAccessKeys to reconcile.
     pub selector: Option<String>,
+    /// IAM path the managed users must be under (`/`: any).
+    pub iam_user_path_prefix: String,
     /// Resources reconciled at once.
     pub concurrency: u16,
 }
@@ -69,6 +71,7 @@ impl Default for Settings {
             verify_timeout: Duration::from_secs(60),
             namespaces: vec![],
             selector: None,
+            iam_user_path_prefix: "/".into(),
             concurrency: 8,
         }
     }
@@ -87,6 +90,8 @@ pub struct Context {
     /// When each resource's last use was read and is next due (by UID). Kept in memory so that
     /// reading last-use data does not have to write status when nothing changed.
     last_use_reads: Mutex<HashMap<String, LastUseReads>>,
+    /// IAM paths of users, as last read, and when.
+    user_paths: Mutex<HashMap<String, (String, std::time::Instant)>>,
 }
 
 #[derive(Clone, Copy)]
@@ -110,6 +115,7 @@ impl Context {
             tenancy,
             failures: Mutex::default(),
             last_use_reads: Mutex::default(),
+            user_paths: Mutex::default(),
         }
     }
 
@@ -163,6 +169,18 @@ impl Context {
             let reads = LastUseReads { due, read_at: Some(now) };
             self.last_use_reads.lock().unwrap_or_else(|e| e.into_inner()).insert(uid, reads);
         }
+    }
+
+    /// A user's IAM path read within the last day.
+    fn recent_user_path(&self, user: &str) -> Option<String> {
+        let paths = self.user_paths.lock().unwrap_or_else(|e| e.into_inner());
+        let (path, read_at) = paths.get(user)?;
+        (read_at.elapsed() < Duration::from_secs(24 * 3600)).then(|| path.clone())
+    }
+
+    fn remember_user_path(&self, user: &str, path: &str) {
+        let mut paths = self.user_paths.lock().unwrap_or_else(|e| e.into_inner());
+        paths.insert(user.to_owned(), (path.to_owned(), std::time::Instant::now()));
     }
 
     fn forget(&self, obj: &IamAccessKey) {

@@ -2,6 +2,7 @@
 //! shared real environment, create resources, wait for conditions, check keys in IAM.
 #![allow(dead_code)]
 
+
 use std::{
     collections::BTreeMap,
     fs::File,
@@ -33,17 +34,26 @@ impl Fixture {
     /// A fresh namespace and IAM user in the shared environment, and a tenancy policy that
     /// allows the namespace to manage users named like the user (`<user>*`).
     pub async fn new(prefix: &str) -> Fixture {
-        let f = Self::without_policy(prefix).await;
+        Self::with_user_path(prefix, "/").await
+    }
+
+    /// Like `new`, with the IAM user under `path` (the chart manages users under /k8s/).
+    pub async fn with_user_path(prefix: &str, path: &str) -> Fixture {
+        let f = Self::bare(prefix, path).await;
         f.allow(&format!("allow-{}", f.ns), json!({"namespaces": [f.ns], "userNames": [format!("{}*", f.user)]})).await;
         f
     }
 
     /// A fresh namespace and IAM user; no policy allows anything yet.
     pub async fn without_policy(prefix: &str) -> Fixture {
+        Self::bare(prefix, "/").await
+    }
+
+    async fn bare(prefix: &str, path: &str) -> Fixture {
         let env = testenv::shared();
         let client = env.kube_client().await.expect("kube client");
         let ns = env.fresh_namespace(prefix).await.expect("namespace");
-        let user = env.fresh_iam_user(prefix).await.expect("IAM user");
+        let user = env.fresh_iam_user_with_path(prefix, path).await.expect("IAM user");
         Fixture { env, client, ns, user }
     }
 
@@ -204,7 +214,8 @@ pub async fn iam_keys(env: &TestEnv, user: &str) -> BTreeMap<String, String> {
 
 pub async fn authenticates_as(env: &TestEnv, id: &str, secret: &str, user: &str) -> bool {
     match env.sts_client(id, secret).get_caller_identity().send().await {
-        Ok(out) => out.arn().is_some_and(|arn| arn.ends_with(&format!(":user/{user}"))),
+        // `arn:aws:iam::<account>:user/<path>/<name>`
+        Ok(out) => out.arn().is_some_and(|arn| arn.contains(":user/") && arn.ends_with(&format!("/{user}"))),
         Err(_) => false,
     }
 }
