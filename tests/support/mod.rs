@@ -2,7 +2,6 @@
 //! shared real environment, create resources, wait for conditions, check keys in IAM.
 #![allow(dead_code)]
 
-
 use std::{
     collections::BTreeMap,
     fs::File,
