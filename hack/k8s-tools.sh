@@ -41,7 +41,9 @@ new_module() { # dir name
 
 build_kubernetes() {
   local v=$KUBERNETES_VERSION minor=${KUBERNETES_VERSION#v1.} dir="$cache/src/kubernetes-$KUBERNETES_VERSION"
-  local staging_v="v0.$minor" gomod
+  local staging_v="v0.$minor" gomod b
+  for b in "${k8s_bins[@]}"; do [ -x "$bin/$b" ] || break; done
+  if [ -x "$bin/$b" ]; then log "kubernetes $v already built"; return; fi
   log "downloading k8s.io/kubernetes@$v (module proxy)"
   # Outside any module, so the half-built wrapper cannot interfere.
   gomod=$(cd "$cache" && GOFLAGS= go mod download -json "k8s.io/kubernetes@$v" | sed -n 's/.*"GoMod": "\(.*\)".*/\1/p')
