@@ -26,7 +26,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the controller.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Ask for a new key now: sets the `iam.keyop.dev/rotate-requested-at` annotation.
     Rotate {
         /// Namespace of the IamAccessKey.
@@ -122,7 +122,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             }
             Ok(())
         }
-        Command::Run(args) => run(args).await,
+        Command::Run(args) => run(*args).await,
         Command::Rotate { namespace, name } => {
             let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
             let client = kube::Client::try_default().await?;
