@@ -251,8 +251,11 @@ async fn crash_during_rotation(point: &str) {
     op.restart(&[]);
     let obj = wait_new_key(&f, &first).await;
     assert_eq!(obj.status.as_ref().unwrap().keys.len(), 2, "new current + draining old");
-    f.wait_ready("app").await;
-    f.assert_consistent("app", &[]).await;
+    // The old key retires and goes (grace 2s, retain 2s); compare IAM and status once both settled.
+    f.wait_for("app", Duration::from_secs(60), "the old key gone from status", |o| {
+        o.status.as_ref().is_some_and(|s| s.keys.len() == 1) && ready(o).is_some_and(|r| r.0 == "True")
+    })
+    .await;
     wait_iam_status(&f, &first, None).await;
     f.assert_consistent("app", &[]).await;
 }
