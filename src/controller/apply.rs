@@ -277,6 +277,12 @@ impl<'a> Run<'a> {
                 )
                 .await;
             }
+            Step::UntagStale { tag_keys } => {
+                iam.untag_user(&user, &tag_keys).await?;
+                if let Some(tags) = self.tags_mut() {
+                    tags.retain(|k, _| !tag_keys.contains(k));
+                }
+            }
             Step::ForgetKey { access_key_id, expected } => {
                 self.status.keys.retain(|k| k.access_key_id != access_key_id);
                 self.save_status().await?;

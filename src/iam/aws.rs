@@ -140,7 +140,18 @@ impl IamApi for AwsIam {
     async fn create_access_key(&self, user: &str) -> Result<NewKey, IamError> {
         let op = "CreateAccessKey";
         self.limiter.acquire().await;
-        let result = self.iam.create_access_key().user_name(user).send().await.map_err(|e| sdk_error(op, e));
+        // Not idempotent: if a response is lost, a retry here would make a second key while the
+        // first one goes unrecorded. The reconcile retries instead, under its pending-create marker.
+        let once = aws_sdk_iam::config::Builder::default().retry_config(aws_config::retry::RetryConfig::disabled());
+        let result = self
+            .iam
+            .create_access_key()
+            .user_name(user)
+            .customize()
+            .config_override(once)
+            .send()
+            .await
+            .map_err(|e| sdk_error(op, e));
         let result = result.and_then(|out| {
             let k = out
                 .access_key

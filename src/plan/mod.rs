@@ -196,6 +196,10 @@ pub enum Step {
     AdoptSecretKey {
         key: IamKey,
     },
+    /// Our per-key tags whose key is gone (a crash or failure between delete and untag).
+    UntagStale {
+        tag_keys: Vec<String>,
+    },
     /// A key status lists is gone from IAM.
     ForgetKey {
         access_key_id: String,
@@ -294,9 +298,11 @@ pub fn plan_next_step(obs: &Observation) -> Step {
     // Tags are read only when something is not explained by status alone: the first key, an
     // interrupted create, or a key status does not list. A converged resource skips the read.
     let all_tracked = keys.iter().all(|k| obs.ledger.keys.iter().any(|o| o.access_key_id == k.access_key_id));
+    // A tracked key gone from IAM may have left its tag behind.
+    let all_present = obs.ledger.keys.iter().all(|o| keys.iter().any(|k| k.access_key_id == o.access_key_id));
     let tags = match tags {
         Some(t) => t,
-        None if obs.ledger.keys.is_empty() || obs.ledger.pending_create.is_some() || !all_tracked => {
+        None if obs.ledger.keys.is_empty() || obs.ledger.pending_create.is_some() || !all_tracked || !all_present => {
             return Step::ReadUser;
         }
         None => return plan_owned_keys(obs, keys, None),
@@ -335,7 +341,15 @@ fn plan_owned_keys(obs: &Observation, keys: &[IamKey], tags: Option<&BTreeMap<St
         }
     }
 
-    // 2. Keys status lists that IAM no longer has.
+    // 2. Tags of our keys that are gone, then keys status lists that IAM no longer has.
+    if let Some(tags) = tags {
+        let ours = obs.owner.key_tag_value();
+        let tag_keys: Vec<String> =
+            tags.iter().filter(|(k, v)| **v == ours && in_iam(k).is_none()).map(|(k, _)| k.clone()).collect();
+        if !tag_keys.is_empty() {
+            return Step::UntagStale { tag_keys };
+        }
+    }
     for owned in &ledger.keys {
         if in_iam(&owned.access_key_id).is_none() {
             // A retired key past its deleteAt may have been deleted by us just before a crash.

@@ -324,6 +324,7 @@ fn step_name(step: &Step) -> &'static str {
         Step::DeleteOrphan { .. } => "DeleteOrphan",
         Step::AdoptSecretKey { .. } => "AdoptSecretKey",
         Step::ForgetKey { .. } => "ForgetKey",
+        Step::UntagStale { .. } => "UntagStale",
         Step::MakeRoom { .. } => "MakeRoom",
         Step::StartCreate { .. } => "StartCreate",
         Step::ClearPending => "ClearPending",
@@ -742,6 +743,14 @@ impl Sim {
             Step::ForgetKey { access_key_id, .. } => {
                 run.status.keys.retain(|k| k.access_key_id != access_key_id);
                 self.save_status(run)?;
+            }
+            Step::UntagStale { tag_keys } => {
+                for k in &tag_keys {
+                    self.tags.remove(k);
+                }
+                if let Some(tags) = view_tags(run) {
+                    tags.retain(|k, _| !tag_keys.contains(k));
+                }
             }
             Step::MakeRoom { access_key_id } | Step::DeleteRetired { access_key_id } => {
                 self.delete_key(run, &access_key_id, true)?;

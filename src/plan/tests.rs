@@ -182,9 +182,11 @@ fn console_deactivation_is_drift_and_is_reverted_but_a_spec_change_is_not_drift(
 }
 
 #[test]
-fn current_key_deleted_in_iam_is_forgotten_then_replaced() {
+fn current_key_deleted_in_iam_is_untagged_forgotten_then_replaced() {
     let mut w = converged();
     w.user = UserObservation::Found { keys: vec![], tags: Some(claimed_with(&["A"])) };
+    assert_eq!(w.plan(), Step::UntagStale { tag_keys: vec!["A".into()] });
+    w.user = UserObservation::Found { keys: vec![], tags: Some(claimed_with(&[])) };
     assert_eq!(w.plan(), Step::ForgetKey { access_key_id: "A".into(), expected: false });
     w.ledger.keys.clear();
     assert_eq!(w.plan(), Step::StartCreate { existing_key_ids: vec![] });
@@ -474,4 +476,20 @@ fn policy_deactivates_an_unused_key_and_reports_it_without_fighting_back() {
     // A rotation request issues a fresh, usable key.
     w.rotate_requested_at = Some("now".into());
     assert_eq!(w.plan(), Step::StartCreate { existing_key_ids: vec!["A".into()] });
+}
+
+#[test]
+fn a_tag_left_by_a_deleted_key_is_removed_before_the_key_is_forgotten() {
+    let mut w = converged();
+    let mut old = owned("OLD", KeyPhase::Inactive);
+    old.delete_at = Some(Time(t(50)));
+    w.ledger.keys.push(old);
+    // OLD was deleted in IAM, but its tag stayed (the untag after the delete failed).
+    w.user = UserObservation::Found { keys: vec![iam_key("A", KeyStatus::Active)], tags: None };
+    assert_eq!(w.plan(), Step::ReadUser);
+    w.user =
+        UserObservation::Found { keys: vec![iam_key("A", KeyStatus::Active)], tags: Some(claimed_with(&["A", "OLD"])) };
+    assert_eq!(w.plan(), Step::UntagStale { tag_keys: vec!["OLD".into()] });
+    w.user = UserObservation::Found { keys: vec![iam_key("A", KeyStatus::Active)], tags: Some(claimed_with(&["A"])) };
+    assert_eq!(w.plan(), Step::ForgetKey { access_key_id: "OLD".into(), expected: true });
 }
