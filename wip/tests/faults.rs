@@ -1,0 +1,982 @@
+//! Fault suite: whatever fails, and whenever, the operator converges to exactly the keys it
+//! records, every Secret it wrote holds a key that works, it never touches a key that is not its
+//! own, and it never hammers IAM.
+//!
+//! Faults are real: IAM errors, delays and outages come from a proxy in front of moto
+//! (`support::proxy`), the API server is a real process killed and started again, and the
+//! operator is SIGKILLed at random moments. The figures each test prints (`--nocapture`) are
+//! the ones `docs/reliability.md` reports.
+
+// The random-kill scenario, shared with the (ignored) soak test; it also brings `support`.
+#[path = "soak.rs"]
+mod soak;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use futures::StreamExt;
+use iam_key_operator::crd::{IamAccessKey, IamAccessKeyPolicy, KeyPhase};
+use k8s_openapi::api::core::v1::Secret;
+use kube::{
+    Api,
+    api::{ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams},
+    runtime::watcher,
+};
+use serde_json::json;
+use soak::support::{
+    proxy::{FaultProxy, Faults, Outcome, by_action, by_outcome, max_in_window, per_second},
+    *,
+};
+use testenv::TestEnv;
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
+
+/// An operator for the fixture's namespace that reaches IAM and STS through the proxy.
+fn via_proxy(f: &Fixture, proxy: &FaultProxy, args: &[&str]) -> Operator {
+    let envs = proxy.operator_env();
+    let envs: Vec<(&str, &str)> = envs.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    Operator::start(f.env, &f.ns, &envs, args)
+}
+
+/// `n` IAM users named `<fixture user>-<i>` (the fixture's policy allows `<fixture user>*`).
+async fn make_users(f: &Fixture, n: usize) -> Vec<String> {
+    let iam = f.env.iam_client();
+    let mut users = Vec::with_capacity(n);
+    for i in 0..n {
+        let user = format!("{}-{i}", f.user);
+        iam.create_user().user_name(&user).send().await.expect("CreateUser");
+        users.push(user);
+    }
+    users
+}
+
+async fn create_for(f: &Fixture, name: &str, user: &str, mut spec: serde_json::Value) {
+    spec["userName"] = user.into();
+    f.create(name, spec).await;
+}
+
+/// Every resource of the namespace by name.
+async fn list(f: &Fixture) -> BTreeMap<String, IamAccessKey> {
+    let items = f.keys_api().list(&ListParams::default()).await.expect("list").items;
+    items.into_iter().map(|o| (o.metadata.name.clone().unwrap_or_default(), o)).collect()
+}
+
+fn reason(o: &IamAccessKey) -> String {
+    ready(o).map(|(_, r, _)| r).unwrap_or_default()
+}
+
+fn is_ready(o: &IamAccessKey) -> bool {
+    ready(o).is_some_and(|(s, _, _)| s == "True")
+}
+
+/// Ready, one key (the current one), nothing pending, the latest spec seen.
+fn settled(o: &IamAccessKey) -> bool {
+    let Some(s) = o.status.as_ref() else { return false };
+    is_ready(o)
+        && s.observed_generation == o.metadata.generation
+        && s.pending_create.is_none()
+        && s.keys.len() == 1
+        && s.keys[0].phase == KeyPhase::Current
+}
+
+/// Wait until `check` holds for every named resource; returns how long it took.
+async fn wait_all(
+    f: &Fixture,
+    names: &[String],
+    timeout: Duration,
+    what: &str,
+    check: impl Fn(&IamAccessKey) -> bool,
+) -> Duration {
+    let start = Instant::now();
+    loop {
+        let all = list(f).await;
+        let failing: Vec<String> = names
+            .iter()
+            .filter(|n| !all.get(*n).is_some_and(&check))
+            .map(|n| match all.get(n) {
+                Some(o) => format!("{n}: {:?}", ready(o)),
+                None => format!("{n}: missing"),
+            })
+            .collect();
+        if failing.is_empty() {
+            return start.elapsed();
+        }
+        if start.elapsed() > timeout {
+            panic!("timed out after {timeout:?} waiting for {what}; not yet:\n  {}", failing.join("\n  "));
+        }
+        // Listing many resources is not free: poll less often when there are many.
+        tokio::time::sleep(Duration::from_millis(250).max(Duration::from_millis(5) * names.len() as u32)).await;
+    }
+}
+
+/// IAM holds exactly the keys status names (plus `foreign`), the Secret holds the current key
+/// and it authenticates as the user.
+async fn assert_user_consistent(f: &Fixture, name: &str, user: &str, foreign: &[String]) {
+    let obj = f.keys_api().get(name).await.expect("get");
+    let status = obj.status.clone().expect("status");
+    let mut expected: BTreeSet<String> = status.keys.iter().map(|k| k.access_key_id.clone()).collect();
+    expected.extend(foreign.iter().cloned());
+    let actual: BTreeSet<String> = iam_keys(f.env, user).await.into_keys().collect();
+    assert_eq!(actual, expected, "{name}: IAM keys of {user} vs status.keys + foreign keys");
+    let secret = status.secret_name.clone().expect("status.secretName");
+    let (id, key) = f.secret_creds(&secret).await.expect("Secret with credentials");
+    assert_eq!(Some(&id), status.access_key_id.as_ref(), "{name}: the Secret holds the current key");
+    assert!(authenticates_as(f.env, &id, &key, user).await, "{name}: the Secret's key authenticates as {user}");
+    assert!(status.pending_create.is_none(), "{name}: no create left pending");
+}
+
+/// How many times a resource failing without pause wakes up from its backoff within `window`:
+/// the n-th consecutive failure waits at least `0.9 * base * 2^(n-1)` (base 2 s for retryable
+/// errors, 5 s for the others; ±10% jitter), so k wake-ups need at least
+/// `0.9 * base * (2^k - 1)` seconds.
+fn backoff_wakeups(window: Duration, base_secs: f64) -> u32 {
+    let min = 0.9 * base_secs;
+    let mut k = 0;
+    while min * (2f64.powi(k as i32 + 1) - 1.0) <= window.as_secs_f64() {
+        k += 1;
+    }
+    k
+}
+
+/// Changes of IamAccessKeyPolicy objects (every test's Fixture writes one) seen since start.
+/// Each change makes the operator look at all its resources again, whatever their backoff, so
+/// the call bounds below allow one more reconcile per change.
+struct PolicyChanges {
+    count: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl PolicyChanges {
+    async fn start(f: &Fixture) -> PolicyChanges {
+        let api: Api<IamAccessKeyPolicy> = Api::all(f.client.clone());
+        let count = Arc::new(AtomicUsize::new(0));
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        let counter = count.clone();
+        let task = tokio::spawn(async move {
+            let mut ready = Some(ready_tx);
+            let mut events = std::pin::pin!(watcher(api, watcher::Config::default()));
+            while let Some(event) = events.next().await {
+                match event {
+                    Ok(watcher::Event::InitDone) => {
+                        if let Some(r) = ready.take() {
+                            let _ = r.send(());
+                        }
+                    }
+                    // A relist after the first counts too: the operator's watch relists as well.
+                    Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_)) => {
+                        counter.fetch_add(1, Ordering::SeqCst);
+                    }
+                    Ok(watcher::Event::Init) if ready.is_none() => {
+                        counter.fetch_add(1, Ordering::SeqCst);
+                    }
+                    _ => {}
+                }
+            }
+        });
+        let _ = tokio::time::timeout(Duration::from_secs(30), ready_rx).await;
+        PolicyChanges { count, task }
+    }
+
+    fn get(&self) -> usize {
+        self.count.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for PolicyChanges {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The AWS SDK's standard retry mode: at most three attempts per operation.
+const SDK_ATTEMPTS: usize = 3;
+
+/// Lines of the per-resource condition gauge with this reason.
+fn condition_gauges(metrics: &str, reason: &str) -> usize {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("iam_key_operator_condition{") && l.contains(&format!("reason=\"{reason}\"")))
+        .filter(|l| l.ends_with(" 1"))
+        .count()
+}
+
+fn names(prefix: &str, range: std::ops::Range<usize>) -> Vec<String> {
+    range.map(|i| format!("{prefix}{i}")).collect()
+}
+
+fn keys_created_since(proxy: &FaultProxy, since: Instant) -> usize {
+    proxy.calls_since(since).iter().filter(|c| c.action == "CreateAccessKey" && c.outcome.reached_iam()).count()
+}
+
+// ---------------------------------------------------------------------------------------------
+// IAM throttling and 5xx
+
+#[tokio::test]
+async fn throttling_and_server_errors_show_in_conditions_back_off_and_converge() {
+    const N: usize = 8;
+    const FULL: Duration = Duration::from_secs(15);
+    const PARTIAL: Duration = Duration::from_secs(15);
+    let f = Fixture::new("throttle").await;
+    let users = make_users(&f, N).await;
+    let all = names("r", 0..N);
+    let proxy = FaultProxy::start(&f.env.iam_endpoint()).await;
+    // No client-side rate limit: only the backoff stands between a failing resource and IAM.
+    let op = via_proxy(&f, &proxy, &["--iam-rate", "0"]);
+    let spec = json!({"rotation": {"gracePeriod": "1s", "retainInactive": "1s"}});
+    for i in 0..N / 2 {
+        create_for(&f, &all[i], &users[i], spec.clone()).await;
+    }
+    wait_all(&f, &all[..N / 2], Duration::from_secs(60), "Ready", is_ready).await;
+    let before = proxy.calls().len();
+
+    // Phase 1: IAM throttles every call. Half the resources are Ready (their next resync fails),
+    // half are created now.
+    let policies = PolicyChanges::start(&f).await;
+    proxy.set(Faults::throttle(1.0));
+    let t1 = Instant::now();
+    let changes_before = policies.get();
+    for i in N / 2..N {
+        create_for(&f, &all[i], &users[i], spec.clone()).await;
+    }
+    wait_all(&f, &all, Duration::from_secs(30), "reason Throttled", |o| reason(o) == "Throttled").await;
+    let obj = f.keys_api().get(&all[0]).await.unwrap();
+    let message = ready(&obj).unwrap().2;
+    assert!(message.contains("throttled") && message.contains("Rate exceeded"), "clear message: {message}");
+    assert_eq!(condition_gauges(&op.metrics().await, "Throttled"), N, "condition gauge per resource");
+    tokio::time::sleep((t1 + FULL).saturating_duration_since(Instant::now())).await;
+    let phase1 = proxy.calls_since(t1);
+    let changes = policies.get() - changes_before;
+
+    // Phase 2: 50% Throttling, and 20% of the rest 500/503.
+    proxy.set(Faults { throttle: 0.5, server_error: 0.2, ..Faults::none() });
+    let t2 = Instant::now();
+    let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+    while t2.elapsed() < PARTIAL {
+        for o in list(&f).await.values() {
+            *seen.entry(reason(o)).or_default() += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let phase2 = proxy.calls_since(t2);
+
+    // Phase 3: no faults.
+    proxy.set(Faults::none());
+    // A resource may be waiting out a long backoff when the faults stop: up to the 5 minute cap
+    // (+10% jitter). Until finding 4 of docs/reliability.md is fixed, mixed errors drive the
+    // backoff there within seconds.
+    let converge = wait_all(&f, &all, Duration::from_secs(360), "settled after the faults", settled).await;
+    for (name, user) in all.iter().zip(&users) {
+        assert_user_consistent(&f, name, user, &[]).await;
+        assert_eq!(iam_keys(f.env, user).await.len(), 1, "{name}: one key, none created twice");
+    }
+
+    // Bound of phase 1: every reconcile stops at its first IAM call (ListAccessKeys), which the
+    // SDK tries at most 3 times. Reconciles per resource: the first (creation or resync), one
+    // more for the watch event of its own status write (Throttled), the backoff wake-ups, and
+    // one per policy change in the cluster.
+    let wakeups = backoff_wakeups(FULL, 2.0) as usize;
+    let bound = N * SDK_ATTEMPTS * (2 + wakeups + changes);
+    let (max1s, _) = max_in_window(&phase1, Duration::from_secs(1));
+    println!(
+        "throttling: {N} resources; 100% Throttling for {FULL:?}: {} calls (bound {bound} = {N} x {SDK_ATTEMPTS} x (2 + {wakeups} + {changes} policy changes)), max {max1s} in 1 s; \
+         50% Throttling + 10% 5xx for {PARTIAL:?}: {} calls {:?}, Ready reasons seen {seen:?}; \
+         settled {:.1}s after the faults stopped; calls before faults {before}, total {}; by action {:?}",
+        phase1.len(),
+        phase2.len(),
+        by_outcome(&phase2),
+        converge.as_secs_f64(),
+        proxy.calls().len(),
+        by_action(&proxy.calls_since(t1)),
+    );
+    assert!(phase1.len() <= bound, "{} calls during full throttling exceed the backoff bound {bound}", phase1.len());
+    assert!(phase1.iter().all(|c| c.action == "ListAccessKeys"), "nothing but observation under full throttling");
+    op.assert_log_free_of(&f.secret_creds(&all[0]).await.unwrap().1);
+}
+
+#[tokio::test]
+#[ignore = "fails until fixed: a failure that changes the Ready condition writes status, the write's own watch event \
+            starts the next reconcile at once, and the backoff never applies: a hot loop (docs/reliability.md, finding 4)"]
+async fn backoff_holds_when_the_error_changes_every_time() {
+    const N: usize = 4;
+    const WINDOW: Duration = Duration::from_secs(40);
+    let f = Fixture::new("alternate").await;
+    let users = make_users(&f, N).await;
+    let all = names("r", 0..N);
+    let proxy = FaultProxy::start(&f.env.iam_endpoint()).await;
+    // Every failed operation ends with another error than the previous one (Throttled,
+    // IamUnavailable, Throttled, ...): each failure changes the Ready condition.
+    proxy.set(Faults { alternate_errors: true, ..Faults::none() });
+    let policies = PolicyChanges::start(&f).await;
+    let op = via_proxy(&f, &proxy, &["--iam-rate", "0"]);
+    let t0 = Instant::now();
+    for (name, user) in all.iter().zip(&users) {
+        create_for(&f, name, user, json!({})).await;
+    }
+    tokio::time::sleep(WINDOW.saturating_sub(t0.elapsed())).await;
+    let calls = proxy.calls_since(t0);
+    let changes = policies.get();
+    let kube_writes = op.kube_writes().await;
+    let reconciles: u64 = op
+        .metrics()
+        .await
+        .lines()
+        .filter(|l| l.starts_with("iam_key_operator_reconciles_total"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64;
+    // As in the throttling test: first reconcile, its own status write, backoff wake-ups, policy
+    // changes; each stops at its first operation, tried 3 times.
+    let wakeups = backoff_wakeups(WINDOW, 2.0) as usize;
+    let bound = N * SDK_ATTEMPTS * (2 + wakeups + changes);
+    println!(
+        "alternating errors: {N} resources, every call failing with Throttling and 503 in turn for {WINDOW:?}: {} calls \
+         (bound {bound} = {N} x {SDK_ATTEMPTS} x (2 + {wakeups} + {changes} policy changes)); per resource {:?}; \
+         {reconciles} reconciles, {kube_writes} status writes",
+        calls.len(),
+        users
+            .iter()
+            .map(|u| calls.iter().filter(|c| c.user.as_deref() == Some(u.as_str())).count())
+            .collect::<Vec<_>>()
+    );
+    assert!(calls.len() <= bound, "{} calls in {WINDOW:?} exceed the backoff bound {bound}", calls.len());
+}
+
+// ---------------------------------------------------------------------------------------------
+// IAM outage
+
+#[tokio::test]
+async fn iam_outage_then_recovery_creates_each_key_once() {
+    const OUTAGE: Duration = Duration::from_secs(20);
+    let f = Fixture::new("outage").await;
+    let users = make_users(&f, 10).await;
+    let all = names("r", 0..10);
+    let proxy = FaultProxy::start(&f.env.iam_endpoint()).await;
+    let op = via_proxy(&f, &proxy, &[]);
+    let spec = json!({"rotation": {"gracePeriod": "1s", "retainInactive": "1s"}});
+    for i in 0..6 {
+        create_for(&f, &all[i], &users[i], spec.clone()).await;
+    }
+    wait_all(&f, &all[..6], Duration::from_secs(60), "Ready", settled).await;
+    let keys_before: Vec<String> = {
+        let l = list(&f).await;
+        all[..6].iter().map(|n| l[n].status.as_ref().unwrap().access_key_id.clone().unwrap()).collect()
+    };
+    let unavailable_before = unavailable_ops(&op).await;
+    let policies = PolicyChanges::start(&f).await;
+
+    // The outage: connections refused. Meanwhile: 4 new resources, 2 rotations, 1 deletion.
+    proxy.set(Faults::outage());
+    let t0 = Instant::now();
+    for i in 6..10 {
+        create_for(&f, &all[i], &users[i], spec.clone()).await;
+    }
+    for name in &all[0..2] {
+        let patch = json!({"spec": {"rotation": {"serial": 1}}});
+        f.keys_api().patch(name, &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+    }
+    f.delete(&all[2]).await;
+    let live: Vec<String> = all.iter().filter(|n| *n != &all[2]).cloned().collect();
+    wait_all(&f, &live, OUTAGE, "reason IamUnavailable", |o| reason(o) == "IamUnavailable").await;
+    let obj = f.keys_api().get(&all[6]).await.unwrap();
+    let message = ready(&obj).unwrap().2;
+    assert!(message.contains("IAM unavailable"), "clear message: {message}");
+    tokio::time::sleep((t0 + OUTAGE).saturating_duration_since(Instant::now())).await;
+    assert!(f.keys_api().get_opt(&all[2]).await.unwrap().is_some(), "deletion waits for IAM");
+    let failed_ops = unavailable_ops(&op).await - unavailable_before;
+    let changes = policies.get();
+
+    proxy.set(Faults::none());
+    let back = Instant::now();
+    let converge = wait_all(&f, &live, Duration::from_secs(180), "settled after the outage", settled).await;
+    f.wait_gone(&all[2], Duration::from_secs(60)).await;
+    let gone = back.elapsed();
+
+    // Each key was created exactly once: 4 new resources + 2 rotations.
+    let created = keys_created_since(&proxy, t0);
+    for (name, user) in live.iter().zip(users.iter().enumerate().filter(|(i, _)| *i != 2).map(|(_, u)| u)) {
+        assert_user_consistent(&f, name, user, &[]).await;
+    }
+    assert!(iam_keys(f.env, &users[2]).await.is_empty(), "the deleted resource's key is gone");
+    let l = list(&f).await;
+    for (i, name) in all[..2].iter().enumerate() {
+        assert_ne!(l[name].status.as_ref().unwrap().access_key_id.as_ref(), Some(&keys_before[i]), "{name} rotated");
+    }
+    // Operations that failed during the outage: each reconcile stops at its first failed call.
+    let wakeups = backoff_wakeups(OUTAGE, 2.0) as usize;
+    // Per resource: creation or resync, its own status write, a spec change or deletion, the
+    // backoff wake-ups, and the policy changes.
+    let bound = 10 * (3 + wakeups + changes);
+    println!(
+        "outage: 10 resources, connections refused for {OUTAGE:?}: {failed_ops} IAM operations failed (bound {bound}, {changes} policy changes); \
+         settled {:.1}s and deletion done {:.1}s after recovery; CreateAccessKey reaching IAM since the outage began: {created} (expected 6)",
+        converge.as_secs_f64(),
+        gone.as_secs_f64()
+    );
+    assert_eq!(created, 6, "each new key created once: 4 new resources + 2 rotations");
+    assert!(failed_ops as usize <= bound, "{failed_ops} failed IAM operations during the outage exceed {bound}");
+}
+
+async fn unavailable_ops(op: &Operator) -> u64 {
+    op.metrics()
+        .await
+        .lines()
+        .filter(|l| l.starts_with("iam_key_operator_iam_calls_total{") && l.contains("outcome=\"unavailable\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+// ---------------------------------------------------------------------------------------------
+// Responses lost after IAM acted, and slow IAM
+
+/// For each resource: IAM holds exactly the keys status names; on failure, what the proxy saw of
+/// the user.
+async fn assert_no_extra_keys(f: &Fixture, proxy: &FaultProxy, all: &[String], users: &[String]) {
+    let calls = proxy.calls();
+    let l = list(f).await;
+    let mut leaks = Vec::new();
+    for (name, user) in all.iter().zip(users) {
+        let status = l[name].status.clone().unwrap_or_default();
+        let in_status: BTreeSet<String> = status.keys.iter().map(|k| k.access_key_id.clone()).collect();
+        let in_iam: BTreeSet<String> = iam_keys(f.env, user).await.into_keys().collect();
+        if in_iam != in_status {
+            let trace: Vec<String> = calls
+                .iter()
+                .filter(|c| c.user.as_deref() == Some(user.as_str()))
+                .map(|c| {
+                    format!(
+                        "{}{} {:?}",
+                        c.action,
+                        c.key.as_ref().map(|k| format!("({k})")).unwrap_or_default(),
+                        c.outcome
+                    )
+                })
+                .collect();
+            leaks.push(format!(
+                "{name}: IAM {in_iam:?}, status {in_status:?}, status.foreignKeys {}, Ready: {:?}\n    calls: {}",
+                status.foreign_keys,
+                ready(&l[name]),
+                trace.join(", ")
+            ));
+        }
+    }
+    assert!(leaks.is_empty(), "keys IAM holds that status does not name:\n  {}", leaks.join("\n  "));
+}
+
+#[tokio::test]
+async fn lost_responses_and_slow_iam_leave_no_extra_key() {
+    const N: usize = 6;
+    let f = Fixture::new("dropped").await;
+    let users = make_users(&f, N).await;
+    let all = names("r", 0..N);
+    let proxy = FaultProxy::start(&f.env.iam_endpoint()).await;
+    let _op = via_proxy(&f, &proxy, &[]);
+    // A quarter of the calls reach IAM but their answer is lost; every call is 300 ms slower.
+    // CreateAccessKey is spared: a lost answer to it leaks a key (see the ignored test below).
+    proxy.set(Faults {
+        drop_response: 0.25,
+        delay: Duration::from_millis(300),
+        except: vec!["CreateAccessKey".into()],
+        ..Faults::none()
+    });
+    let t0 = Instant::now();
+    for (name, user) in all.iter().zip(&users) {
+        create_for(&f, name, user, json!({"rotation": {"gracePeriod": "1s", "retainInactive": "1s"}})).await;
+    }
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    // Rotate each once, still under the fault.
+    for name in &all {
+        let patch = json!({"spec": {"rotation": {"serial": 1}}});
+        f.keys_api().patch(name, &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    proxy.set(Faults::none());
+    let converge = wait_all(&f, &all, Duration::from_secs(180), "settled and rotated", |o| {
+        settled(o) && o.status.as_ref().and_then(|s| s.rotation.as_ref()).is_some_and(|r| r.serial == 1)
+    })
+    .await;
+    assert_no_extra_keys(&f, &proxy, &all, &users).await;
+    for (name, user) in all.iter().zip(&users) {
+        assert_user_consistent(&f, name, user, &[]).await;
+    }
+    let calls = proxy.calls_since(t0);
+    println!(
+        "lost responses: {N} resources created and rotated while 25% of responses (all but CreateAccessKey) were lost \
+         after IAM acted, + 300 ms delay, for 20 s: {} calls {:?}; {} CreateAccessKey; settled {:.1}s after",
+        calls.len(),
+        by_outcome(&calls),
+        keys_created_since(&proxy, t0),
+        converge.as_secs_f64(),
+    );
+}
+
+#[tokio::test]
+#[ignore = "fails until fixed: the AWS SDK retries a CreateAccessKey whose response was lost, and the key IAM made \
+            first is then counted as foreign and never deleted (docs/reliability.md, finding 1)"]
+async fn a_lost_create_access_key_response_leaves_no_extra_key() {
+    const N: usize = 3;
+    let f = Fixture::new("lostcreate").await;
+    let users = make_users(&f, N).await;
+    let all = names("r", 0..N);
+    let proxy = FaultProxy::start(&f.env.iam_endpoint()).await;
+    proxy.set(Faults { lose_first_response_of: Some("CreateAccessKey".into()), ..Faults::none() });
+    let _op = via_proxy(&f, &proxy, &[]);
+    for (name, user) in all.iter().zip(&users) {
+        create_for(&f, name, user, json!({})).await;
+    }
+    wait_all(&f, &all, Duration::from_secs(60), "settled", settled).await;
+    assert_no_extra_keys(&f, &proxy, &all, &users).await;
+}
+
+#[tokio::test]
+#[ignore = "fails until fixed: a key deleted by the operator keeps its ownership tag on the user when the UntagUser \
+            that follows DeleteAccessKey fails or is interrupted (docs/reliability.md, finding 2)"]
+async fn a_failed_untag_after_a_key_deletion_leaves_no_tag_behind() {
+    let f = Fixture::new("untag").await;
+    let proxy = FaultProxy::start(&f.env.iam_endpoint()).await;
+    let _op = via_proxy(&f, &proxy, &[]);
+    f.create("app", json!({"rotation": {"gracePeriod": "1s", "retainInactive": "1s"}})).await;
+    let first = f.wait_ready("app").await.status.unwrap().access_key_id.unwrap();
+    // IAM fails every UntagUser for a while (after the SDK's retries): the rotation deletes the
+    // old key, then cannot remove its tag.
+    proxy.set(Faults { server_error: 1.0, only: vec!["UntagUser".into()], ..Faults::none() });
+    let patch = json!({"spec": {"rotation": {"serial": 1}}});
+    f.keys_api().patch("app", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while f.iam_keys().await.contains_key(&first) {
+        assert!(Instant::now() < deadline, "the old key was never deleted");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    proxy.set(Faults::none());
+    f.wait_for("app", Duration::from_secs(120), "settled", settled).await;
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let tags = f.user_tags().await;
+    let calls: Vec<String> = proxy
+        .calls()
+        .iter()
+        .filter(|c| c.key.as_deref() == Some(first.as_str()))
+        .map(|c| format!("{} {:?}", c.action, c.outcome))
+        .collect();
+    assert!(
+        !tags.contains_key(&first),
+        "the tag of deleted key {first} is still on the user: {tags:?}; calls about the key: {calls:?}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// API server restart
+
+/// An environment of this test's own (its API server gets killed); never dropped (the child
+/// processes end with the test process).
+async fn private_env() -> &'static TestEnv {
+    let opts = testenv::Options::default().crds_dir(testenv::repo_root().join("crds")).controller_manager(false);
+    let env = TestEnv::start_async(opts).await.expect("private testenv");
+    Box::leak(Box::new(env))
+}
+
+async fn private_fixture(env: &'static TestEnv, prefix: &str) -> Fixture {
+    let client = env.kube_client().await.expect("client");
+    let ns = env.fresh_namespace(prefix).await.expect("namespace");
+    let user = env.fresh_iam_user(prefix).await.expect("user");
+    let f = Fixture { env, client, ns, user };
+    f.allow(&format!("allow-{}", f.ns), json!({"namespaces": [f.ns], "userNames": [format!("{}*", f.user)]})).await;
+    f
+}
+
+/// A kube-apiserver started by this test with the command line of the one it killed.
+struct Restarted(std::process::Child);
+
+impl Drop for Restarted {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn kill_apiserver(env: &TestEnv) -> Vec<String> {
+    let (_, pid) = env.processes().into_iter().find(|(n, _)| n == "kube-apiserver").expect("kube-apiserver pid");
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).expect("cmdline");
+    let argv: Vec<String> =
+        cmdline.split(|b| *b == 0).filter(|a| !a.is_empty()).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+    let status = std::process::Command::new("kill").args(["-KILL", &pid.to_string()]).status().expect("kill");
+    assert!(status.success(), "kill -KILL {pid}");
+    argv
+}
+
+fn start_apiserver(env: &TestEnv, argv: &[String]) -> Restarted {
+    let log = std::fs::File::options().create(true).append(true).open(env.log_path("kube-apiserver")).unwrap();
+    // setpriv: the kernel kills it if this test's thread dies without dropping the guard.
+    let child = std::process::Command::new("setpriv")
+        .args(["--pdeathsig", "KILL", "--"])
+        .args(argv)
+        .current_dir(env.dir())
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("start kube-apiserver again");
+    Restarted(child)
+}
+
+async fn wait_apiserver_ready(env: &TestEnv, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(client) = env.kube_client().await {
+            let keys: Api<IamAccessKey> = Api::all(client);
+            if keys.list(&ListParams::default().limit(1)).await.is_ok() {
+                return;
+            }
+        }
+        assert!(Instant::now() < deadline, "kube-apiserver not serving IamAccessKeys within {timeout:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test]
+async fn api_server_restart_watches_recover_and_nothing_is_created_twice() {
+    const DOWN: Duration = Duration::from_secs(10);
+    let env = private_env().await;
+    let f = private_fixture(env, "apirestart").await;
+    let users = make_users(&f, 6).await;
+    let all = names("r", 0..6);
+    let proxy = FaultProxy::start(&env.iam_endpoint()).await;
+    let op = via_proxy(&f, &proxy, &[]);
+    let spec = json!({"rotation": {"gracePeriod": "1s", "retainInactive": "1s"}});
+    for i in 0..5 {
+        create_for(&f, &all[i], &users[i], spec.clone()).await;
+    }
+    wait_all(&f, &all[..5], Duration::from_secs(60), "Ready", settled).await;
+    let first_key = list(&f).await[&all[0]].status.as_ref().unwrap().access_key_id.clone().unwrap();
+
+    let killed = Instant::now();
+    let argv = kill_apiserver(env);
+    tokio::time::sleep(DOWN).await;
+    let _apiserver = start_apiserver(env, &argv);
+    wait_apiserver_ready(env, Duration::from_secs(120)).await;
+    let back = Instant::now();
+    let downtime = killed.elapsed();
+
+    // The watches must have come back: a new resource, a rotation and a deletion are all seen.
+    let f = Fixture { client: env.kube_client().await.unwrap(), ..f };
+    create_for(&f, &all[5], &users[5], spec.clone()).await;
+    let patch = json!({"spec": {"rotation": {"serial": 1}}});
+    f.keys_api().patch(&all[0], &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+    f.delete(&all[1]).await;
+    let live: Vec<String> = all.iter().filter(|n| *n != &all[1]).cloned().collect();
+    let converge = wait_all(&f, &live, Duration::from_secs(120), "settled after the restart", |o| {
+        settled(o) && o.status.as_ref().and_then(|s| s.access_key_id.as_ref()) != Some(&first_key)
+    })
+    .await;
+    f.wait_gone(&all[1], Duration::from_secs(60)).await;
+    let gone = back.elapsed();
+    for (i, name) in all.iter().enumerate().filter(|(i, _)| *i != 1) {
+        assert_user_consistent(&f, name, &users[i], &[]).await;
+    }
+    assert!(iam_keys(env, &users[1]).await.is_empty(), "the deleted resource's key is gone");
+    let created = keys_created_since(&proxy, killed);
+    println!(
+        "API server restart: down {:.1}s (killed with SIGKILL, started again on the same etcd); new resource, rotation \
+         and deletion settled {:.1}s / {:.1}s after it was back; CreateAccessKey since the kill: {created} (expected 2)",
+        downtime.as_secs_f64(),
+        converge.as_secs_f64(),
+        gone.as_secs_f64()
+    );
+    assert_eq!(created, 2, "one key for the new resource, one for the rotation: nothing created twice");
+    assert!(!op.log().contains("panicked at"), "the operator did not panic");
+    op.metrics().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Random kills (small; `make soak` runs the same for longer)
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_kills_leak_nothing_and_lose_nothing() {
+    let report = soak::random_kills("kills", &soak::Scale::small()).await;
+    println!("{report}");
+    report.assert_clean();
+    assert!(report.kills >= 5, "enough kills to mean something: {}", report.kills);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rate limiting
+
+#[tokio::test]
+async fn iam_rate_limit_holds_for_many_resources_at_once_and_after_a_restart() {
+    rate_limit_run("rate", 100, 5, 20).await;
+}
+
+/// `make soak` runs this one too: 1,000 resources (IKO_BENCH_RESOURCES) at --iam-rate 20
+/// (IKO_BENCH_IAM_RATE), about 10 minutes.
+#[tokio::test]
+#[ignore = "long: run with `make soak`"]
+async fn bench_rate_limit_1000_resources() {
+    let env_num = |name: &str, default: usize| -> usize {
+        std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    };
+    rate_limit_run("bench", env_num("IKO_BENCH_RESOURCES", 1000), env_num("IKO_BENCH_IAM_RATE", 20), 20).await;
+}
+
+#[tokio::test]
+#[ignore = "fails until fixed: the AWS SDK's own retries bypass --iam-rate, so while IAM throttles, more calls \
+            than the configured rate reach it (docs/reliability.md, finding 3)"]
+async fn iam_rate_limit_holds_while_iam_throttles() {
+    const N: usize = 60;
+    const RATE: usize = 5;
+    const BURST: usize = 5;
+    const WINDOW: Duration = Duration::from_secs(30);
+    let f = Fixture::new("ratethrottled").await;
+    let users = make_users(&f, N).await;
+    let all = names("r", 0..N);
+    let proxy = FaultProxy::start(&f.env.iam_endpoint()).await;
+    proxy.set(Faults::throttle(0.6));
+    let _op = via_proxy(&f, &proxy, &["--iam-rate", &RATE.to_string(), "--iam-burst", &BURST.to_string()]);
+    let t0 = Instant::now();
+    for (name, user) in all.iter().zip(&users) {
+        create_for(&f, name, user, json!({})).await;
+    }
+    tokio::time::sleep(WINDOW.saturating_sub(t0.elapsed())).await;
+    let calls = proxy.calls_since(t0);
+    let (max1s, _) = max_in_window(&calls, Duration::from_secs(1));
+    let bound_1s = BURST + RATE * 14 / 10;
+    let bound_total = BURST + RATE * (WINDOW.as_secs() as usize + 1);
+    println!(
+        "rate limit under 60% Throttling: {N} resources, --iam-rate {RATE} --iam-burst {BURST}: {} calls in {WINDOW:?} \
+         (bound {bound_total}), max {max1s} in any 1 s (bound {bound_1s}); {:?}",
+        calls.len(),
+        by_outcome(&calls)
+    );
+    assert!(calls.len() <= bound_total, "{} calls in {WINDOW:?} exceed {bound_total}", calls.len());
+    assert!(max1s <= bound_1s, "{max1s} calls in 1 s exceed {bound_1s}");
+}
+
+/// `n` resources applied at once, then a restart with `n` Ready resources; the proxy's count of
+/// calls in any 1 s window stays within what the token bucket allows.
+async fn rate_limit_run(prefix: &str, n: usize, rate: usize, burst: usize) {
+    // In any 1 s window the token bucket grants at most burst + rate calls. The proxy sees a call
+    // a little after its grant (signing, scheduling on a loaded machine, loopback); 0.4 s of that
+    // shift is allowed for: burst + rate * 1.4 s.
+    let bound = burst + rate * 14 / 10;
+    let f = Fixture::new(prefix).await;
+    let users = make_users(&f, n).await;
+    let all = names("r", 0..n);
+    let proxy = FaultProxy::start(&f.env.iam_endpoint()).await;
+    let args: Vec<String> = ["--iam-rate", &rate.to_string(), "--iam-burst", &burst.to_string(), "--resync", "10m"]
+        .map(String::from)
+        .to_vec();
+    let mut op = soak::Op::start(f.env, &f.ns, &proxy.operator_env(), &args);
+    let t0 = Instant::now();
+    for (name, user) in all.iter().zip(&users) {
+        create_for(&f, name, user, json!({})).await;
+    }
+    let applied = t0.elapsed();
+    // About 8 calls per new resource.
+    let timeout = Duration::from_secs(60 + (10 * n / rate) as u64);
+    let converge = wait_all(&f, &all, timeout, "all Ready", settled).await;
+    let created = proxy.calls_since(t0);
+    let (max_created, at) = max_in_window(&created, Duration::from_secs(1));
+
+    // A restart with n Ready resources: each is looked at again.
+    op.restart();
+    let t1 = Instant::now();
+    let deadline = t1 + Duration::from_secs(60 + (2 * n / rate) as u64);
+    while proxy.calls_since(t1).iter().filter(|c| c.action == "ListAccessKeys").count() < n {
+        assert!(Instant::now() < deadline, "not every resource was looked at after the restart");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let relist = t1.elapsed();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let restarted = proxy.calls_since(t1);
+    let (max_restart, _) = max_in_window(&restarted, Duration::from_secs(1));
+    let l = list(&f).await;
+    assert!(all.iter().all(|name| is_ready(&l[name])), "still Ready after the restart");
+    for (name, user) in all.iter().zip(&users).step_by((n / 10).max(1)) {
+        assert_user_consistent(&f, name, user, &[]).await;
+    }
+    // How many whole seconds saw how many calls.
+    let mut histogram: BTreeMap<usize, usize> = BTreeMap::new();
+    for c in per_second(&created, t0) {
+        *histogram.entry(c).or_default() += 1;
+    }
+    println!(
+        "rate limit: {n} resources applied at once (in {:.1}s), --iam-rate {rate} --iam-burst {burst}: {} calls, all \
+         Ready after {:.1}s ({:.1} calls/resource), max {max_created} in any 1 s window (bound {bound}), mean {:.2}/s; \
+         restart with {n} Ready: {} calls, every resource seen again in {:.1}s, max {max_restart} in any 1 s; \
+         by action {:?}; seconds by calls in them {histogram:?}",
+        applied.as_secs_f64(),
+        created.len(),
+        converge.as_secs_f64(),
+        created.len() as f64 / n as f64,
+        created.len() as f64 / converge.as_secs_f64(),
+        restarted.len(),
+        relist.as_secs_f64(),
+        by_action(&created),
+    );
+    assert!(max_created <= bound, "{max_created} calls within 1 s (from {at:?}) exceed {bound}");
+    assert!(max_restart <= bound, "{max_restart} calls within 1 s after the restart exceed {bound}");
+    assert!(by_outcome(&created).keys().all(|o| matches!(o, Outcome::Forwarded(200))), "no retries hidden in here");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bad input at the edges
+
+#[tokio::test]
+async fn nonsense_specs_end_in_clear_conditions_and_do_not_stall_their_namespace() {
+    let f = Fixture::new("edges").await;
+    let users = make_users(&f, 6).await;
+    // moto accepts any user name; real IAM refuses some the schema allows. The proxy answers
+    // calls naming this user the way IAM does.
+    let rejected_user = users[0].clone();
+    let proxy = FaultProxy::start(&f.env.iam_endpoint()).await;
+    proxy.set(Faults { reject_user: Some(rejected_user.clone()), ..Faults::none() });
+    // A ServiceAccount token Secret holds the name one resource asks for.
+    let sa_token: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "sa-token", "annotations": {"kubernetes.io/service-account.name": "default"}},
+        "type": "kubernetes.io/service-account-token",
+    }))
+    .unwrap();
+    f.secrets().create(&PostParams::default(), &sa_token).await.expect("SA token Secret");
+    // kube-controller-manager fills in the token; compare against that.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let sa_token = loop {
+        let s = f.secrets().get("sa-token").await.unwrap();
+        if s.data.as_ref().is_some_and(|d| d.contains_key("token")) {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "the token controller did not fill in the SA token Secret");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+
+    let policies = PolicyChanges::start(&f).await;
+    let op = via_proxy(&f, &proxy, &[]);
+    let t0 = Instant::now();
+    create_for(&f, "rejected", &rejected_user, json!({})).await;
+    create_for(&f, "sa-clash", &users[1], json!({"secret": {"name": "sa-token"}})).await;
+    create_for(&f, "no-target", &users[2], json!({"restartTargets": [{"kind": "Deployment", "name": "nope"}]})).await;
+    let good = names("good", 0..3);
+    for (i, name) in good.iter().enumerate() {
+        create_for(&f, name, &users[3 + i], json!({})).await;
+    }
+    let good_ready = wait_all(&f, &good, Duration::from_secs(30), "the good ones Ready", is_ready).await;
+
+    let o = f.wait_reason("rejected", "IamRejected").await;
+    let message = ready(&o).unwrap().2;
+    assert!(message.contains("refused by IAM") && message.contains("userName"), "clear message: {message}");
+    let o = f.wait_reason("sa-clash", "SecretConflict").await;
+    assert!(ready(&o).unwrap().2.contains("sa-token"), "names the Secret");
+    f.wait_ready("no-target").await;
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(f.client.clone(), &f.ns);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let list = events.list(&ListParams::default()).await.unwrap();
+        if list.items.iter().any(|e| e.reason.as_deref() == Some("RestartTargetNotFound")) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no RestartTargetNotFound event");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let after = f.secrets().get("sa-token").await.unwrap();
+    assert_eq!(after.type_.as_deref(), Some("kubernetes.io/service-account-token"));
+    assert_eq!(after.metadata.resource_version, sa_token.metadata.resource_version, "token Secret untouched");
+    assert!(iam_keys(f.env, &users[1]).await.is_empty(), "no key made for a Secret it cannot write");
+    for (i, name) in good.iter().enumerate() {
+        assert_user_consistent(&f, name, &users[3 + i], &[]).await;
+    }
+    assert_user_consistent(&f, "no-target", &users[2], &[]).await;
+
+    // The refused resource backs off (non-retryable: 5 s doubling); IAM refuses, the SDK does
+    // not retry a ValidationError.
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    let window = t0.elapsed();
+    let refused = proxy.calls().iter().filter(|c| c.user.as_deref() == Some(rejected_user.as_str())).count();
+    // Reconciles: the first (after the one adding the finalizer), one for its own status write,
+    // the backoff wake-ups (5 s doubling), one per policy change.
+    let changes = policies.get();
+    let bound = 2 + backoff_wakeups(window, 5.0) as usize + changes;
+    let sa_calls = proxy.calls().iter().filter(|c| c.user.as_deref() == Some(users[1].as_str())).count();
+    println!(
+        "edges: good resources Ready {:.1}s after creation next to the bad ones; IAM calls for the refused user in {:.0}s: \
+         {refused} (bound {bound}, {changes} policy changes); IAM calls for the SecretConflict user: {sa_calls}",
+        good_ready.as_secs_f64(),
+        window.as_secs_f64()
+    );
+    assert!(refused <= bound, "{refused} calls for a refused user name in {window:?} exceed {bound}");
+    assert!(!op.log().contains("panicked at"));
+}
+
+#[tokio::test]
+async fn an_object_the_operator_cannot_read_does_not_stop_the_others() {
+    let f = Fixture::new("malformed").await;
+    let users = make_users(&f, 4).await;
+    // The schema allows any number of digits in a duration; the operator's parser refuses one
+    // that overflows. The API server stores it; the operator cannot deserialize it.
+    let bad_interval = "99999999999999999999h";
+    let ar = ApiResource::erase::<IamAccessKey>(&());
+    let dynamic: Api<DynamicObject> = Api::namespaced_with(f.client.clone(), &f.ns, &ar);
+    let broken = DynamicObject::new("broken", &ar)
+        .data(json!({"spec": {"userName": users[0], "rotation": {"interval": bad_interval}}}));
+    let stored = dynamic.create(&PostParams::default(), &broken).await.expect("the API server accepts it");
+    assert!(
+        serde_json::from_value::<IamAccessKey>(serde_json::to_value(&stored).unwrap()).is_err(),
+        "the operator's type cannot read it"
+    );
+
+    let op = f.operator(&[]);
+    create_for(&f, "good0", &users[1], json!({})).await;
+    create_for(&f, "good1", &users[2], json!({})).await;
+    let first = Instant::now();
+    let stalled = |what: &str| {
+        format!(
+            "{what}: the operator stops reconciling its namespace when one stored IamAccessKey cannot be \
+             deserialized (see docs/reliability.md); operator log:\n{}",
+            tail(&op.log(), 20)
+        )
+    };
+    // (Polled one by one: a list would fail to deserialize here too.)
+    let wait_ready = |names: Vec<String>| {
+        let f = &f;
+        async move {
+            for name in names {
+                f.wait_for(&name, Duration::from_secs(30), "Ready", is_ready).await;
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(35), wait_ready(names("good", 0..2)))
+        .await
+        .unwrap_or_else(|_| panic!("{}", stalled("good0 and good1 never became Ready")));
+    let ready_in = first.elapsed();
+
+    // An object that becomes unreadable later (as after a schema change) must not stop the watch
+    // either.
+    let patch = json!({"spec": {"rotation": {"interval": bad_interval}}});
+    dynamic.patch("good1", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+    create_for(&f, "good2", &users[3], json!({})).await;
+    tokio::time::timeout(Duration::from_secs(35), wait_ready(names("good", 2..3)))
+        .await
+        .unwrap_or_else(|_| panic!("{}", stalled("good2, created after good1 became unreadable, never became Ready")));
+    // The unreadable objects are reported, as Warning events on them.
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(f.client.clone(), &f.ns);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let list = events.list(&ListParams::default()).await.unwrap();
+        let about = |name: &str| {
+            list.items.iter().any(|e| {
+                e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name)
+                    && e.type_.as_deref() == Some("Warning")
+                    && e.note.as_deref().is_some_and(|n| n.contains("cannot be read"))
+            })
+        };
+        if about("broken") && about("good1") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no Warning event says the stored objects cannot be read");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let _ = dynamic.delete("broken", &DeleteParams::default()).await;
+    println!("malformed object: others Ready {:.1}s after creation", ready_in.as_secs_f64());
+}

@@ -1,0 +1,601 @@
+//! A fault-injecting HTTP/1.1 proxy between the operator and moto, for the fault tests.
+//!
+//! The operator reaches IAM and STS through `AWS_ENDPOINT_URL_IAM` / `AWS_ENDPOINT_URL_STS`;
+//! point both at [`FaultProxy::url`] (see [`FaultProxy::operator_env`]). Every request is an
+//! AWS query-protocol call (a POST whose form body holds `Action=...`); the proxy records each
+//! one (when, which action, which user, what it did with it) and, depending on the [`Faults`]
+//! set at that moment, forwards it to moto or answers it itself:
+//!
+//! - `throttle`: IAM's `Throttling` error (HTTP 400, `Sender`), without reaching moto;
+//! - `server_error`: HTTP 500 `InternalFailure` or 503 `ServiceUnavailable`, without reaching moto;
+//! - `drop_response`: forwarded (moto acts on it), then the connection is closed without an
+//!   answer — the nastiest network fault, since the caller cannot know whether the call happened;
+//! - `delay`: added before forwarding;
+//! - `refuse`: an outage — the listening socket is closed (connections are refused) and open
+//!   connections are closed; when it ends the same port listens again;
+//! - `reject_user`: calls naming that user get the `ValidationError` IAM gives for a user name it
+//!   refuses (moto accepts any name, so this stands in for IAM's own validation);
+//! - `lose_first_response_of`: the first call of that action for each user reaches IAM and its
+//!   response is lost (a deterministic `drop_response`);
+//! - `alternate_errors`: every call naming a user fails, alternately `Throttling` and 503.
+//!
+//! The server side is a small hand-written HTTP/1.1 reader (keep-alive, `Content-Length` or
+//! chunked bodies); the upstream side is reqwest. Nothing here is tied to moto beyond its URL.
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use tokio::{
+    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
+    net::{TcpListener, TcpStream},
+    sync::watch,
+    task::JoinHandle,
+};
+
+/// What the proxy does to the calls it receives. The default forwards everything untouched.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Faults {
+    /// Fraction (0..=1) of calls answered with `Throttling` (HTTP 400).
+    pub throttle: f64,
+    /// Fraction of calls answered with HTTP 500 `InternalFailure` or 503 `ServiceUnavailable`
+    /// (alternately).
+    pub server_error: f64,
+    /// Fraction of calls forwarded to moto whose response is then lost (connection closed).
+    pub drop_response: f64,
+    /// Added before forwarding each call.
+    pub delay: Duration,
+    /// Refuse connections: the port is closed while this holds.
+    pub refuse: bool,
+    /// Calls whose `UserName` is this get IAM's `ValidationError`.
+    pub reject_user: Option<String>,
+    /// If not empty: `throttle`, `server_error`, `drop_response` and `delay` apply only to
+    /// these actions.
+    pub only: Vec<String>,
+    /// Actions spared by `throttle`, `server_error`, `drop_response` and `delay`.
+    pub except: Vec<String>,
+    /// The first call of this action for each user reaches IAM, and its response is lost.
+    pub lose_first_response_of: Option<String>,
+    /// Every call naming a user fails, alternately with `Throttling` and 503 (per user), so that
+    /// each failed operation (three SDK attempts) ends with another error than the one before.
+    pub alternate_errors: bool,
+}
+
+impl Faults {
+    pub fn none() -> Self {
+        Faults::default()
+    }
+
+    pub fn throttle(fraction: f64) -> Self {
+        Faults { throttle: fraction, ..Faults::default() }
+    }
+
+    pub fn outage() -> Self {
+        Faults { refuse: true, ..Faults::default() }
+    }
+}
+
+/// What the proxy did with one call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Outcome {
+    /// Forwarded to moto; its HTTP status.
+    Forwarded(u16),
+    Throttled,
+    ServerError(u16),
+    /// Forwarded to moto, response not delivered.
+    Dropped,
+    /// Answered with `ValidationError` (reject_user).
+    Rejected,
+    /// moto could not be reached: answered 502.
+    UpstreamFailed,
+}
+
+impl Outcome {
+    /// Whether moto saw (and acted on) the call.
+    pub fn reached_iam(self) -> bool {
+        matches!(self, Outcome::Forwarded(_) | Outcome::Dropped)
+    }
+}
+
+/// One call as the proxy saw it.
+#[derive(Clone, Debug)]
+pub struct Call {
+    /// When it arrived (complete request read).
+    pub at: Instant,
+    /// The query-protocol `Action`, e.g. `CreateAccessKey`, `GetCallerIdentity`.
+    pub action: String,
+    pub user: Option<String>,
+    /// The access key the call is about: `AccessKeyId`, or the first tag key of `TagUser` /
+    /// `UntagUser` (per-key tags are named after the key).
+    pub key: Option<String>,
+    pub outcome: Outcome,
+}
+
+struct State {
+    upstream: String,
+    client: reqwest::Client,
+    faults: watch::Sender<Faults>,
+    calls: Mutex<Vec<Call>>,
+    started: Instant,
+    /// Counter to alternate 500 and 503.
+    errors: std::sync::atomic::AtomicU64,
+    /// (action, user) pairs whose first response was lost already.
+    lost_once: Mutex<std::collections::HashSet<(String, String)>>,
+    /// Calls per user, for `alternate_errors`.
+    per_user: Mutex<std::collections::HashMap<String, u64>>,
+}
+
+/// The running proxy. Stops (and frees its port) when dropped.
+pub struct FaultProxy {
+    addr: SocketAddr,
+    state: Arc<State>,
+    task: JoinHandle<()>,
+}
+
+impl FaultProxy {
+    /// Listen on a free loopback port and forward to `upstream` (e.g. `http://127.0.0.1:PORT`).
+    pub async fn start(upstream: &str) -> FaultProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind the proxy");
+        let addr = listener.local_addr().expect("proxy address");
+        let client = reqwest::Client::builder()
+            .pool_idle_timeout(Duration::from_secs(30))
+            .timeout(Duration::from_secs(60))
+            .build()
+            .expect("reqwest client");
+        let state = Arc::new(State {
+            upstream: upstream.trim_end_matches('/').to_string(),
+            client,
+            faults: watch::channel(Faults::default()).0,
+            calls: Mutex::new(Vec::new()),
+            started: Instant::now(),
+            errors: std::sync::atomic::AtomicU64::new(0),
+            lost_once: Mutex::default(),
+            per_user: Mutex::default(),
+        });
+        let task = tokio::spawn(accept_loop(listener, addr, state.clone()));
+        FaultProxy { addr, state, task }
+    }
+
+    /// `http://127.0.0.1:PORT`
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Environment that makes the operator call IAM and STS through this proxy.
+    pub fn operator_env(&self) -> Vec<(String, String)> {
+        vec![("AWS_ENDPOINT_URL_IAM".into(), self.url()), ("AWS_ENDPOINT_URL_STS".into(), self.url())]
+    }
+
+    /// Replace the faults in effect (takes effect for the next call; `refuse` at once).
+    pub fn set(&self, faults: Faults) {
+        self.state.faults.send_replace(faults);
+    }
+
+    pub fn faults(&self) -> Faults {
+        self.state.faults.borrow().clone()
+    }
+
+    /// When the proxy started.
+    pub fn started(&self) -> Instant {
+        self.state.started
+    }
+
+    /// Every call so far, in arrival order.
+    pub fn calls(&self) -> Vec<Call> {
+        self.state.calls.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Calls that arrived at or after `since`.
+    pub fn calls_since(&self, since: Instant) -> Vec<Call> {
+        self.calls().into_iter().filter(|c| c.at >= since).collect()
+    }
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Calls per action.
+pub fn by_action(calls: &[Call]) -> BTreeMap<String, usize> {
+    let mut out = BTreeMap::new();
+    for c in calls {
+        *out.entry(c.action.clone()).or_insert(0) += 1;
+    }
+    out
+}
+
+/// Calls per outcome.
+pub fn by_outcome(calls: &[Call]) -> BTreeMap<Outcome, usize> {
+    let mut out = BTreeMap::new();
+    for c in calls {
+        *out.entry(c.outcome).or_insert(0) += 1;
+    }
+    out
+}
+
+/// The largest number of calls that arrived within any window of length `window` (sliding,
+/// not aligned to whole seconds), and when that window started.
+pub fn max_in_window(calls: &[Call], window: Duration) -> (usize, Option<Instant>) {
+    let mut times: Vec<Instant> = calls.iter().map(|c| c.at).collect();
+    times.sort();
+    let (mut best, mut best_at, mut lo) = (0, None, 0);
+    for hi in 0..times.len() {
+        while times[hi].duration_since(times[lo]) >= window {
+            lo += 1;
+        }
+        if hi + 1 - lo > best {
+            best = hi + 1 - lo;
+            best_at = Some(times[lo]);
+        }
+    }
+    (best, best_at)
+}
+
+/// Calls per whole second since `origin` (index = second).
+pub fn per_second(calls: &[Call], origin: Instant) -> Vec<usize> {
+    let mut out: Vec<usize> = Vec::new();
+    for c in calls {
+        let s = c.at.saturating_duration_since(origin).as_secs() as usize;
+        if out.len() <= s {
+            out.resize(s + 1, 0);
+        }
+        out[s] += 1;
+    }
+    out
+}
+
+async fn accept_loop(first: TcpListener, addr: SocketAddr, state: Arc<State>) {
+    let mut faults = state.faults.subscribe();
+    let mut listener = Some(first);
+    loop {
+        match listener.take() {
+            None => {
+                // Outage: nothing listens until it ends.
+                let _ = faults.wait_for(|f| !f.refuse).await;
+                listener = Some(rebind(addr).await);
+            }
+            Some(l) => {
+                if faults.borrow_and_update().refuse {
+                    drop(l);
+                    continue;
+                }
+                tokio::select! {
+                    accepted = l.accept() => {
+                        if let Ok((stream, _)) = accepted {
+                            let _ = stream.set_nodelay(true);
+                            tokio::spawn(serve_connection(stream, state.clone()));
+                        }
+                        listener = Some(l);
+                    }
+                    changed = faults.changed() => {
+                        if changed.is_err() {
+                            return;
+                        }
+                        // Re-checked at the top of the loop.
+                        listener = Some(l);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Listen on the same port again after an outage.
+async fn rebind(addr: SocketAddr) -> TcpListener {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match TcpListener::bind(addr).await {
+            Ok(l) => return l,
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("proxy: cannot listen on {addr} again yet: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("proxy: cannot listen on {addr} again after the outage: {e}"),
+        }
+    }
+}
+
+struct Request {
+    method: String,
+    target: String,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl Request {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+
+    /// Form parameters from the query string and (for a form POST) the body.
+    fn params(&self) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        if let Some((_, q)) = self.target.split_once('?') {
+            out.extend(parse_form(q));
+        }
+        out.extend(parse_form(&String::from_utf8_lossy(&self.body)));
+        out
+    }
+}
+
+async fn serve_connection(stream: TcpStream, state: Arc<State>) {
+    let mut faults = state.faults.subscribe();
+    let (read, mut write) = stream.into_split();
+    let mut reader = BufReader::new(read);
+    loop {
+        if faults.borrow_and_update().refuse {
+            return;
+        }
+        let request = tokio::select! {
+            r = read_request(&mut reader) => r,
+            // An outage closes idle connections too, as a dead server would.
+            _ = faults.wait_for(|f| f.refuse) => return,
+        };
+        let Ok(Some(request)) = request else { return };
+        let close = request.header("connection").is_some_and(|v| v.eq_ignore_ascii_case("close"));
+        let current = state.faults.borrow().clone();
+        if current.refuse {
+            return;
+        }
+        let params = request.params();
+        let param = |name: &str| params.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+        let action = param("Action").unwrap_or_else(|| format!("{} {}", request.method, request.target));
+        let user = param("UserName");
+        let key = param("AccessKeyId").or_else(|| param("TagKeys.member.1")).or_else(|| param("Tags.member.1.Key"));
+        let spared = current.except.contains(&action) || (!current.only.is_empty() && !current.only.contains(&action));
+        let roll = |p: f64| !spared && p > 0.0 && rand::random::<f64>() < p;
+        let lose_once = current.lose_first_response_of.as_ref() == Some(&action)
+            && user.as_ref().is_some_and(|u| {
+                state.lost_once.lock().unwrap_or_else(|e| e.into_inner()).insert((action.clone(), u.clone()))
+            });
+        let arrived = Instant::now();
+
+        let alternate = match (&user, current.alternate_errors) {
+            (Some(u), true) => {
+                let mut counts = state.per_user.lock().unwrap_or_else(|e| e.into_inner());
+                let n = counts.entry(u.clone()).or_insert(0);
+                *n += 1;
+                Some(n.is_multiple_of(2))
+            }
+            _ => None,
+        };
+        let (outcome, response) = if let Some(even) = alternate {
+            if even {
+                (
+                    Outcome::ServerError(503),
+                    Some(aws_error(503, "Receiver", "ServiceUnavailable", "Service is unavailable.")),
+                )
+            } else {
+                (Outcome::Throttled, Some(aws_error(400, "Sender", "Throttling", "Rate exceeded")))
+            }
+        } else if current.reject_user.is_some() && user == current.reject_user {
+            let message = format!(
+                "1 validation error detected: Value '{}' at 'userName' failed to satisfy constraint: Member must satisfy regular expression pattern: [\\w+=,.@-]+",
+                user.as_deref().unwrap_or_default()
+            );
+            (Outcome::Rejected, Some(aws_error(400, "Sender", "ValidationError", &message)))
+        } else if roll(current.throttle) {
+            (Outcome::Throttled, Some(aws_error(400, "Sender", "Throttling", "Rate exceeded")))
+        } else if roll(current.server_error) {
+            let n = state.errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let (status, code, message) = if n.is_multiple_of(2) {
+                (500, "InternalFailure", "The request processing has failed because of an unknown error.")
+            } else {
+                (503, "ServiceUnavailable", "Service is unavailable.")
+            };
+            (Outcome::ServerError(status), Some(aws_error(status, "Receiver", code, message)))
+        } else {
+            if !current.delay.is_zero() && !spared {
+                tokio::time::sleep(current.delay).await;
+            }
+            match forward(&state, &request).await {
+                Ok(resp) if lose_once || roll(current.drop_response) => {
+                    drop(resp);
+                    (Outcome::Dropped, None)
+                }
+                Ok(resp) => (Outcome::Forwarded(resp.status), Some(resp)),
+                Err(e) => (Outcome::UpstreamFailed, Some(plain(502, &format!("proxy: upstream failed: {e}")))),
+            }
+        };
+        state.calls.lock().unwrap_or_else(|e| e.into_inner()).push(Call { at: arrived, action, user, key, outcome });
+        let Some(response) = response else { return };
+        if write_response(&mut write, &response, close).await.is_err() || close {
+            return;
+        }
+    }
+}
+
+struct Response {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+fn aws_error(status: u16, type_: &str, code: &str, message: &str) -> Response {
+    let request_id = format!("{:032x}", rand::random::<u128>());
+    let body = format!(
+        "<ErrorResponse xmlns=\"https://iam.amazonaws.com/doc/2010-05-08/\"><Error><Type>{type_}</Type><Code>{code}</Code><Message>{message}</Message></Error><RequestId>{request_id}</RequestId></ErrorResponse>"
+    );
+    Response {
+        status,
+        headers: vec![("Content-Type".into(), "text/xml".into()), ("x-amzn-RequestId".into(), request_id)],
+        body: body.into_bytes(),
+    }
+}
+
+fn plain(status: u16, text: &str) -> Response {
+    Response { status, headers: vec![("Content-Type".into(), "text/plain".into())], body: text.as_bytes().to_vec() }
+}
+
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "te",
+    "trailer",
+    "upgrade",
+    "content-length",
+];
+
+async fn forward(state: &State, request: &Request) -> Result<Response, reqwest::Error> {
+    let method = reqwest::Method::from_bytes(request.method.as_bytes()).unwrap_or(reqwest::Method::POST);
+    let mut builder = state.client.request(method, format!("{}{}", state.upstream, request.target));
+    for (k, v) in &request.headers {
+        if !HOP_BY_HOP.iter().any(|h| k.eq_ignore_ascii_case(h)) && !k.eq_ignore_ascii_case("expect") {
+            builder = builder.header(k.as_str(), v.as_str());
+        }
+    }
+    let resp = builder.body(request.body.clone()).send().await?;
+    let status = resp.status().as_u16();
+    let headers = resp
+        .headers()
+        .iter()
+        .filter(|(k, _)| !HOP_BY_HOP.contains(&k.as_str()))
+        .map(|(k, v)| (k.as_str().to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+        .collect();
+    let body = resp.bytes().await?.to_vec();
+    Ok(Response { status, headers, body })
+}
+
+async fn write_response<W: AsyncWriteExt + Unpin>(w: &mut W, r: &Response, close: bool) -> std::io::Result<()> {
+    let mut head = format!("HTTP/1.1 {} {}\r\n", r.status, reason(r.status));
+    for (k, v) in &r.headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str(&format!("content-length: {}\r\n", r.body.len()));
+    head.push_str(if close { "connection: close\r\n\r\n" } else { "connection: keep-alive\r\n\r\n" });
+    let mut bytes = head.into_bytes();
+    bytes.extend_from_slice(&r.body);
+    w.write_all(&bytes).await?;
+    w.flush().await
+}
+
+fn reason(status: u16) -> &'static str {
+    match status {
+        200 => "OK",
+        400 => "Bad Request",
+        403 => "Forbidden",
+        404 => "Not Found",
+        409 => "Conflict",
+        500 => "Internal Server Error",
+        502 => "Bad Gateway",
+        503 => "Service Unavailable",
+        _ => "Status",
+    }
+}
+
+const MAX_HEAD: usize = 64 * 1024;
+const MAX_BODY: usize = 16 * 1024 * 1024;
+
+/// One request, or `None` at a clean end of the connection.
+async fn read_request<R: AsyncBufReadExt + Unpin>(r: &mut R) -> std::io::Result<Option<Request>> {
+    let bad = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_string());
+    let mut line = String::new();
+    // Tolerate blank lines between requests.
+    loop {
+        line.clear();
+        if r.read_line(&mut line).await? == 0 {
+            return Ok(None);
+        }
+        if !line.trim().is_empty() {
+            break;
+        }
+    }
+    let mut parts = line.split_whitespace();
+    let (Some(method), Some(target)) = (parts.next(), parts.next()) else { return Err(bad("request line")) };
+    let (method, target) = (method.to_string(), target.to_string());
+    let mut headers = Vec::new();
+    let mut size = line.len();
+    loop {
+        line.clear();
+        if r.read_line(&mut line).await? == 0 {
+            return Err(bad("connection closed in the headers"));
+        }
+        size += line.len();
+        if size > MAX_HEAD {
+            return Err(bad("headers too large"));
+        }
+        let l = line.trim_end_matches(['\r', '\n']);
+        if l.is_empty() {
+            break;
+        }
+        let Some((k, v)) = l.split_once(':') else { return Err(bad("header line")) };
+        headers.push((k.trim().to_string(), v.trim().to_string()));
+    }
+    let mut request = Request { method, target, headers, body: Vec::new() };
+    let chunked = request.header("transfer-encoding").is_some_and(|v| v.to_ascii_lowercase().contains("chunked"));
+    if chunked {
+        loop {
+            line.clear();
+            r.read_line(&mut line).await?;
+            let hex = line.trim().split(';').next().unwrap_or_default();
+            let n = usize::from_str_radix(hex, 16).map_err(|_| bad("chunk size"))?;
+            if request.body.len() + n > MAX_BODY {
+                return Err(bad("body too large"));
+            }
+            if n == 0 {
+                // Trailers, up to the blank line.
+                loop {
+                    line.clear();
+                    if r.read_line(&mut line).await? == 0 || line.trim().is_empty() {
+                        break;
+                    }
+                }
+                break;
+            }
+            let start = request.body.len();
+            request.body.resize(start + n, 0);
+            r.read_exact(&mut request.body[start..]).await?;
+            line.clear();
+            r.read_line(&mut line).await?;
+        }
+    } else if let Some(len) = request.header("content-length") {
+        let n: usize = len.parse().map_err(|_| bad("content-length"))?;
+        if n > MAX_BODY {
+            return Err(bad("body too large"));
+        }
+        request.body.resize(n, 0);
+        r.read_exact(&mut request.body).await?;
+    }
+    Ok(Some(request))
+}
+
+/// `a=1&b=x%20y` -> pairs, percent- and `+`-decoded.
+fn parse_form(s: &str) -> Vec<(String, String)> {
+    s.split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            (decode(k), decode(v))
+        })
+        .collect()
+}
+
+fn decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < bytes.len() => {
+                match u8::from_str_radix(std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("zz"), 16) {
+                    Ok(b) => {
+                        out.push(b);
+                        i += 2;
+                    }
+                    Err(_) => out.push(b'%'),
+                }
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
