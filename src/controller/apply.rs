@@ -407,8 +407,11 @@ impl<'a> Run<'a> {
                     .last_used
                     .as_ref()
                     .is_none_or(|old| LastUsed { checked_at: old.checked_at.clone(), ..record.clone() } != *old);
+                // Recorded before the read counts as fresh: a decision on "unused since" must
+                // never rest on a reading that status does not hold.
                 if changed {
                     self.status.last_used = Some(record);
+                    self.save_status().await?;
                 }
                 self.ctx.record_last_use_read(self.obj, self.now);
             }

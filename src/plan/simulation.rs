@@ -825,6 +825,7 @@ impl Sim {
                     .is_none_or(|old| LastUsed { checked_at: old.checked_at.clone(), ..record.clone() } != *old);
                 if changed {
                     run.status.last_used = Some(record);
+                    self.save_status(run)?;
                 }
                 self.last_used_due = Some(run.now + secs(LAST_USED_REFRESH));
                 self.last_used_read_at = Some(run.now);
@@ -1026,8 +1027,12 @@ impl Sim {
                 // IAM's truth, not the operator's last reading of it.
                 let limit = self.limits.deactivate_unused_after.map(|d| d.as_signed());
                 let last = self.iam_key(id).map(|k| k.last_used.unwrap_or(k.create_date));
+                // A use in the very second of the operator's reading cannot be seen by it (nor is
+                // it by IAM, whose last-use data lags); any earlier use must have been seen.
+                let seen_by_the_reading = |t: Timestamp| self.last_used_read_at.is_none_or(|read| t < read);
                 if let (Some(limit), Some(last)) = (limit, last)
                     && after(last, limit) > run.now
+                    && seen_by_the_reading(last)
                 {
                     self.violation(
                         "deactivates_only_unused_keys",
