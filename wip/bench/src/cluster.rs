@@ -157,8 +157,8 @@ impl ReadyWatch {
                     let now = Instant::now();
                     let name = obj.metadata.name.clone().unwrap_or_default();
                     let mut map = r.lock().unwrap();
-                    if !map.contains_key(&name) {
-                        map.insert(name, now);
+                    if let std::collections::hash_map::Entry::Vacant(slot) = map.entry(name) {
+                        slot.insert(now);
                         tx.send_replace(map.len());
                     }
                 }
@@ -220,7 +220,11 @@ pub async fn check(client: &Client, ns: &str) -> Check {
     loop {
         let page = secrets.list(&lp).await.expect("list Secrets");
         for s in page.items {
-            let id = s.data.as_ref().and_then(|d| d.get("AWS_ACCESS_KEY_ID")).map(|b| String::from_utf8_lossy(&b.0).into_owned());
+            let id = s
+                .data
+                .as_ref()
+                .and_then(|d| d.get("AWS_ACCESS_KEY_ID"))
+                .map(|b| String::from_utf8_lossy(&b.0).into_owned());
             held.insert(s.metadata.name.unwrap_or_default(), id);
         }
         match page.metadata.continue_.filter(|c| !c.is_empty()) {

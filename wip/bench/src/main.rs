@@ -31,9 +31,7 @@ use crate::{
     cluster::{Item, ReadyWatch},
     operator::{Flags, Operator},
     procfs::{cpu_between, cpu_snapshot},
-    results::{
-        Convergence, Empty, Idle, Latency, Restart, Results, RunInfo, Steady, Unrelated, percentile,
-    },
+    results::{Convergence, Empty, Idle, Latency, Restart, Results, RunInfo, Steady, Unrelated, percentile},
 };
 
 /// The operator's own default `--iam-rate` (calls per second).
@@ -46,7 +44,8 @@ const APPLY_CONCURRENCY: usize = 16;
 #[derive(Parser, Debug, Clone)]
 #[command(about = "Benchmarks of iam-key-operator against a local kube-apiserver + etcd and moto")]
 struct Args {
-    /// Every scenario below, in one environment (what `make bench` runs).
+    /// Every scenario below, in one environment (what `make bench` runs). With no scenario
+    /// chosen, --floor and --convergence run.
     #[arg(long)]
     all: bool,
     /// The floor: a minimal client making only CreateAccessKey, TagUser, create Secret and one
@@ -157,27 +156,31 @@ async fn run(mut args: Args) {
         args.empty = true;
         args.unrelated = true;
     }
-    let root = testenv::repo_root();
-    let results_path = args.results.clone().unwrap_or_else(|| root.join("target/bench/results.json"));
-    let mut results = if args.fresh { Results::default() } else { Results::load(&results_path) };
-    let measuring = args.floor
+    let chosen = args.floor
         || args.convergence
         || args.latency
         || args.steady
         || args.restart
         || args.empty
-        || args.unrelated;
+        || args.unrelated
+        || args.report;
+    if !chosen {
+        // `bench --n 1000`: the floor and the operator's convergence.
+        args.floor = true;
+        args.convergence = true;
+    }
+    let root = testenv::repo_root();
+    let results_path = args.results.clone().unwrap_or_else(|| root.join("target/bench/results.json"));
+    let mut results = if args.fresh { Results::default() } else { Results::load(&results_path) };
+    let measuring =
+        args.floor || args.convergence || args.latency || args.steady || args.restart || args.empty || args.unrelated;
     if measuring {
         let started = Instant::now();
         let started_at = now_string();
         let loadavg_start = procfs::loadavg();
         let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
         let bin = args.operator_bin.clone().unwrap_or_else(|| target.join("release/iam-key-operator"));
-        assert!(
-            bin.is_file(),
-            "{} is missing: run `cargo build --release` first (make bench does)",
-            bin.display()
-        );
+        assert!(bin.is_file(), "{} is missing: run `cargo build --release` first (make bench does)", bin.display());
         eprintln!("bench: starting etcd, kube-apiserver, kube-controller-manager and moto ...");
         let env = TestEnv::start_async(testenv::Options::default().crds_dir(root.join("crds")))
             .await
@@ -767,10 +770,7 @@ fn machine() -> BTreeMap<String, String> {
         .map(|(_, v)| v.trim().to_string())
         .unwrap_or_default();
     m.insert("cpu".into(), model);
-    m.insert(
-        "nproc".into(),
-        std::thread::available_parallelism().map(|n| n.get().to_string()).unwrap_or_default(),
-    );
+    m.insert("nproc".into(), std::thread::available_parallelism().map(|n| n.get().to_string()).unwrap_or_default());
     let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
     if let Some(kib) = meminfo
         .lines()
@@ -816,7 +816,10 @@ fn versions(bin: &std::path::Path, env: &TestEnv) -> BTreeMap<String, String> {
         .map(|o| !o.stdout.is_empty())
         .unwrap_or(false);
     if !commit.is_empty() {
-        v.insert("commit".into(), format!("{commit}{}", if dirty { " (with uncommitted changes in src/)" } else { "" }));
+        v.insert(
+            "commit".into(),
+            format!("{commit}{}", if dirty { " (with uncommitted changes in src/)" } else { "" }),
+        );
     }
     v.insert("rustc".into(), first_line(Command::new("rustc").arg("--version")));
     v.insert("kube-apiserver".into(), first_line(Command::new(env.bin_dir().join("kube-apiserver")).arg("--version")));

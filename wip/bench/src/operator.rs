@@ -118,7 +118,11 @@ impl Operator {
             if let Ok(Some(status)) = self.child.try_wait() {
                 panic!("the operator exited ({status}); log: {}\n{}", self.log_path.display(), self.log_tail(30));
             }
-            assert!(Instant::now() < deadline, "operator not ready within {timeout:?}; log {}", self.log_path.display());
+            assert!(
+                Instant::now() < deadline,
+                "operator not ready within {timeout:?}; log {}",
+                self.log_path.display()
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }

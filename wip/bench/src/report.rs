@@ -21,9 +21,7 @@ fn num(v: f64) -> String {
     let v = if v == 0.0 { 0.0 } else { v };
     if v.is_nan() {
         "–".into()
-    } else if v == v.round() && v.abs() < 1e9 {
-        format!("{v:.0}")
-    } else if v.abs() >= 100.0 {
+    } else if (v == v.round() && v.abs() < 1e9) || v.abs() >= 100.0 {
         format!("{v:.0}")
     } else if v.abs() >= 10.0 {
         format!("{v:.1}")
@@ -43,11 +41,21 @@ fn is_write_verb(key: &str) -> bool {
 fn operator_api_writes(m: &BTreeMap<String, f64>) -> f64 {
     m.iter()
         .filter(|(k, _)| is_write_verb(k))
-        .filter(|(k, _)| ["iamaccesskeys", "secrets", "events", "deployments", "statefulsets", "daemonsets"]
-            .iter()
-            .any(|r| k.split(' ').nth(1).is_some_and(|res| res.starts_with(r))))
+        .filter(|(k, _)| {
+            ["iamaccesskeys", "secrets", "events", "deployments", "statefulsets", "daemonsets"]
+                .iter()
+                .any(|r| k.split(' ').nth(1).is_some_and(|res| res.starts_with(r)))
+        })
         .map(|(_, v)| v)
         .sum()
+}
+
+fn relevant(key: &str) -> bool {
+    key.split(' ').nth(1).is_some_and(|r| {
+        ["iamaccesskeys", "secrets", "events", "deployments", "statefulsets", "daemonsets"]
+            .iter()
+            .any(|p| r.starts_with(p))
+    })
 }
 
 fn total(m: &BTreeMap<String, f64>) -> f64 {
@@ -147,9 +155,38 @@ fn charts(r: &Results) -> Vec<(String, Chart)> {
             dashed: true,
             markers: false,
         },
-        Series { label: "steady RSS after converging N".into(), color: COLORS[0], points: steady, dashed: false, markers: true },
-        Series { label: "peak RSS (VmHWM) while converging N".into(), color: COLORS[1], points: peak, dashed: true, markers: true },
+        Series {
+            label: "steady RSS after converging N".into(),
+            color: COLORS[0],
+            points: steady,
+            dashed: false,
+            markers: true,
+        },
+        Series {
+            label: "peak RSS (VmHWM) while converging N".into(),
+            color: COLORS[1],
+            points: peak,
+            dashed: true,
+            markers: true,
+        },
     ];
+    let mut fresh: Vec<(f64, f64)> = Vec::new();
+    if let Some(rs) = &r.restart {
+        fresh.push((rs.n as f64, rs.rss_steady_kib as f64 / 1024.0));
+    }
+    if let Some(u) = &r.unrelated {
+        fresh.push((u.n as f64, u.baseline_rss_kib as f64 / 1024.0));
+    }
+    fresh.sort_by(|a, b| a.0.total_cmp(&b.0));
+    if !fresh.is_empty() {
+        series.push(Series {
+            label: "fresh operator after its first pass (restart)".into(),
+            color: COLORS[3],
+            points: fresh,
+            dashed: false,
+            markers: true,
+        });
+    }
     if let Some(u) = &r.unrelated {
         series.push(Series {
             label: format!("fresh start with {} unrelated Secrets present", u.secrets),
@@ -184,9 +221,27 @@ fn charts(r: &Results) -> Vec<(String, Chart)> {
                 x_label: "seconds since the operator started".into(),
                 y_label: "count".into(),
                 series: vec![
-                    Series { label: "IAM calls made (cumulative)".into(), color: COLORS[0], points: calls, dashed: false, markers: false },
-                    Series { label: "resources reconciled".into(), color: COLORS[2], points: seen, dashed: false, markers: false },
-                    Series { label: "token bucket limit: burst + rate × t".into(), color: "#7f7f7f", points: limit, dashed: true, markers: false },
+                    Series {
+                        label: "IAM calls made (cumulative)".into(),
+                        color: COLORS[0],
+                        points: calls,
+                        dashed: false,
+                        markers: false,
+                    },
+                    Series {
+                        label: "resources reconciled".into(),
+                        color: COLORS[2],
+                        points: seen,
+                        dashed: false,
+                        markers: false,
+                    },
+                    Series {
+                        label: "token bucket limit: burst + rate × t".into(),
+                        color: "#7f7f7f",
+                        points: limit,
+                        dashed: true,
+                        markers: false,
+                    },
                 ],
             },
         ));
@@ -214,9 +269,18 @@ fn generated(r: &Results, s: &mut String, images: bool) {
     );
     w(s, String::new());
     for run in &r.runs {
-        w(s, format!("Run: `{}` — {} to {} ({:.0} min).\n", run.command, run.started_at, run.finished_at, run.wall_secs / 60.0));
+        w(
+            s,
+            format!(
+                "Run: `{}` — {} to {} ({:.0} min).\n",
+                run.command,
+                run.started_at,
+                run.finished_at,
+                run.wall_secs / 60.0
+            ),
+        );
     }
-    if let Some(run) = r.runs.first() {
+    if let Some(run) = r.runs.iter().rfind(|run| !run.machine.is_empty()) {
         w(s, "| machine | |".into());
         w(s, "|---|---|".into());
         for (k, v) in &run.machine {
@@ -349,7 +413,8 @@ fn convergence(r: &Results, s: &mut String, images: bool) {
     s.push_str("| N | who | flags | all Ready (s) | × floor | apply alone (s) | per resource apply→Ready p50 / p99 (s) | Secret ≠ status | moto CPU / wall | others' cores |\n");
     s.push_str("|---:|---|---|---:|---:|---:|---:|---:|---:|---:|\n");
     for c in &r.convergence {
-        let ratio = r.floor(c.n).filter(|_| c.who == "operator").map(|f| format!("{:.2}", c.converge_secs / f.converge_secs));
+        let ratio =
+            r.floor(c.n).filter(|_| c.who == "operator").map(|f| format!("{:.2}", c.converge_secs / f.converge_secs));
         let moto = c.cpu.of("moto") / c.cpu.wall_secs.max(1e-9);
         let _ = writeln!(
             s,
@@ -412,7 +477,10 @@ fn calls(r: &Results, s: &mut String) {
     for n in ns {
         let runs: Vec<&Convergence> = r.convergence.iter().filter(|c| c.n == n).collect();
         let _ = writeln!(s, "**N = {n}** (per resource)\n");
-        let header: Vec<String> = runs.iter().map(|c| if c.who == "floor" { "floor".into() } else { format!("operator `{}`", c.flags) }).collect();
+        let header: Vec<String> = runs
+            .iter()
+            .map(|c| if c.who == "floor" { "floor".into() } else { format!("operator `{}`", c.flags) })
+            .collect();
         let _ = writeln!(s, "| | {} |", header.join(" | "));
         let _ = writeln!(s, "|---|{}", "---:|".repeat(runs.len()));
         let mut ops: Vec<String> = runs.iter().flat_map(|c| c.iam_calls.keys().cloned()).collect();
@@ -430,10 +498,12 @@ fn calls(r: &Results, s: &mut String) {
         let _ = writeln!(s, "| moto requests logged (cross-check) | {} |", cells.join(" | "));
         let cells: Vec<String> = runs.iter().map(|c| num(per(c, c.iam_errors))).collect();
         let _ = writeln!(s, "| IAM errors | {} |", cells.join(" | "));
+        // The resources the operator and the floor touch; the control plane's own watches and
+        // leases are left out.
         let mut keys: Vec<String> = runs
             .iter()
             .flat_map(|c| c.apiserver_requests.keys().cloned())
-            .filter(|k| !k.ends_with(" leases"))
+            .filter(|k| relevant(k) && !k.starts_with("WATCH ") && !k.starts_with("LIST "))
             .collect();
         keys.sort_by_key(|k| (!is_write_verb(k), k.clone()));
         keys.dedup();
@@ -456,7 +526,11 @@ fn calls(r: &Results, s: &mut String) {
             .iter()
             .map(|c| {
                 let m = &c.own_kube_writes;
-                format!("{} ({})", num(per(c, total(m))), m.iter().map(|(k, v)| format!("{k} {}", num(per(c, *v)))).collect::<Vec<_>>().join(", "))
+                format!(
+                    "{} ({})",
+                    num(per(c, total(m))),
+                    m.iter().map(|(k, v)| format!("{k} {}", num(per(c, *v)))).collect::<Vec<_>>().join(", ")
+                )
             })
             .collect();
         let _ = writeln!(s, "| writes the operator counts itself | {} |", cells.join(" | "));
@@ -504,8 +578,15 @@ fn steady(r: &Results, s: &mut String) {
     }
     let t = total(&st.iam_calls);
     let _ = writeln!(s, "| **IAM total** | {} | **{:.2}** |", num(t), st.per_key_hour(t));
-    let _ = writeln!(s, "| moto requests logged (cross-check) | {} | {:.2} |", st.moto_requests, st.per_key_hour(st.moto_requests as f64));
-    for (k, v) in st.apiserver_requests.iter().filter(|(k, _)| k.contains("iamaccesskeys") || k.contains("secrets") || k.contains("events")) {
+    let _ = writeln!(
+        s,
+        "| moto requests logged (cross-check) | {} | {:.2} |",
+        st.moto_requests,
+        st.per_key_hour(st.moto_requests as f64)
+    );
+    for (k, v) in
+        st.apiserver_requests.iter().filter(|(k, _)| relevant(k) && !k.starts_with("WATCH ") && !k.starts_with("LIST "))
+    {
         let _ = writeln!(s, "| API `{k}` | {} | {:.2} |", num(*v), st.per_key_hour(*v));
     }
     let own = total(&st.own_kube_writes);
@@ -570,10 +651,23 @@ fn memory(r: &Results, s: &mut String, images: bool) {
         }
     }
     if let Some(rs) = &r.restart {
-        let _ = writeln!(s, "| after a restart, `{}` | {} | {} | {} |", rs.flags, rs.n, mib(rs.rss_steady_kib), mib(rs.rss_peak_kib));
+        let _ = writeln!(
+            s,
+            "| after a restart, `{}` | {} | {} | {} |",
+            rs.flags,
+            rs.n,
+            mib(rs.rss_steady_kib),
+            mib(rs.rss_peak_kib)
+        );
     }
     if let Some(u) = &r.unrelated {
-        let _ = writeln!(s, "| fresh, after its first pass, no unrelated Secrets | {} | {} | {} |", u.n, mib(u.baseline_rss_kib), mib(u.baseline_hwm_kib));
+        let _ = writeln!(
+            s,
+            "| fresh, after its first pass, no unrelated Secrets | {} | {} | {} |",
+            u.n,
+            mib(u.baseline_rss_kib),
+            mib(u.baseline_hwm_kib)
+        );
         let _ = writeln!(
             s,
             "| the same process, after {} unrelated Secrets were created | {} | {} | {} |",
@@ -582,7 +676,14 @@ fn memory(r: &Results, s: &mut String, images: bool) {
             mib(u.running_rss_after_kib),
             mib(u.running_hwm_after_kib)
         );
-        let _ = writeln!(s, "| fresh, started with the {} unrelated Secrets present | {} | {} | {} |", u.secrets, u.n, mib(u.fresh_rss_kib), mib(u.fresh_hwm_kib));
+        let _ = writeln!(
+            s,
+            "| fresh, started with the {} unrelated Secrets present | {} | {} | {} |",
+            u.secrets,
+            u.n,
+            mib(u.fresh_rss_kib),
+            mib(u.fresh_hwm_kib)
+        );
         s.push('\n');
         let _ = writeln!(
             s,
@@ -609,10 +710,21 @@ fn memory(r: &Results, s: &mut String, images: bool) {
         .convergence
         .iter()
         .filter(|c| c.who == "operator" && c.object_json_bytes > 0.0)
-        .map(|c| format!("{:.1} KiB at N = {} ({:.1} KiB of it managedFields)", c.object_json_bytes / 1024.0, c.n, c.managed_fields_json_bytes / 1024.0))
+        .map(|c| {
+            format!(
+                "{:.1} KiB at N = {} ({:.1} KiB of it managedFields)",
+                c.object_json_bytes / 1024.0,
+                c.n,
+                c.managed_fields_json_bytes / 1024.0
+            )
+        })
         .collect();
     if !sizes.is_empty() {
-        let _ = writeln!(s, "One converged IamAccessKey as JSON, as the operator's cache holds it: {}.\n", sizes.join("; "));
+        let _ = writeln!(
+            s,
+            "One converged IamAccessKey as JSON, as the operator's cache holds it: {}.\n",
+            sizes.join("; ")
+        );
     }
     if images {
         s.push_str("![RSS against N](img/rss.svg)\n\n");

@@ -214,9 +214,10 @@ impl Results {
     /// The operator's run at N with unlimited IAM rate, else the fastest one.
     pub fn operator_fast(&self, n: usize) -> Option<&Convergence> {
         let runs: Vec<&Convergence> = self.convergence.iter().filter(|c| c.who == "operator" && c.n == n).collect();
-        runs.iter().find(|c| c.iam_rate == Some(0.0)).copied().or_else(|| {
-            runs.into_iter().min_by(|a, b| a.converge_secs.total_cmp(&b.converge_secs))
-        })
+        runs.iter()
+            .find(|c| c.iam_rate == Some(0.0))
+            .copied()
+            .or_else(|| runs.into_iter().min_by(|a, b| a.converge_secs.total_cmp(&b.converge_secs)))
     }
 }
 

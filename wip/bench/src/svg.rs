@@ -56,7 +56,7 @@ fn fmt_tick(v: f64, step: f64) -> String {
             let s = v.abs().to_string();
             let mut out = String::new();
             for (i, c) in s.chars().enumerate() {
-                if i > 0 && (s.len() - i) % 3 == 0 {
+                if i > 0 && (s.len() - i).is_multiple_of(3) {
                     out.push(',');
                 }
                 out.push(c);
@@ -117,10 +117,7 @@ pub fn render(chart: &Chart) -> String {
         );
         v += sx;
     }
-    let _ = writeln!(
-        s,
-        r##"<rect x="{LEFT}" y="{TOP}" width="{pw}" height="{ph}" fill="none" stroke="#888"/>"##
-    );
+    let _ = writeln!(s, r##"<rect x="{LEFT}" y="{TOP}" width="{pw}" height="{ph}" fill="none" stroke="#888"/>"##);
     let _ = writeln!(
         s,
         r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">{}</text>"#,
@@ -148,13 +145,8 @@ pub fn render(chart: &Chart) -> String {
         );
         if series.markers {
             for (x, y) in &series.points {
-                let _ = writeln!(
-                    s,
-                    r#"<circle cx="{:.1}" cy="{:.1}" r="3.5" fill="{}"/>"#,
-                    px(*x),
-                    py(*y),
-                    series.color
-                );
+                let _ =
+                    writeln!(s, r#"<circle cx="{:.1}" cy="{:.1}" r="3.5" fill="{}"/>"#, px(*x), py(*y), series.color);
             }
         }
     }
