@@ -53,6 +53,17 @@ integration: tools ## Integration tests against a real kube-apiserver + etcd and
 .PHONY: test
 test: tools fmt-check clippy crds-check unit integration ## Everything CI runs
 
+.PHONY: soak
+soak: tools ## Long fault runs (not in make test): random kills for 15 min with 200 resources, rate limit with 1,000
+	IKO_SOAK_SECONDS=$${IKO_SOAK_SECONDS:-900} IKO_SOAK_RESOURCES=$${IKO_SOAK_RESOURCES:-200} \
+	  $(CARGO) test --locked --features failpoints --test soak -- --ignored --nocapture
+	$(CARGO) test --locked --features failpoints --test faults -- --ignored --nocapture bench_
+
+.PHONY: bench
+bench: tools ## Benchmarks against the floor (not in make test, ~40 min); rewrites docs/benchmarks.md and docs/img
+	$(CARGO) build --release --locked
+	$(CARGO) run --release --locked -p bench -- --all --report --fresh
+
 .PHONY: argocd-cm
 argocd-cm: ## Regenerate argocd/argocd-cm.yaml from the Lua scripts
 	IKO_BLESS=1 $(CARGO) test --locked --features failpoints --test argocd argocd_cm

@@ -14,7 +14,7 @@ use support::*;
 #[tokio::test]
 async fn create_publishes_a_working_key_and_claims_the_user() {
     let f = Fixture::new("create").await;
-    let op = f.operator(&[]);
+    let op = f.operator(&[("IKO_LAST_USED_REFRESH", "3s")]);
     f.create("app", json!({"secret": {"name": "app-aws", "labels": {"team": "billing"}}})).await;
     let obj = f.wait_ready("app").await;
     let status = obj.status.clone().unwrap();
@@ -35,7 +35,8 @@ async fn create_publishes_a_working_key_and_claims_the_user() {
     let tags = f.user_tags().await;
     assert_eq!(tags["iam.keyop.dev/owner"], format!("{CLUSTER}/{}/app", f.ns));
     assert_eq!(tags[&id], format!("iam-key-operator:{CLUSTER}/{}/app", f.ns));
-    // Last use is recorded: the verification call signed a request with the key.
+    // Last use is read one refresh after the create (the verification call signed a request
+    // with the key, so there is a use to report).
     let obj = f
         .wait_for("app", Duration::from_secs(30), "lastUsed", |o| {
             o.status.as_ref().is_some_and(|s| s.last_used.as_ref().is_some_and(|u| u.date.is_some()))
@@ -266,19 +267,31 @@ async fn second_resource_naming_a_claimed_user_gets_user_claimed() {
 #[tokio::test]
 async fn converged_resource_makes_no_writes_over_several_resyncs() {
     let f = Fixture::new("quiet").await;
-    let op = f.operator(&[]);
+    // Both timers at 3s: the resync and the last-use read (whose first reading is written once).
+    let op = f.operator(&[("IKO_LAST_USED_REFRESH", "3s")]);
     f.create("app", json!({})).await;
     f.wait_ready("app").await;
-    // Let the post-create reconciles (triggered by our own writes) settle.
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    f.wait_for("app", Duration::from_secs(20), "lastUsed", |o| {
+        o.status.as_ref().is_some_and(|s| s.last_used.is_some())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
     let iam_writes = op.iam_calls(IAM_WRITES).await;
     let kube_writes = op.kube_writes().await;
-    let reads = op.iam_calls(&["ListAccessKeys"]).await;
+    let lists = op.iam_calls(&["ListAccessKeys"]).await;
+    let last_use_reads = op.iam_calls(&["GetAccessKeyLastUsed"]).await;
     let rv = f.keys_api().get("app").await.unwrap().metadata.resource_version;
-    // Resync is 3s in tests: this spans three resyncs.
+    // This spans three periods of both timers (3s ± 10%).
     tokio::time::sleep(Duration::from_secs(10)).await;
-    assert!(op.iam_calls(&["ListAccessKeys"]).await >= reads + 2, "resyncs happened (drift checks)");
+    let lists = op.iam_calls(&["ListAccessKeys"]).await - lists;
+    let last_use_reads = op.iam_calls(&["GetAccessKeyLastUsed"]).await - last_use_reads;
+    assert!(lists >= 2, "resyncs happened (drift checks): {lists}");
+    // One reconcile per period, each with one read of each kind: no hot loop, and the two timers
+    // share their reconciles.
+    assert!(lists <= 4, "{lists} ListAccessKeys in 10 s: more reconciles than resyncs");
+    assert!((2..=4).contains(&last_use_reads), "{last_use_reads} last-use reads in 10 s at a 3 s refresh");
     assert_eq!(op.iam_calls(IAM_WRITES).await, iam_writes, "no IAM writes once converged");
+    // Last use is read every period and written only when it changes (it does not here).
     assert_eq!(op.kube_writes().await, kube_writes, "no Kubernetes writes once converged");
     assert_eq!(f.keys_api().get("app").await.unwrap().metadata.resource_version, rv, "resource untouched");
 }

@@ -66,6 +66,12 @@ pub async fn apply(obj: &Arc<IamAccessKey>, ctx: &Context) -> Result<Action, Err
     }
 }
 
+/// IAM reports sub-second dates; status holds whole seconds (as the API server serializes
+/// them), and only a reading in status' precision compares equal to what status holds.
+fn whole_seconds(t: Timestamp) -> Timestamp {
+    Timestamp::from_second(t.as_second()).unwrap_or(t)
+}
+
 pub fn is_paused(obj: &IamAccessKey) -> bool {
     obj.annotations().get(PAUSED_ANNOTATION).is_some_and(|v| v == "true")
 }
@@ -111,7 +117,7 @@ impl<'a> Run<'a> {
             obj,
             ctx,
             // Whole seconds: the API server stores timestamps that way, so comparisons hold.
-            now: Timestamp::from_second(Timestamp::now().as_second()).unwrap_or(Timestamp::UNIX_EPOCH),
+            now: whole_seconds(Timestamp::now()),
             owner: Owner::new(&ctx.settings.cluster_name, &ns, &obj.name_any()),
             secret_name: secret_name(obj),
             status: obj.status.clone().unwrap_or_default(),
@@ -208,7 +214,7 @@ impl<'a> Run<'a> {
         for _ in 0..MAX_STEPS {
             let ledger = Ledger::from_status(&self.status);
             let rotate_requested_at = self.obj.annotations().get(ROTATE_REQUESTED_AT_ANNOTATION).cloned();
-            let (last_used_due, last_used_read_at) = self.ctx.last_use_reads(self.obj);
+            let (last_used_due, last_used_read_at) = self.ctx.last_use_reads(self.obj, self.now);
             let step = plan_next_step(&Observation {
                 now: self.now,
                 owner: &self.owner,
@@ -361,7 +367,7 @@ impl<'a> Run<'a> {
             Step::CheckKeyUsage { access_key_id } => {
                 let used = iam.access_key_last_used(&access_key_id).await?;
                 for k in self.status.keys.iter_mut().filter(|k| k.access_key_id == access_key_id) {
-                    k.last_used_at = used.date.map(Time);
+                    k.last_used_at = used.date.map(whole_seconds).map(Time);
                     k.usage_checked_at = Some(Time(self.now));
                 }
                 self.save_status().await?;
@@ -395,7 +401,7 @@ impl<'a> Run<'a> {
             Step::RefreshLastUsed { access_key_id } => {
                 let used = iam.access_key_last_used(&access_key_id).await?;
                 let record = LastUsed {
-                    date: used.date.map(Time),
+                    date: used.date.map(whole_seconds).map(Time),
                     service_name: used.service_name,
                     region: used.region,
                     checked_at: Time(self.now),
@@ -539,7 +545,9 @@ impl<'a> Run<'a> {
         }
         self.ctx.metrics.resources.rotations.get_or_create(&ReasonLabels { reason: reason.as_str().into() }).inc();
         failpoint!("before-status");
-        self.save_status().await?;
+        // Recorded with the Ready condition by the reconcile's last status write, one write
+        // instead of two; a crash before it leaves the key in the Secret, which is adopted.
+        self.ctx.defer_last_use_read(self.obj, self.now);
         let note =
             format!("created access key {id} ({}) and published it in Secret {}", reason.as_str(), self.secret_name);
         self.note(EventType::Normal, "KeyCreated", note).await;
@@ -574,10 +582,14 @@ impl<'a> Run<'a> {
         let api: Api<Secret> = Api::namespaced(self.ctx.client.clone(), &ns);
         let mut object = build_secret(self.obj, id, secret);
         let params = PostParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() };
+        // Before the write: its watch event can arrive before the call returns.
+        self.ctx.remember_published(&ns, &self.secret_name, id);
         match self.secret {
             SecretObservation::Missing => {
                 api.create(&params, &object).await?;
                 self.ctx.metrics.kube_write("Secret", "create");
+                // A new key: KeyCreated says it was published.
+                return Ok(());
             }
             // Replaced whole, conditional on the version just read: exactly the data and labels
             // the spec asks for (nothing left from an older layout), and never over someone
@@ -682,5 +694,22 @@ impl<'a> Run<'a> {
 
     async fn note(&self, type_: EventType, reason: &str, note: String) {
         self.ctx.event(self.obj, type_, reason, note).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+    /// A last-use reading compares equal to the same reading after a round trip through the
+    /// API server: otherwise every read writes status.
+    #[test]
+    fn a_sub_second_reading_survives_the_api_servers_precision() {
+        let reading: jiff::Timestamp = "2026-11-28T10:11:12.345678Z".parse().unwrap();
+        let recorded = Time(super::whole_seconds(reading));
+        let stored: Time = serde_json::from_value(serde_json::to_value(&recorded).unwrap()).unwrap();
+        assert_eq!(stored, recorded);
+        let untruncated: Time = serde_json::from_value(serde_json::to_value(Time(reading)).unwrap()).unwrap();
+        assert_ne!(untruncated, Time(reading), "the API server's precision is whole seconds");
     }
 }

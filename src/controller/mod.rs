@@ -2,6 +2,7 @@
 
 mod apply;
 mod cleanup;
+mod events;
 mod restart;
 pub mod secret;
 mod status;
@@ -9,6 +10,7 @@ pub mod tenancy;
 
 use std::{
     collections::HashMap,
+    hash::{DefaultHasher, Hash, Hasher},
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -22,9 +24,9 @@ use kube::{
     runtime::{
         Controller, WatchStreamExt,
         controller::Action,
-        events::{Event, EventType, Recorder, Reporter},
+        events::EventType,
         finalizer::{Event as FinalizerEvent, finalizer},
-        reflector::ObjectRef,
+        reflector::{self, ObjectRef},
         watcher,
     },
 };
@@ -81,7 +83,7 @@ impl Default for Settings {
 pub struct Context {
     pub client: Client,
     pub iam: Arc<dyn IamApi>,
-    pub recorder: Recorder,
+    events: events::Events,
     pub metrics: Arc<Metrics>,
     pub settings: Settings,
     pub tenancy: tenancy::Tenancy,
@@ -92,6 +94,9 @@ pub struct Context {
     last_use_reads: Mutex<HashMap<String, LastUseReads>>,
     /// IAM paths of users, as last read, and when.
     user_paths: Mutex<HashMap<String, (String, std::time::Instant)>>,
+    /// The access key id this process last wrote to each Secret (namespace, name): the watch
+    /// event of our own write is not a reason to reconcile again.
+    published: Mutex<HashMap<(String, String), String>>,
 }
 
 #[derive(Clone, Copy)]
@@ -105,9 +110,8 @@ impl Context {
     pub fn new(client: Client, iam: Arc<dyn IamApi>, metrics: Arc<Metrics>, settings: Settings) -> Self {
         let tenancy = tenancy::Tenancy::start(client.clone());
         let instance = std::env::var("POD_NAME").ok();
-        let reporter = Reporter { controller: FIELD_MANAGER.into(), instance };
         Context {
-            recorder: Recorder::new(client.clone(), reporter),
+            events: events::Events::new(client.clone(), FIELD_MANAGER, instance),
             client,
             iam,
             metrics,
@@ -116,6 +120,7 @@ impl Context {
             failures: Mutex::default(),
             last_use_reads: Mutex::default(),
             user_paths: Mutex::default(),
+            published: Mutex::default(),
         }
     }
 
@@ -125,8 +130,7 @@ impl Context {
             EventType::Normal => info!(reason, "{note}"),
             EventType::Warning => warn!(reason, "{note}"),
         }
-        let event = Event { type_, reason: reason.into(), note: Some(note), action: reason.into(), secondary: None };
-        if let Err(e) = self.recorder.publish(&event, &obj.object_ref(&())).await {
+        if let Err(e) = self.events.publish(&obj.object_ref(&()), type_, reason, reason, note).await {
             warn!(error = %e, reason, "could not publish event");
         }
     }
@@ -146,11 +150,16 @@ impl Context {
     }
 
     /// When the resource's last use is next read (`None`: now), and when it was last read.
-    fn last_use_reads(&self, obj: &IamAccessKey) -> (Option<Timestamp>, Option<Timestamp>) {
+    fn last_use_reads(&self, obj: &IamAccessKey, now: Timestamp) -> (Option<Timestamp>, Option<Timestamp>) {
         let Some(uid) = obj.uid() else { return (None, None) };
         let mut reads = self.last_use_reads.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(r) = reads.get(&uid) {
-            return (Some(r.due), r.read_at);
+            // The resync and this read run on two jittered timers; a reconcile that comes
+            // within their spread of the read takes the read along, so a converged key costs one
+            // reconcile per period instead of two.
+            let early = self.settings.last_used_refresh / 5;
+            let due = if r.due <= after(now, early) { now } else { r.due };
+            return (Some(due), r.read_at);
         }
         // First sight since start of a key read before: spread the reads over one interval
         // instead of reading every key at once after a restart.
@@ -158,17 +167,40 @@ impl Context {
             return (None, None);
         }
         let refresh = self.settings.last_used_refresh.as_secs_f64().max(1.0);
-        let due = after(Timestamp::now(), Duration::from_secs_f64(rand::rng().random_range(0.0..refresh)));
+        let due = after(now, Duration::from_secs_f64(rand::rng().random_range(0.0..refresh)));
         reads.insert(uid, LastUseReads { due, read_at: None });
         (Some(due), None)
     }
 
     fn record_last_use_read(&self, obj: &IamAccessKey, now: Timestamp) {
+        self.schedule_last_use_read(obj, now, Some(now));
+    }
+
+    /// A key created just now has no use to read yet (its verification is the only one): the
+    /// first read comes one refresh later. Not a reading: decisions on disuse still read first.
+    fn defer_last_use_read(&self, obj: &IamAccessKey, now: Timestamp) {
+        self.schedule_last_use_read(obj, now, None);
+    }
+
+    fn schedule_last_use_read(&self, obj: &IamAccessKey, now: Timestamp, read_at: Option<Timestamp>) {
         if let Some(uid) = obj.uid() {
             let due = after(now, jitter(self.settings.last_used_refresh));
-            let reads = LastUseReads { due, read_at: Some(now) };
+            let reads = LastUseReads { due, read_at };
             self.last_use_reads.lock().unwrap_or_else(|e| e.into_inner()).insert(uid, reads);
         }
+    }
+
+    fn remember_published(&self, namespace: &str, secret: &str, access_key_id: &str) {
+        let mut published = self.published.lock().unwrap_or_else(|e| e.into_inner());
+        published.insert((namespace.to_owned(), secret.to_owned()), access_key_id.to_owned());
+    }
+
+    /// Whether a Secret event only shows this process's own last write.
+    fn is_own_write(&self, secret: &PartialObjectMeta<Secret>) -> bool {
+        let key = (secret.namespace().unwrap_or_default(), secret.name_any());
+        let held = secret.annotations().get(ACCESS_KEY_ID_ANNOTATION);
+        let published = self.published.lock().unwrap_or_else(|e| e.into_inner());
+        held.is_some() && published.get(&key) == held
     }
 
     /// A user's IAM path read within the last day.
@@ -188,6 +220,8 @@ impl Context {
         if let Some(uid) = obj.uid() {
             self.last_use_reads.lock().unwrap_or_else(|e| e.into_inner()).remove(&uid);
         }
+        let secret = (obj.namespace().unwrap_or_default(), secret::secret_name(obj));
+        self.published.lock().unwrap_or_else(|e| e.into_inner()).remove(&secret);
     }
 }
 
@@ -223,14 +257,8 @@ async fn reconcile(watched: Arc<Watched>, ctx: Arc<Context>) -> Result<Action, E
             Ok(None) => return Ok(Action::await_change()),
             Err(kube::Error::SerdeError(e)) => {
                 let err = Error::Invalid(format!("the stored IamAccessKey cannot be read ({e}): fix or delete it"));
-                let event = Event {
-                    type_: EventType::Warning,
-                    reason: err.reason().into(),
-                    note: Some(err.to_string()),
-                    action: "Read".into(),
-                    secondary: None,
-                };
-                let _ = ctx.recorder.publish(&event, &watched.object_ref(&())).await;
+                let regarding = watched.object_ref(&());
+                let _ = ctx.events.publish(&regarding, EventType::Warning, err.reason(), "Read", err.to_string()).await;
                 return Err(err);
             }
             Err(e) => return Err(e.into()),
@@ -278,6 +306,16 @@ fn error_policy(obj: Arc<Watched>, err: &Error, ctx: Arc<Context>) -> Action {
     Action::requeue(wait)
 }
 
+/// What a reconcile answers to: spec, labels, annotations, finalizers and deletion. Status is
+/// the operator's own output; a status-only change is not a reason to reconcile.
+fn reconcile_triggers(obj: &Watched) -> Option<u64> {
+    let meta = obj.meta();
+    let mut hasher = DefaultHasher::new();
+    let deletion = meta.deletion_timestamp.as_ref().map(|t| t.0.as_second());
+    (meta.generation, &meta.labels, &meta.annotations, &meta.finalizers, deletion).hash(&mut hasher);
+    Some(hasher.finish())
+}
+
 /// Set the rotate-requested-at annotation to now (what `iam-key-operator rotate` does).
 pub async fn request_rotation(client: Client, namespace: &str, name: &str) -> Result<Timestamp, kube::Error> {
     let now = Timestamp::from_second(Timestamp::now().as_second()).unwrap_or(Timestamp::UNIX_EPOCH);
@@ -306,12 +344,33 @@ pub async fn run(ctx: Arc<Context>, ready: Arc<std::sync::atomic::AtomicBool>) {
         // Only our Secrets, and only their metadata: no secret material in memory, and memory
         // independent of how many other Secrets the cluster holds.
         let our_secrets = watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY_VALUE}"));
-        let secret_events = watcher(secrets, our_secrets).default_backoff().touched_objects();
+        let secret_events = watcher(secrets, our_secrets).default_backoff().filter_map({
+            let ctx = ctx.clone();
+            move |event| {
+                futures::future::ready(match event {
+                    Ok(watcher::Event::Apply(s) | watcher::Event::InitApply(s)) => {
+                        (!ctx.is_own_write(&s)).then_some(Ok(s))
+                    }
+                    Ok(watcher::Event::Delete(s)) => Some(Ok(s)),
+                    Ok(watcher::Event::Init | watcher::Event::InitDone) => None,
+                    Err(e) => Some(Err(e)),
+                })
+            }
+        });
         let mut selected = watcher::Config::default().any_semantic();
         if let Some(selector) = &ctx.settings.selector {
             selected = selected.labels(selector);
         }
-        let controller = Controller::new(keys, selected)
+        let (store, writer) = reflector::store();
+        let key_events = watcher(keys, selected)
+            .default_backoff()
+            // The cache needs no field history: a third of each object's size.
+            .modify(|o: &mut Watched| o.managed_fields_mut().clear())
+            .reflect(writer)
+            .applied_objects()
+            // Our own status writes are no reason to look again (and would bypass the backoff).
+            .predicate_filter(reconcile_triggers, Default::default());
+        let controller = Controller::for_stream(key_events, store)
             // A policy change can allow or deny any resource: look at all of them again.
             .reconcile_all_on(ctx.tenancy.changes())
             .owns_stream(secret_events)

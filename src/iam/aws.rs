@@ -21,9 +21,16 @@ pub struct AwsIam {
 
 impl AwsIam {
     pub fn new(sdk_config: &aws_config::SdkConfig, metrics: Arc<Metrics>, limiter: RateLimiter) -> Self {
+        // No SDK retries: each call is exactly one request through the rate limiter, so
+        // `--iam-rate` bounds what IAM sees, and a CreateAccessKey whose response was lost is
+        // never sent twice (a second, unrecorded key). The reconcile retries instead, with
+        // per-resource backoff and under its pending-create marker.
+        let once = aws_config::retry::RetryConfig::disabled();
         AwsIam {
-            iam: aws_sdk_iam::Client::new(sdk_config),
-            sts_config: aws_sdk_sts::config::Config::from(sdk_config),
+            iam: aws_sdk_iam::Client::from_conf(
+                aws_sdk_iam::config::Builder::from(sdk_config).retry_config(once.clone()).build(),
+            ),
+            sts_config: aws_sdk_sts::config::Builder::from(sdk_config).retry_config(once).build(),
             metrics,
             limiter,
         }
@@ -140,18 +147,7 @@ impl IamApi for AwsIam {
     async fn create_access_key(&self, user: &str) -> Result<NewKey, IamError> {
         let op = "CreateAccessKey";
         self.limiter.acquire().await;
-        // Not idempotent: if a response is lost, a retry here would make a second key while the
-        // first one goes unrecorded. The reconcile retries instead, under its pending-create marker.
-        let once = aws_sdk_iam::config::Builder::default().retry_config(aws_config::retry::RetryConfig::disabled());
-        let result = self
-            .iam
-            .create_access_key()
-            .user_name(user)
-            .customize()
-            .config_override(once)
-            .send()
-            .await
-            .map_err(|e| sdk_error(op, e));
+        let result = self.iam.create_access_key().user_name(user).send().await.map_err(|e| sdk_error(op, e));
         let result = result.and_then(|out| {
             let k = out
                 .access_key

@@ -629,7 +629,8 @@ impl Sim {
         if self.last_used_due.is_none() && run.status.last_used.is_some() {
             self.last_used_due = Some(run.now + secs(LAST_USED_REFRESH / 2));
         }
-        self.last_used_due
+        // A reconcile within a fifth of the refresh of the read takes it along.
+        self.last_used_due.map(|due| if due <= run.now + secs(LAST_USED_REFRESH / 5) { run.now } else { due })
     }
 
     fn reconcile(&mut self) -> Outcome {
@@ -867,7 +868,10 @@ impl Sim {
             r.last_reason = Some(reason.as_str().into());
         }
         self.failpoint(Failpoint::BeforeStatus)?;
-        self.save_status(run)
+        // Recorded by the reconcile's last status write; the first last-use read waits a refresh.
+        self.last_used_due = Some(run.now + secs(LAST_USED_REFRESH));
+        self.last_used_read_at = None;
+        Ok(())
     }
 
     /// `Run::install_current`: the new key is current, the previous current key drains.

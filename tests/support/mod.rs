@@ -2,6 +2,8 @@
 //! shared real environment, create resources, wait for conditions, check keys in IAM.
 #![allow(dead_code)]
 
+pub mod proxy;
+
 use std::{
     collections::BTreeMap,
     fs::File,
