@@ -17,10 +17,7 @@ use super::{
     status::{derive_summary, set_ready},
 };
 use crate::{
-    crd::{
-        IamAccessKey, IamAccessKeyStatus, KeyPhase, KeyStatus, LastUsed, OwnedKey, PendingCreate, RotationRecord,
-        RotationSpec,
-    },
+    crd::{IamAccessKey, IamAccessKeyStatus, KeyPhase, KeyStatus, LastUsed, PendingCreate, RotationSpec},
     error::Error,
     failpoint,
     iam::{IamError, IamKey, IamUser, NewKey},
@@ -484,31 +481,8 @@ impl<'a> Run<'a> {
 
     /// Record `key` as the current key; the previous current key starts draining.
     fn install_current(&mut self, key: IamKey) {
-        let rotation = self.rotation();
-        let deactivate_at = crate::plan::after(self.now, rotation.grace_period.as_signed());
-        for k in self.status.keys.iter_mut().filter(|k| k.phase == KeyPhase::Current) {
-            k.phase = KeyPhase::Draining;
-            k.replaced_at = Some(Time(self.now));
-            k.deactivate_at = Some(Time(deactivate_at));
-        }
-        self.status.keys.push(OwnedKey {
-            access_key_id: key.access_key_id,
-            phase: KeyPhase::Current,
-            create_date: Time(key.create_date),
-            deactivate_at: None,
-            delete_at: None,
-            replaced_at: None,
-            last_used_at: None,
-            usage_checked_at: None,
-        });
-        self.status.key_status = Some(key.status);
-        self.status.pending_create = None;
-        self.status.rotation = Some(RotationRecord {
-            serial: self.obj.spec.rotation.as_ref().map_or(0, |r| r.serial),
-            requested_at: self.obj.annotations().get(ROTATE_REQUESTED_AT_ANNOTATION).cloned(),
-            last_rotated_at: Some(Time(self.now)),
-            last_reason: self.status.rotation.as_ref().and_then(|r| r.last_reason.clone()),
-        });
+        let requested_at = self.obj.annotations().get(ROTATE_REQUESTED_AT_ANNOTATION).cloned();
+        crate::plan::install_current(&mut self.status, &self.obj.spec, requested_at, key, self.now);
     }
 
     /// Create -> tag -> verify -> publish -> record. The secret exists only in this function's

@@ -153,21 +153,22 @@ impl Context {
     fn last_use_reads(&self, obj: &IamAccessKey, now: Timestamp) -> (Option<Timestamp>, Option<Timestamp>) {
         let Some(uid) = obj.uid() else { return (None, None) };
         let mut reads = self.last_use_reads.lock().unwrap_or_else(|e| e.into_inner());
+        // The resync and this read run on two jittered timers; a reconcile that comes within
+        // their spread of the read takes the read along, so a converged key costs one
+        // reconcile per period instead of two.
+        let early = self.settings.last_used_refresh / 5;
         if let Some(r) = reads.get(&uid) {
-            // The resync and this read run on two jittered timers; a reconcile that comes
-            // within their spread of the read takes the read along, so a converged key costs one
-            // reconcile per period instead of two.
-            let early = self.settings.last_used_refresh / 5;
             let due = if r.due <= after(now, early) { now } else { r.due };
             return (Some(due), r.read_at);
         }
         // First sight since start of a key read before: spread the reads over one interval
-        // instead of reading every key at once after a restart.
+        // (beyond the early window) instead of reading every key at once after a restart.
         if obj.status.as_ref().and_then(|s| s.last_used.as_ref()).is_none() {
             return (None, None);
         }
         let refresh = self.settings.last_used_refresh.as_secs_f64().max(1.0);
-        let due = after(now, Duration::from_secs_f64(rand::rng().random_range(0.0..refresh)));
+        let spread = rand::rng().random_range(0.0..refresh);
+        let due = after(now, early + Duration::from_secs_f64(spread));
         reads.insert(uid, LastUseReads { due, read_at: None });
         (Some(due), None)
     }

@@ -45,9 +45,7 @@ use proptest::prelude::*;
 
 use super::*;
 use crate::{
-    crd::{
-        Duration, IamAccessKeyStatus, LastUsed, PendingCreate, RestartKind, RestartTarget, RotationRecord, RotationSpec,
-    },
+    crd::{Duration, IamAccessKeyStatus, LastUsed, PendingCreate, RestartKind, RestartTarget, RotationSpec},
     policy::Limits,
 };
 
@@ -738,7 +736,7 @@ impl Sim {
             }
             Step::DeleteOrphan { access_key_id, tagged } => self.delete_key(run, &access_key_id, tagged)?,
             Step::AdoptSecretKey { key } => {
-                self.install_current(run, key);
+                install_current(&mut run.status, &run.spec, run.requested_at.clone(), key, run.now);
                 self.save_status(run)?;
             }
             Step::ForgetKey { access_key_id, .. } => {
@@ -863,7 +861,7 @@ impl Sim {
         self.secret = SecretObservation::Ours { access_key_id: Some(id.clone()) };
         self.failpoint(Failpoint::AfterSecret)?;
         run.secret = self.secret.clone();
-        self.install_current(run, iam_key);
+        install_current(&mut run.status, &run.spec, run.requested_at.clone(), iam_key, run.now);
         if let Some(r) = run.status.rotation.as_mut() {
             r.last_reason = Some(reason.as_str().into());
         }
@@ -872,35 +870,6 @@ impl Sim {
         self.last_used_due = Some(run.now + secs(LAST_USED_REFRESH));
         self.last_used_read_at = None;
         Ok(())
-    }
-
-    /// `Run::install_current`: the new key is current, the previous current key drains.
-    fn install_current(&mut self, run: &mut Run, key: IamKey) {
-        let rotation = run.spec.rotation.clone().unwrap_or_default();
-        let deactivate_at = after(run.now, rotation.grace_period.as_signed());
-        for k in run.status.keys.iter_mut().filter(|k| k.phase == KeyPhase::Current) {
-            k.phase = KeyPhase::Draining;
-            k.replaced_at = Some(Time(run.now));
-            k.deactivate_at = Some(Time(deactivate_at));
-        }
-        run.status.keys.push(OwnedKey {
-            access_key_id: key.access_key_id,
-            phase: KeyPhase::Current,
-            create_date: Time(key.create_date),
-            deactivate_at: None,
-            delete_at: None,
-            replaced_at: None,
-            last_used_at: None,
-            usage_checked_at: None,
-        });
-        run.status.key_status = Some(key.status);
-        run.status.pending_create = None;
-        run.status.rotation = Some(RotationRecord {
-            serial: run.spec.rotation.as_ref().map_or(0, |r| r.serial),
-            requested_at: run.requested_at.clone(),
-            last_rotated_at: Some(Time(run.now)),
-            last_reason: run.status.rotation.as_ref().and_then(|r| r.last_reason.clone()),
-        });
     }
 
     /// `Run::delete_key`: delete (a key already gone is fine), then untag.
