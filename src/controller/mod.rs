@@ -392,3 +392,49 @@ pub async fn run(ctx: Arc<Context>, ready: Arc<std::sync::atomic::AtomicBool>) {
     });
     futures::future::join_all(controllers).await;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn watched(json: serde_json::Value) -> Watched {
+        serde_json::from_value(json).unwrap()
+    }
+
+    #[test]
+    fn status_only_changes_do_not_trigger_a_reconcile() {
+        let base = serde_json::json!({
+            "apiVersion": "iam.keyop.dev/v1alpha1", "kind": "IamAccessKey",
+            "metadata": {"name": "app", "namespace": "ns", "generation": 1, "resourceVersion": "1"},
+            "spec": {"userName": "app"},
+        });
+        let trigger = |patch: serde_json::Value| {
+            let mut obj = base.clone();
+            json_patch_merge(&mut obj, patch);
+            reconcile_triggers(&watched(obj))
+        };
+        let original = trigger(serde_json::json!({}));
+        let status = serde_json::json!({"metadata": {"resourceVersion": "2"}, "status": {"accessKeyId": "AKIA1"}});
+        assert_eq!(trigger(status), original, "a status write");
+        for change in [
+            serde_json::json!({"metadata": {"generation": 2}}),
+            serde_json::json!({"metadata": {"annotations": {ROTATE_REQUESTED_AT_ANNOTATION: "now"}}}),
+            serde_json::json!({"metadata": {"labels": {"shard": "a"}}}),
+            serde_json::json!({"metadata": {"finalizers": [FINALIZER]}}),
+            serde_json::json!({"metadata": {"deletionTimestamp": "2026-11-28T10:00:00Z"}}),
+        ] {
+            assert_ne!(trigger(change.clone()), original, "{change}");
+        }
+    }
+
+    fn json_patch_merge(target: &mut serde_json::Value, patch: serde_json::Value) {
+        match (target, patch) {
+            (serde_json::Value::Object(t), serde_json::Value::Object(p)) => {
+                for (k, v) in p {
+                    json_patch_merge(t.entry(k).or_insert(serde_json::Value::Null), v);
+                }
+            }
+            (t, p) => *t = p,
+        }
+    }
+}
