@@ -378,6 +378,12 @@ impl<'a> Run<'a> {
                     Some(secret) if id_held == Some(&access_key_id) => {
                         self.publish(&access_key_id, &secret).await?;
                         self.secret_layout_stale = false;
+                        // A new key is announced by KeyCreated; this is the same key, new layout.
+                        let note = format!(
+                            "rewrote Secret {} with access key {access_key_id} in the layout the spec asks for",
+                            self.secret_name
+                        );
+                        self.note(EventType::Normal, "SecretWritten", note).await;
                     }
                     // Unreadable: treat its key as lost, which issues a new one through the grace steps.
                     _ => self.secret = SecretObservation::Ours { access_key_id: None },
@@ -562,8 +568,6 @@ impl<'a> Run<'a> {
             SecretObservation::Missing => {
                 api.create(&params, &object).await?;
                 self.ctx.metrics.kube_write("Secret", "create");
-                // A new key: KeyCreated says it was published.
-                return Ok(());
             }
             // Replaced whole, conditional on the version just read: exactly the data and labels
             // the spec asks for (nothing left from an older layout), and never over someone
@@ -576,8 +580,6 @@ impl<'a> Run<'a> {
             }
             SecretObservation::NotOurs => return Err(self.blocked(Blocked::SecretConflict)),
         }
-        let note = format!("wrote access key {id} to Secret {}", self.secret_name);
-        self.note(EventType::Normal, "SecretWritten", note).await;
         Ok(())
     }
 
