@@ -51,7 +51,7 @@ pub async fn apply(obj: &Arc<IamAccessKey>, ctx: &Context) -> Result<Action, Err
         Ok(wake_at) => {
             run.succeed().await?;
             run.publish_metrics("Ready");
-            let resync = super::jitter(ctx.settings.resync);
+            let resync = super::later(ctx.settings.resync);
             let until_wake = wake_at.map(|t| Duration::try_from(t.duration_since(run.now)).unwrap_or(Duration::ZERO));
             Ok(Action::requeue(until_wake.map_or(resync, |w| w.min(resync)) + Duration::from_millis(500)))
         }

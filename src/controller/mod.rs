@@ -101,6 +101,10 @@ pub struct Context {
 
 #[derive(Clone, Copy)]
 struct LastUseReads {
+    /// From then on, any reconcile takes the read along.
+    eligible: Timestamp,
+    /// When a reconcile comes for the read if none came since `eligible` (a little later, so
+    /// that the resync, due as late or later, usually does it).
     due: Timestamp,
     /// `None`: not read since this process started.
     read_at: Option<Timestamp>,
@@ -153,23 +157,14 @@ impl Context {
     fn last_use_reads(&self, obj: &IamAccessKey, now: Timestamp) -> (Option<Timestamp>, Option<Timestamp>) {
         let Some(uid) = obj.uid() else { return (None, None) };
         let mut reads = self.last_use_reads.lock().unwrap_or_else(|e| e.into_inner());
-        // The resync and this read run on two jittered timers; a reconcile that comes within
-        // their spread of the read takes the read along, so a converged key costs one
-        // reconcile per period instead of two.
-        let early = self.settings.last_used_refresh / 5;
         if let Some(r) = reads.get(&uid) {
-            let due = if r.due <= after(now, early) { now } else { r.due };
-            return (Some(due), r.read_at);
+            return (Some(if now >= r.eligible { now } else { r.due }), r.read_at);
         }
-        // First sight since start of a key read before: spread the reads over one interval
-        // (beyond the early window) instead of reading every key at once after a restart.
-        if obj.status.as_ref().and_then(|s| s.last_used.as_ref()).is_none() {
-            return (None, None);
-        }
+        // First sight since start: spread the reads over one interval instead of reading every
+        // key at once after a restart (a decision on disuse reads first regardless).
         let refresh = self.settings.last_used_refresh.as_secs_f64().max(1.0);
-        let spread = rand::rng().random_range(0.0..refresh);
-        let due = after(now, early + Duration::from_secs_f64(spread));
-        reads.insert(uid, LastUseReads { due, read_at: None });
+        let due = after(now, Duration::from_secs_f64(rand::rng().random_range(0.0..refresh)));
+        reads.insert(uid, LastUseReads { eligible: due, due, read_at: None });
         (Some(due), None)
     }
 
@@ -183,10 +178,13 @@ impl Context {
         self.schedule_last_use_read(obj, now, None);
     }
 
+    /// The next read: any reconcile from one refresh on takes it along; the resync (also at
+    /// least one period later) usually is that reconcile, so a converged key costs one
+    /// reconcile, one ListAccessKeys and one GetAccessKeyLastUsed per period, never more.
     fn schedule_last_use_read(&self, obj: &IamAccessKey, now: Timestamp, read_at: Option<Timestamp>) {
         if let Some(uid) = obj.uid() {
-            let due = after(now, jitter(self.settings.last_used_refresh));
-            let reads = LastUseReads { due, read_at };
+            let refresh = self.settings.last_used_refresh;
+            let reads = LastUseReads { eligible: after(now, refresh), due: after(now, later(refresh)), read_at };
             self.last_use_reads.lock().unwrap_or_else(|e| e.into_inner()).insert(uid, reads);
         }
     }
@@ -233,6 +231,12 @@ fn object_ref(obj: &impl Resource) -> ObjectRef<IamAccessKey> {
 /// ±10%, so that many resources do not wake up in lockstep.
 fn jitter(d: Duration) -> Duration {
     d.mul_f64(rand::rng().random_range(0.9..1.1))
+}
+
+/// Up to 10% later, never earlier: periodic work spreads out but never runs more often than
+/// its period.
+fn later(d: Duration) -> Duration {
+    d.mul_f64(rand::rng().random_range(1.0..1.1))
 }
 
 fn after(t: Timestamp, d: Duration) -> Timestamp {

@@ -28,13 +28,23 @@ impl Tenancy {
         let (namespaces, namespace_writer) = reflector::store();
         let (notify, changes) = watch::channel(0u64);
         let policy_api = Api::<IamAccessKeyPolicy>::all(client.clone());
-        let policy_events = reflector(policy_writer, watcher(policy_api, Default::default())).default_backoff();
+        // Caches keep what decisions read: no field history, and only the labels of namespaces.
+        let policy_events = watcher(policy_api, Default::default())
+            .default_backoff()
+            .modify(|p: &mut IamAccessKeyPolicy| p.metadata.managed_fields = None)
+            .reflect(policy_writer);
         tokio::spawn(policy_events.for_each(move |_| {
             notify.send_modify(|n| *n += 1);
             futures::future::ready(())
         }));
         let ns_api: Api<PartialObjectMeta<Namespace>> = Api::all(client);
-        let ns_events = reflector(namespace_writer, watcher(ns_api, Default::default())).default_backoff();
+        let ns_events = watcher(ns_api, Default::default())
+            .default_backoff()
+            .modify(|ns: &mut PartialObjectMeta<Namespace>| {
+                ns.metadata.managed_fields = None;
+                ns.metadata.annotations = None;
+            })
+            .reflect(namespace_writer);
         tokio::spawn(ns_events.for_each(|_| futures::future::ready(())));
         Tenancy { policies, namespaces, changes }
     }

@@ -624,11 +624,10 @@ impl Sim {
 
     /// `Context::last_used_due`: in memory; after a restart, spread over one refresh interval.
     fn last_used_due(&mut self, run: &Run) -> Option<Timestamp> {
-        if self.last_used_due.is_none() && run.status.last_used.is_some() {
+        if self.last_used_due.is_none() {
             self.last_used_due = Some(run.now + secs(LAST_USED_REFRESH / 2));
         }
-        // A reconcile within a fifth of the refresh of the read takes it along.
-        self.last_used_due.map(|due| if due <= run.now + secs(LAST_USED_REFRESH / 5) { run.now } else { due })
+        self.last_used_due
     }
 
     fn reconcile(&mut self) -> Outcome {
