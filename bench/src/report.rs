@@ -555,7 +555,7 @@ fn steady(r: &Results, s: &mut String) {
     let _ = writeln!(
         s,
         "{} converged resources, a fresh operator with `{}` (the defaults are both 1 h; every timer and \
-         its ±10 % jitter scales with them), measured over {:.0} s ({} periods) starting one period after \
+         its jitter (up to 10 %) scales with them), measured over {:.0} s ({} periods) starting one period after \
          its first pass. Per key per hour at the default settings = count / N × period / window.\n",
         st.n,
         st.flags,
@@ -590,7 +590,7 @@ fn steady(r: &Results, s: &mut String) {
         let _ = writeln!(s, "| API `{k}` | {} | {:.2} |", num(*v), st.per_key_hour(*v));
     }
     let own = total(&st.own_kube_writes);
-    let _ = writeln!(s, "| writes the operator counts itself | {} | {:.2} |", num(own), st.per_key_hour(own));
+    let _ = writeln!(s, "| writes the operator counts itself | {} | {:.2} |", num(own), st.per_key_hour(own) + 0.0);
     let rec = total(&st.reconciles);
     let _ = writeln!(s, "| reconciles | {} | {:.2} |", num(rec), st.per_key_hour(rec));
     let _ = writeln!(
