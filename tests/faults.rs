@@ -757,7 +757,7 @@ async fn rate_limit_run(prefix: &str, n: usize, rate: usize, burst: usize) {
     let args: Vec<String> = ["--iam-rate", &rate.to_string(), "--iam-burst", &burst.to_string(), "--resync", "10m"]
         .map(String::from)
         .to_vec();
-    let mut op = soak::Op::start(f.env, &f.ns, &proxy.operator_env(), &args);
+    let mut op = soak::start_operator(&f, &proxy, &args);
     let t0 = Instant::now();
     for (name, user) in all.iter().zip(&users) {
         create_for(&f, name, user, json!({})).await;
@@ -770,7 +770,7 @@ async fn rate_limit_run(prefix: &str, n: usize, rate: usize, burst: usize) {
     let (max_created, at) = max_in_window(&created, Duration::from_secs(1));
 
     // A restart with n Ready resources: each is looked at again.
-    op.restart();
+    op.restart(&[]);
     let t1 = Instant::now();
     let deadline = t1 + Duration::from_secs(60 + (2 * n / rate) as u64);
     while proxy.calls_since(t1).iter().filter(|c| c.action == "ListAccessKeys").count() < n {

@@ -9,7 +9,7 @@
 //! ```
 //!
 //! This file also holds the scenario itself ([`random_kills`]) and the operator launcher it uses
-//! ([`Op`]): `tests/faults.rs` includes it as a module and runs the same scenario small in
+//! ([`start_operator`]): `tests/faults.rs` includes it as a module and runs the same scenario small in
 //! `make test`.
 
 // `pub`: tests/faults.rs, which includes this file, uses this one copy of the helpers.
@@ -18,9 +18,6 @@ pub mod support;
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
-    fs::File,
-    path::PathBuf,
-    process::{Child, ExitStatus, Stdio},
     time::{Duration, Instant},
 };
 
@@ -29,11 +26,10 @@ use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use rand::Rng;
 use serde_json::json;
 use support::{
-    CLUSTER, Fixture, authenticates_as, iam_keys,
+    Fixture, Operator, authenticates_as, iam_keys,
     proxy::{Call, FaultProxy, by_action, max_in_window},
     ready,
 };
-use testenv::TestEnv;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "long: run with `make soak` (IKO_SOAK_SECONDS, IKO_SOAK_RESOURCES)"]
@@ -175,80 +171,14 @@ impl fmt::Display for Report {
     }
 }
 
-/// The operator as a child process with exactly the flags given (unlike `support::Operator`,
-/// whose `--resync 3s` cannot be changed and whose restart drops extra flags).
-pub struct Op {
-    env: &'static TestEnv,
-    ns: String,
-    envs: Vec<(String, String)>,
-    args: Vec<String>,
-    child: Option<Child>,
-    pub log_path: PathBuf,
-    pub metrics_port: u16,
-    pub starts: usize,
-}
-
-impl Op {
-    pub fn start(env: &'static TestEnv, ns: &str, envs: &[(String, String)], args: &[String]) -> Op {
-        let metrics_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let log_path = env.dir().join(format!("operator-{ns}-{}.log", std::process::id()));
-        let mut op = Op {
-            env,
-            ns: ns.into(),
-            envs: envs.to_vec(),
-            args: args.to_vec(),
-            child: None,
-            log_path,
-            metrics_port,
-            starts: 0,
-        };
-        op.spawn();
-        op
-    }
-
-    fn spawn(&mut self) {
-        let log = File::options().create(true).append(true).open(&self.log_path).expect("operator log");
-        let mut cmd = self.env.command(env!("CARGO_BIN_EXE_iam-key-operator"));
-        cmd.args(["run", "--namespace", &self.ns, "--cluster-name", CLUSTER, "--verify-timeout", "20s"])
-            .args(["--metrics-addr", &format!("127.0.0.1:{}", self.metrics_port)])
-            .args(&self.args)
-            .env("RUST_LOG", "info")
-            .env_remove("IKO_FAILPOINT")
-            .envs(self.envs.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log);
-        self.child = Some(cmd.spawn().expect("spawn iam-key-operator"));
-        self.starts += 1;
-    }
-
-    /// If the operator exited by itself (it should not): how.
-    pub fn exited(&mut self) -> Option<ExitStatus> {
-        self.child.as_mut()?.try_wait().ok().flatten()
-    }
-
-    /// SIGKILL (no chance to clean up) and reap.
-    pub fn sigkill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    pub fn restart(&mut self) {
-        self.sigkill();
-        self.spawn();
-    }
-
-    pub fn log(&self) -> String {
-        std::fs::read_to_string(&self.log_path).unwrap_or_default()
-    }
-}
-
-impl Drop for Op {
-    fn drop(&mut self) {
-        self.sigkill();
-    }
+/// The operator of the scenario: through the proxy, logging at info (minutes of debug logs of
+/// hundreds of resources would be gigabytes).
+pub fn start_operator(f: &Fixture, proxy: &FaultProxy, args: &[String]) -> Operator {
+    let envs = proxy.operator_env();
+    let mut envs: Vec<(&str, &str)> = envs.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    envs.push(("RUST_LOG", "info"));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    Operator::start(f.env, &f.ns, &envs, &args)
 }
 
 /// One resource of the run.
@@ -298,7 +228,7 @@ pub async fn random_kills(prefix: &str, scale: &Scale) -> Report {
         all.push(Res { name: format!("r{i}"), user, foreign, rotating, serial: 0, deleted: false });
     }
     let proxy = FaultProxy::start(&f.env.iam_endpoint()).await;
-    let mut op = Op::start(f.env, &f.ns, &proxy.operator_env(), &scale.operator_args);
+    let mut op = start_operator(&f, &proxy, &scale.operator_args);
     let mut report = Report { resources: total, ..Report::default() };
     report.foreign_keys = all.iter().filter(|r| r.foreign.is_some()).count();
     for r in &all[..scale.resources] {
@@ -360,7 +290,7 @@ pub async fn random_kills(prefix: &str, scale: &Scale) -> Report {
             if let Some(status) = op.exited() {
                 crashes.push(format!("the operator exited by itself ({status}) before kill {}", kills.len()));
             }
-            op.restart();
+            op.restart(&[]);
             kills.push(Instant::now());
         }
         (kills, crashes)
@@ -442,7 +372,7 @@ pub async fn random_kills(prefix: &str, scale: &Scale) -> Report {
     report.keys_created = calls.iter().filter(|c| c.action == "CreateAccessKey" && c.outcome.reached_iam()).count();
     report.max_calls_in_1s = max_in_window(&calls, Duration::from_secs(1)).0;
     eprintln!("calls by action: {:?}", by_action(&calls));
-    op.sigkill();
+    op.kill();
     report
 }
 

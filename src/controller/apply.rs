@@ -65,7 +65,7 @@ pub async fn apply(obj: &Arc<IamAccessKey>, ctx: &Context) -> Result<Action, Err
 
 /// IAM reports sub-second dates; status holds whole seconds (as the API server serializes
 /// them), and only a reading in status' precision compares equal to what status holds.
-fn whole_seconds(t: Timestamp) -> Timestamp {
+pub fn whole_seconds(t: Timestamp) -> Timestamp {
     Timestamp::from_second(t.as_second()).unwrap_or(t)
 }
 

@@ -323,7 +323,7 @@ fn reconcile_triggers(obj: &Watched) -> Option<u64> {
 
 /// Set the rotate-requested-at annotation to now (what `iam-key-operator rotate` does).
 pub async fn request_rotation(client: Client, namespace: &str, name: &str) -> Result<Timestamp, kube::Error> {
-    let now = Timestamp::from_second(Timestamp::now().as_second()).unwrap_or(Timestamp::UNIX_EPOCH);
+    let now = apply::whole_seconds(Timestamp::now());
     let api: Api<IamAccessKey> = Api::namespaced(client, namespace);
     let patch = serde_json::json!({"metadata": {"annotations": {ROTATE_REQUESTED_AT_ANNOTATION: now.to_string()}}});
     let params = kube::api::PatchParams { field_manager: Some("iam-key-operator-rotate".into()), ..Default::default() };
@@ -401,44 +401,44 @@ pub async fn run(ctx: Arc<Context>, ready: Arc<std::sync::atomic::AtomicBool>) {
 mod tests {
     use super::*;
 
-    fn watched(json: serde_json::Value) -> Watched {
-        serde_json::from_value(json).unwrap()
-    }
+    type Change = dyn Fn(&mut IamAccessKey);
 
     #[test]
     fn status_only_changes_do_not_trigger_a_reconcile() {
-        let base = serde_json::json!({
+        let base: IamAccessKey = serde_json::from_value(serde_json::json!({
             "apiVersion": "iam.keyop.dev/v1alpha1", "kind": "IamAccessKey",
             "metadata": {"name": "app", "namespace": "ns", "generation": 1, "resourceVersion": "1"},
             "spec": {"userName": "app"},
-        });
-        let trigger = |patch: serde_json::Value| {
+        }))
+        .unwrap();
+        let trigger = |change: &Change| {
             let mut obj = base.clone();
-            json_patch_merge(&mut obj, patch);
-            reconcile_triggers(&watched(obj))
+            change(&mut obj);
+            reconcile_triggers(&DeserializeGuard(Ok(obj)))
         };
-        let original = trigger(serde_json::json!({}));
-        let status = serde_json::json!({"metadata": {"resourceVersion": "2"}, "status": {"accessKeyId": "AKIA1"}});
-        assert_eq!(trigger(status), original, "a status write");
-        for change in [
-            serde_json::json!({"metadata": {"generation": 2}}),
-            serde_json::json!({"metadata": {"annotations": {ROTATE_REQUESTED_AT_ANNOTATION: "now"}}}),
-            serde_json::json!({"metadata": {"labels": {"shard": "a"}}}),
-            serde_json::json!({"metadata": {"finalizers": [FINALIZER]}}),
-            serde_json::json!({"metadata": {"deletionTimestamp": "2026-11-28T10:00:00Z"}}),
-        ] {
-            assert_ne!(trigger(change.clone()), original, "{change}");
-        }
-    }
-
-    fn json_patch_merge(target: &mut serde_json::Value, patch: serde_json::Value) {
-        match (target, patch) {
-            (serde_json::Value::Object(t), serde_json::Value::Object(p)) => {
-                for (k, v) in p {
-                    json_patch_merge(t.entry(k).or_insert(serde_json::Value::Null), v);
-                }
-            }
-            (t, p) => *t = p,
+        let original = trigger(&|_| {});
+        let status_write = |o: &mut IamAccessKey| {
+            o.metadata.resource_version = Some("2".into());
+            o.status =
+                Some(crate::crd::IamAccessKeyStatus { access_key_id: Some("AKIA1".into()), ..Default::default() });
+        };
+        assert_eq!(trigger(&status_write), original, "a status write");
+        let changes: [(&str, &Change); 5] = [
+            ("generation", &|o| o.metadata.generation = Some(2)),
+            ("annotation", &|o| {
+                o.annotations_mut().insert(ROTATE_REQUESTED_AT_ANNOTATION.into(), "now".into());
+            }),
+            ("label", &|o| {
+                o.labels_mut().insert("shard".into(), "a".into());
+            }),
+            ("finalizer", &|o| o.finalizers_mut().push(FINALIZER.into())),
+            ("deletion", &|o| {
+                o.metadata.deletion_timestamp =
+                    Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(Timestamp::UNIX_EPOCH))
+            }),
+        ];
+        for (what, change) in changes {
+            assert_ne!(trigger(change), original, "{what}");
         }
     }
 }

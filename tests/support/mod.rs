@@ -228,44 +228,59 @@ pub struct Operator {
     pub metrics_port: u16,
     ns: String,
     env: &'static TestEnv,
+    /// Kept for restarts.
+    envs: Vec<(String, String)>,
+    args: Vec<String>,
 }
 
 impl Operator {
+    /// `--resync 3s` unless `extra_args` sets it; debug logging unless `extra_env` sets `RUST_LOG`.
     pub fn start(env: &'static TestEnv, ns: &str, extra_env: &[(&str, &str)], extra_args: &[&str]) -> Operator {
-        let metrics_port = free_port();
         let log_path = env.dir().join(format!("operator-{ns}-{}.log", std::process::id()));
-        Self::spawn(env, ns, extra_env, extra_args, metrics_port, log_path)
+        let mut op = Operator {
+            child: None,
+            log_path,
+            metrics_port: free_port(),
+            ns: ns.into(),
+            env,
+            envs: extra_env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            args: extra_args.iter().map(|a| a.to_string()).collect(),
+        };
+        op.spawn();
+        op
     }
 
-    fn spawn(
-        env: &'static TestEnv,
-        ns: &str,
-        extra_env: &[(&str, &str)],
-        extra_args: &[&str],
-        metrics_port: u16,
-        log_path: PathBuf,
-    ) -> Operator {
-        let log = File::options().create(true).append(true).open(&log_path).expect("operator log file");
-        let mut cmd = env.command(env!("CARGO_BIN_EXE_iam-key-operator"));
-        cmd.args(["run", "--namespace", ns, "--cluster-name", CLUSTER, "--resync", "3s", "--verify-timeout", "20s"])
-            .args(["--metrics-addr", &format!("127.0.0.1:{metrics_port}")])
-            .args(extra_args)
-            // Debug logging everywhere: the secret must not leak even at this level.
-            .env("RUST_LOG", "debug,hyper=info,h2=info,rustls=info,tower=info")
+    fn spawn(&mut self) {
+        let log = File::options().create(true).append(true).open(&self.log_path).expect("operator log file");
+        let mut cmd = self.env.command(env!("CARGO_BIN_EXE_iam-key-operator"));
+        cmd.args(["run", "--namespace", &self.ns, "--cluster-name", CLUSTER, "--verify-timeout", "20s"])
+            .args(["--metrics-addr", &format!("127.0.0.1:{}", self.metrics_port)])
+            .args(&self.args);
+        if !self.args.iter().any(|a| a == "--resync") {
+            cmd.args(["--resync", "3s"]);
+        }
+        // Debug logging everywhere: the secret must not leak even at this level.
+        cmd.env("RUST_LOG", "debug,hyper=info,h2=info,rustls=info,tower=info")
             .env_remove("IKO_FAILPOINT")
-            .envs(extra_env.iter().copied())
+            .envs(self.envs.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log);
-        let child = cmd.spawn().expect("spawn iam-key-operator");
-        Operator { child: Some(child), log_path, metrics_port, ns: ns.into(), env }
+        self.child = Some(cmd.spawn().expect("spawn iam-key-operator"));
     }
 
-    /// Start again after a crash, with the same log file and metrics port.
+    /// Start again after a crash, with the same flags, environment, log file and metrics port;
+    /// a failpoint fires once: only one given in `extra_env` applies to the new process.
     pub fn restart(&mut self, extra_env: &[(&str, &str)]) {
         self.kill();
-        let again = Self::spawn(self.env, &self.ns.clone(), extra_env, &[], self.metrics_port, self.log_path.clone());
-        *self = again;
+        self.envs.retain(|(k, _)| k != "IKO_FAILPOINT");
+        self.envs.extend(extra_env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        self.spawn();
+    }
+
+    /// If the process exited by itself: how.
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        self.child.as_mut()?.try_wait().ok().flatten()
     }
 
     pub fn log(&self) -> String {
