@@ -87,8 +87,7 @@ dev-up: tools ## Start a local API server + IAM endpoint in the background; then
 
 .PHONY: dev-down
 dev-down: ## Stop what dev-up (and demo) started
-	@[ -f $(DEV_DIR)/operator.pid ] && kill $$(cat $(DEV_DIR)/operator.pid) 2>/dev/null; rm -f $(DEV_DIR)/operator.pid
-	@[ -x target/debug/testenv ] && target/debug/testenv down --state-dir $(DEV_DIR) || true
+	@DEV_DIR=$(DEV_DIR) hack/dev-down.sh
 
 .PHONY: demo
 demo: ## Build, start the local environment, run the operator on an example, show the result

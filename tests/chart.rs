@@ -20,7 +20,6 @@ use iam_key_operator::crd::IamAccessKey;
 use k8s_openapi::api::{apps::v1::Deployment, coordination::v1::Lease, rbac::v1::ClusterRole};
 use kube::{Api, api::PostParams};
 use serde::Deserialize as _;
-use serde_json::json;
 use serde_yaml::Value as Yaml;
 use support::{Fixture, ready, tail};
 use testenv::TestEnv;
@@ -174,15 +173,20 @@ fn default_values_render_a_restricted_leader_elected_operator_with_cluster_wide_
         grant("iam.keyop.dev", "iamaccesskeys/finalizers", "update"),
         grant("iam.keyop.dev", "iamaccesskeypolicies", "list"),
         grant("", "secrets", "create"),
+        grant("", "secrets", "update"),
         grant("", "namespaces", "watch"),
         grant("events.k8s.io", "events", "create"),
         grant("apps", "deployments", "patch"),
     ] {
         assert!(granted.contains(&g), "ClusterRole lacks {g:?}");
     }
-    // Never more than it needs: no wildcards, no spec writes, no Secret updates by PUT.
+    // Never more than it needs: no wildcards, no spec writes, no patches of Secrets or events.
     assert!(!granted.iter().any(|(g, r, v)| g == "*" || r == "*" || v == "*"), "wildcard in {granted:?}");
     assert!(!granted.contains(&grant("iam.keyop.dev", "iamaccesskeys", "update")));
+    assert!(
+        !granted.contains(&grant("", "secrets", "patch"))
+            && !granted.contains(&grant("events.k8s.io", "events", "patch"))
+    );
     assert!(find(&docs, "ClusterRoleBinding", name).is_some());
     let lease_role = find(&docs, "Role", &format!("{name}-leader-election")).expect("leader-election Role");
     assert_eq!(lease_role["metadata"]["namespace"], "ops");
@@ -468,24 +472,6 @@ fn kubectl_ok(env: &TestEnv, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).to_string()
 }
 
-/// A kubeconfig that authenticates as the ServiceAccount with a TokenRequest token.
-fn service_account_kubeconfig(env: &TestEnv, ns: &str, sa: &str) -> PathBuf {
-    let token = kubectl_ok(env, &["create", "token", sa, "--namespace", ns, "--duration", "1h"]);
-    let ca = env.dir().join(format!("ca-{ns}.pem"));
-    std::fs::write(&ca, env.ca_pem()).expect("write CA");
-    let path = env.dir().join(format!("kubeconfig-{ns}-{sa}.yaml"));
-    let config = json!({
-        "apiVersion": "v1",
-        "kind": "Config",
-        "clusters": [{"name": "testenv", "cluster": {"server": env.apiserver_url(), "certificate-authority": ca}}],
-        "users": [{"name": sa, "user": {"token": token.trim()}}],
-        "contexts": [{"name": sa, "context": {"cluster": "testenv", "user": sa, "namespace": ns}}],
-        "current-context": sa,
-    });
-    std::fs::write(&path, serde_json::to_string_pretty(&config).expect("json")).expect("write kubeconfig");
-    path
-}
-
 /// The operator binary, started with the installed Deployment's arguments and environment,
 /// outside the cluster, as the Deployment's ServiceAccount.
 struct InstalledOperator {
@@ -514,11 +500,16 @@ impl InstalledOperator {
             .collect();
         args.extend(extra_args.iter().map(|s| s.to_string()));
         let pod_name = format!("{deployment}-7d4b9c-{port}");
-        let kubeconfig = service_account_kubeconfig(env, release_ns, &sa);
+        let kubeconfig = support::identity::service_account_kubeconfig(env, release_ns, &sa);
         let log_path = env.dir().join(format!("installed-operator-{release_ns}.log"));
         let log = File::create(&log_path).expect("log file");
         let mut cmd: Command = env.command(env!("CARGO_BIN_EXE_iam-key-operator"));
-        cmd.args(&args).env("KUBECONFIG", &kubeconfig).env_remove("IKO_FAILPOINT");
+        let (key_id, secret) = support::identity::operator_aws_key();
+        cmd.args(&args)
+            .env("KUBECONFIG", &kubeconfig)
+            .env("AWS_ACCESS_KEY_ID", key_id)
+            .env("AWS_SECRET_ACCESS_KEY", secret)
+            .env_remove("IKO_FAILPOINT");
         // The container's environment, with the downward API filled in as the kubelet would.
         for var in container.env.clone().unwrap_or_default() {
             let value = match (&var.value, var.value_from.as_ref().and_then(|f| f.field_ref.as_ref())) {

@@ -968,3 +968,62 @@ async fn an_object_the_operator_cannot_read_does_not_stop_the_others() {
     let _ = dynamic.delete("broken", &DeleteParams::default()).await;
     println!("malformed object: others Ready {:.1}s after creation", ready_in.as_secs_f64());
 }
+
+// ---------------------------------------------------------------------------------------------
+// Wrong secrets and Inactive keys: the IAM endpoint checks signatures, as AWS does
+
+/// IAM answers CreateAccessKey with a secret that does not match the key: the operator's own
+/// verification (STS, which checks the signature) refuses it, the key is deleted, and nothing is
+/// ever published. When IAM answers correctly again, a working key is published.
+#[tokio::test]
+async fn a_key_whose_secret_does_not_authenticate_is_never_published() {
+    let f = Fixture::new("wrongsecret").await;
+    let proxy = FaultProxy::start(&f.env.iam_endpoint()).await;
+    proxy.set(Faults { corrupt_new_secrets: true, ..Faults::none() });
+    let op = via_proxy(&f, &proxy, &["--verify-timeout", "3s"]);
+    f.create("app", json!({})).await;
+    let refused = f.wait_reason("app", "KeyVerificationFailed").await;
+    assert!(f.secrets().get_opt("app").await.unwrap().is_none(), "no Secret with a wrong secret");
+    assert!(refused.status.unwrap().keys.is_empty(), "status records no key");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !f.iam_keys().await.is_empty() {
+        assert!(Instant::now() < deadline, "the unverified key was not deleted: {:?}", f.iam_keys().await);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let created = proxy.calls().iter().filter(|c| c.action == "CreateAccessKey").count();
+    assert!(created >= 1, "a key was created and refused");
+
+    proxy.set(Faults::none());
+    f.wait_ready("app").await;
+    f.assert_consistent("app", &[]).await;
+    op.assert_log_free_of(&f.secret_creds("app").await.unwrap().1);
+}
+
+/// The proxy plays IAM's refusal of Inactive keys (moto accepts them): a key made Inactive
+/// stops authenticating through it, and a resource asking for an Inactive key still verifies
+/// its key before deactivating it.
+#[tokio::test]
+async fn inactive_keys_are_refused_and_an_inactive_resource_still_converges() {
+    let f = Fixture::new("inactive").await;
+    let proxy = FaultProxy::start(&f.env.iam_endpoint()).await;
+    let _op = via_proxy(&f, &proxy, &[]);
+    f.create("app", json!({"keyStatus": "Inactive"})).await;
+    let obj = f.wait_ready("app").await;
+    let id = obj.status.unwrap().access_key_id.unwrap();
+    assert_eq!(f.iam_keys().await[&id], "Inactive");
+    let (_, secret) = f.secret_creds("app").await.unwrap();
+    let sts = |url: String| {
+        let conf = aws_sdk_sts::Config::builder()
+            .behavior_version(aws_sdk_sts::config::BehaviorVersion::latest())
+            .region(aws_sdk_sts::config::Region::new(testenv::AWS_REGION))
+            .endpoint_url(url)
+            .credentials_provider(aws_sdk_sts::config::Credentials::new(&id, &secret, None, None, "test"))
+            .build();
+        aws_sdk_sts::Client::from_conf(conf)
+    };
+    let through_proxy = sts(proxy.url()).get_caller_identity().send().await;
+    let code = through_proxy.as_ref().err().and_then(|e| e.as_service_error()).and_then(|e| e.meta().code());
+    assert_eq!(code, Some("InvalidClientTokenId"), "an Inactive key is refused: {through_proxy:?}");
+    assert!(sts(f.env.iam_endpoint()).get_caller_identity().send().await.is_ok(), "moto alone accepts it");
+    assert!(proxy.calls().iter().any(|c| c.outcome == Outcome::InactiveKey));
+}

@@ -21,12 +21,13 @@ async fn reconciles(op: &Operator) -> u64 {
 #[tokio::test]
 async fn only_the_lease_holder_reconciles_and_a_standby_takes_over_when_it_dies() {
     let f = Fixture::new("leader").await;
-    let lease = ["--leader-elect", "--lease-name", "iko-test", "--lease-duration", "4s"];
-    let env = [("POD_NAMESPACE", f.ns.as_str())];
-    let mut first = Operator::start(f.env, &f.ns, &[env[0], ("POD_NAME", "first")], &lease);
+    // The Lease lives in the installed identity's namespace, where its RBAC allows it.
+    let lease_name = format!("lease-{}", f.ns);
+    let lease = ["--leader-elect", "--lease-name", &lease_name, "--lease-duration", "4s"];
+    let mut first = Operator::start(f.env, &f.ns, &[("POD_NAME", "first")], &lease);
     // Let the first one take the lease before the second starts.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let second = Operator::start(f.env, &f.ns, &[env[0], ("POD_NAME", "second")], &lease);
+    let second = Operator::start(f.env, &f.ns, &[("POD_NAME", "second")], &lease);
     f.create("app", json!({})).await;
     let key = f.wait_ready("app").await.status.unwrap().access_key_id.unwrap();
     assert!(reconciles(&first).await > 0, "the leader reconciles");

@@ -322,3 +322,62 @@ async fn changing_the_secret_layout_rewrites_the_secret_with_the_same_key() {
     assert_eq!(f.iam_keys().await.len(), 1, "same key, no rotation");
     f.wait_ready("app").await;
 }
+
+/// Pairs of resources (each with its own IAM user) race for the same Secret name: one of each
+/// pair publishes; the other's key, verified but never published, is deleted before the
+/// resource settles on SecretConflict. No key exists that no Secret holds.
+#[tokio::test]
+async fn pairs_racing_for_one_secret_name_leave_exactly_one_key_per_published_secret() {
+    const PAIRS: usize = 50;
+    let f = Fixture::new("race").await;
+    let iam = f.env.iam_client();
+    let users: Vec<String> = (0..PAIRS * 2).map(|i| format!("{}-{i}", f.user)).collect();
+    for user in &users {
+        iam.create_user().user_name(user).send().await.expect("CreateUser");
+    }
+    let op = f.operator(&[]);
+    let creates = (0..PAIRS).flat_map(|pair| {
+        let f = &f;
+        let users = &users;
+        [0, 1].map(move |side| async move {
+            let spec = json!({"userName": users[pair * 2 + side], "secret": {"name": format!("shared-{pair}")}});
+            f.create(&format!("r{pair}-{side}"), spec).await;
+        })
+    });
+    futures::future::join_all(creates).await;
+
+    let names: Vec<String> = (0..PAIRS).flat_map(|p| [format!("r{p}-0"), format!("r{p}-1")]).collect();
+    let mut conflicts = 0;
+    for name in &names {
+        let obj = f
+            .wait_for(name, Duration::from_secs(180), "Ready or SecretConflict", |o| {
+                ready(o).is_some_and(|(s, r, _)| s == "True" || r == "SecretConflict")
+            })
+            .await;
+        if ready(&obj).is_some_and(|(_, r, _)| r == "SecretConflict") {
+            conflicts += 1;
+            assert!(obj.status.as_ref().is_none_or(|s| s.keys.is_empty()), "{name} holds no key: {:?}", obj.status);
+        }
+    }
+    assert_eq!(conflicts, PAIRS, "one resource of each pair publishes, the other is refused");
+
+    let mut keys_in_iam = Vec::new();
+    for user in &users {
+        keys_in_iam.extend(iam_keys(f.env, user).await.into_keys());
+    }
+    let mut published = Vec::new();
+    for pair in 0..PAIRS {
+        let (id, secret) = f.secret_creds(&format!("shared-{pair}")).await.expect("published Secret");
+        assert!(keys_in_iam.contains(&id), "the Secret's key {id} exists in IAM");
+        assert!(f.env.sts_client(&id, &secret).get_caller_identity().send().await.is_ok(), "shared-{pair} works");
+        published.push(id);
+    }
+    keys_in_iam.sort();
+    published.sort();
+    assert_eq!(keys_in_iam, published, "the keys in IAM are exactly the published ones");
+    let refused = op.log().matches("already exists").count();
+    println!(
+        "{PAIRS} pairs: {} keys, {conflicts} conflicts, {refused} Secret creates refused as taken",
+        published.len()
+    );
+}

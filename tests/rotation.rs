@@ -279,3 +279,40 @@ async fn crash_during_rotation_after_secret() {
 async fn crash_during_rotation_before_status() {
     crash_during_rotation("before-status").await;
 }
+
+/// The kustomize base (`deploy/`) installs its own RBAC: a first key, a rotation (the Secret is
+/// replaced), a layout change, leader election and deletion all work under it. The operator's
+/// Drop fails the test if the API server refused any call.
+#[tokio::test]
+async fn rotation_and_deletion_work_under_the_kustomize_rbac() {
+    let f = Fixture::new("kustomize").await;
+    let lease = format!("lease-{}", f.ns);
+    let _op = Operator::start_as(
+        identity::kustomize(),
+        f.env,
+        &f.ns,
+        &[("POD_NAME", "kustomize-0")],
+        &["--leader-elect", "--lease-name", &lease],
+    );
+    f.create("app", json!({"rotation": {"gracePeriod": "1s", "retainInactive": "1s"}})).await;
+    let first = current(&f.wait_ready("app").await).unwrap();
+    bump_serial(&f, 1).await;
+    let rotated = wait_new_key(&f, &first).await;
+    let second = current(&rotated).unwrap();
+    wait_iam_status(&f, &first, None).await;
+    let relayout = json!({"spec": {"secret": {"format": "CredentialsFile"}}});
+    f.keys_api().patch("app", &PatchParams::default(), &Patch::Merge(&relayout)).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let data = f.secrets().get("app").await.unwrap().data.unwrap_or_default();
+        if let Some(file) = data.get("credentials") {
+            assert!(String::from_utf8_lossy(&file.0).contains(&second), "same key, new layout");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the Secret was not rewritten in the credentials-file layout");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    f.delete("app").await;
+    f.wait_gone("app", Duration::from_secs(30)).await;
+    assert!(f.iam_keys().await.is_empty(), "deletion removed the key");
+}

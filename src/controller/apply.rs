@@ -516,7 +516,14 @@ impl<'a> Run<'a> {
             self.delete_key(&id, true).await?;
             return Err(e);
         }
-        self.publish(&id, &secret).await?;
+        if let Err(e) = self.publish(&id, &secret).await {
+            // A key whose Secret could not be written is a key nobody can use: delete it now.
+            // Should that fail too, it is an orphan the next reconcile deletes before anything else.
+            if let Err(cleanup) = self.delete_key(&id, true).await {
+                tracing::warn!(access_key_id = %id, error = %cleanup, "could not delete the unpublished key yet");
+            }
+            return Err(e);
+        }
         failpoint!("after-secret");
         self.secret = SecretObservation::Ours { access_key_id: Some(id.clone()) };
         self.install_current(key);

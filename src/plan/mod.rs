@@ -293,13 +293,29 @@ pub fn plan_next_step(obs: &Observation) -> Step {
     let UserObservation::Found { keys, tags } = obs.user else {
         return Step::Blocked(Blocked::UserNotFound);
     };
-    if *obs.secret == SecretObservation::NotOurs {
-        return Step::Blocked(Blocked::SecretConflict);
-    }
-
     // Tags are read only when something is not explained by status alone: the first key, an
     // interrupted create, or a key status does not list. A converged resource skips the read.
     let all_tracked = keys.iter().all(|k| obs.ledger.keys.iter().any(|o| o.access_key_id == k.access_key_id));
+    if *obs.secret == SecretObservation::NotOurs {
+        // A key of ours that no Secret holds (its write was refused: the name was taken in
+        // between) is deleted before the resource settles on the conflict.
+        let maybe_orphans = !all_tracked || obs.ledger.pending_create.is_some();
+        return match tags {
+            None if maybe_orphans => Step::ReadUser,
+            Some(tags) if maybe_orphans => keys
+                .iter()
+                .filter(|k| !obs.ledger.keys.iter().any(|o| o.access_key_id == k.access_key_id))
+                .find_map(|k| match ownership(k, obs, tags) {
+                    Ownership::Foreign => None,
+                    own => Some(Step::DeleteOrphan {
+                        access_key_id: k.access_key_id.clone(),
+                        tagged: own == Ownership::Ours,
+                    }),
+                })
+                .unwrap_or(Step::Blocked(Blocked::SecretConflict)),
+            _ => Step::Blocked(Blocked::SecretConflict),
+        };
+    }
     // A tracked key gone from IAM may have left its tag behind.
     let all_present = obs.ledger.keys.iter().all(|o| keys.iter().any(|k| k.access_key_id == o.access_key_id));
     let tags = match tags {

@@ -133,6 +133,24 @@ fn a_secret_we_did_not_write_is_a_conflict_even_before_the_claim() {
 }
 
 #[test]
+fn a_key_whose_secret_name_was_taken_is_deleted_before_the_conflict_is_reported() {
+    // Our verified key could not be written: someone created a Secret of that name in between.
+    let mut w = World::new(vec![iam_key("F", KeyStatus::Active), iam_key("OURS", KeyStatus::Active)], None);
+    w.secret = SecretObservation::NotOurs;
+    w.ledger.pending_create = Some(vec!["F".into()]);
+    assert_eq!(w.plan(), Step::ReadUser, "tags are needed to tell ours from foreign");
+    let mut tags = claimed_with(&["OURS"]);
+    tags.insert("F".into(), "someone-else".into());
+    w.user = UserObservation::Found {
+        keys: vec![iam_key("F", KeyStatus::Active), iam_key("OURS", KeyStatus::Active)],
+        tags: Some(tags.clone()),
+    };
+    assert_eq!(w.plan(), Step::DeleteOrphan { access_key_id: "OURS".into(), tagged: true });
+    w.user = UserObservation::Found { keys: vec![iam_key("F", KeyStatus::Active)], tags: Some(tags) };
+    assert_eq!(w.plan(), Step::Blocked(Blocked::SecretConflict), "the foreign key is never touched");
+}
+
+#[test]
 fn converged_resource_needs_no_tags_and_waits_for_the_next_due_time() {
     let mut w = converged();
     w.user = UserObservation::Found { keys: vec![iam_key("A", KeyStatus::Active)], tags: None };

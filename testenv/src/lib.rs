@@ -42,10 +42,15 @@ use process::Resources;
 
 /// Region of every AWS client and of `env_vars()`.
 pub const AWS_REGION: &str = "us-east-1";
-/// The dummy access key id moto accepts (it does not check credentials by default).
-pub const AWS_ACCESS_KEY_ID: &str = "testing";
-/// The dummy secret access key that goes with [`AWS_ACCESS_KEY_ID`].
-pub const AWS_SECRET_ACCESS_KEY: &str = "testing";
+/// moto runs enforcing: it authenticates every request (signature, known and Active-or-not key)
+/// and authorizes it against the caller's IAM policies, as AWS does. Only the first
+/// [`UNAUTHENTICATED_SETUP_CALLS`] requests pass unchecked; testenv spends them making
+/// [`ADMIN_USER`], whose key signs everything set up later (users, policies, identities).
+pub const UNAUTHENTICATED_SETUP_CALLS: usize = 3;
+/// The IAM user holding an `Allow * on *` policy, for test setup only (never the operator).
+pub const ADMIN_USER: &str = "testenv-admin";
+/// Any key id signs the unauthenticated setup calls; it is refused once moto enforces.
+const SETUP_ACCESS_KEY_ID: &str = "testing";
 /// Field manager used when applying CRDs.
 pub const FIELD_MANAGER: &str = "testenv";
 /// Label put on every namespace made by [`TestEnv::fresh_namespace`].
@@ -148,6 +153,8 @@ pub struct TestEnv {
     etcd_url: String,
     iam_endpoint: String,
     ca_pem: String,
+    /// The key of [`ADMIN_USER`].
+    admin_key: (String, String),
     started_in: Duration,
 }
 
@@ -345,7 +352,8 @@ impl Starting {
         let mut cmd = Command::new(program);
         cmd.args(args).current_dir(&self.dir);
         if name == "moto" {
-            cmd.env("PYTHONUNBUFFERED", "1");
+            cmd.env("PYTHONUNBUFFERED", "1")
+                .env("INITIAL_NO_AUTH_ACTION_COUNT", UNAUTHENTICATED_SETUP_CALLS.to_string());
         }
         let log = self.dir.join("logs").join(format!("{name}.log"));
         process::spawn(self.id, name, cmd, &log)
@@ -576,6 +584,7 @@ impl TestEnv {
 
         s.wait_ready("moto", "GET /moto-api/", MOTO_TIMEOUT, async || util::http_get(moto_port, "/moto-api/").is_ok())
             .await?;
+        let admin_key = bootstrap_admin(&iam_endpoint).await?;
 
         if opts.controller_manager {
             // Its serviceaccount controller making `default/default` shows it runs and talks to
@@ -604,6 +613,7 @@ impl TestEnv {
             etcd_url,
             iam_endpoint,
             ca_pem: pki.ca.cert,
+            admin_key,
             started_in: began.elapsed(),
         })
     }
@@ -652,21 +662,45 @@ impl TestEnv {
         self.iam_endpoint.clone()
     }
 
-    /// An IAM client for moto with the dummy credentials `testing`/`testing`.
+    /// An IAM client for moto signed by [`ADMIN_USER`] (test setup: users, keys, policies).
     pub fn iam_client(&self) -> aws_sdk_iam::Client {
-        self.iam_client_for(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY)
+        self.iam_client_for(&self.admin_key.0, &self.admin_key.1)
     }
 
     /// An IAM client for moto that signs with the given key.
     pub fn iam_client_for(&self, access_key_id: &str, secret: &str) -> aws_sdk_iam::Client {
-        use aws_sdk_iam::config::{BehaviorVersion, Credentials, Region};
-        let conf = aws_sdk_iam::Config::builder()
-            .behavior_version(BehaviorVersion::latest())
-            .region(Region::new(AWS_REGION))
-            .endpoint_url(&self.iam_endpoint)
-            .credentials_provider(Credentials::new(access_key_id, secret, None, None, "testenv"))
-            .build();
-        aws_sdk_iam::Client::from_conf(conf)
+        iam_client_at(&self.iam_endpoint, access_key_id, secret)
+    }
+
+    /// `(access key id, secret)` of [`ADMIN_USER`].
+    pub fn admin_credentials(&self) -> (&str, &str) {
+        (&self.admin_key.0, &self.admin_key.1)
+    }
+
+    /// Creates (or reuses) the IAM user `name` with `policy_document` as its only inline policy
+    /// and returns a new access key of it: an identity that may do exactly what the policy allows.
+    pub async fn create_iam_identity(&self, name: &str, policy_document: &str) -> Result<(String, String)> {
+        let iam = self.iam_client();
+        match iam.create_user().user_name(name).send().await {
+            Ok(_) => {}
+            Err(e) if e.as_service_error().is_some_and(|s| s.is_entity_already_exists_exception()) => {}
+            Err(e) => return Err(Error::aws(format!("cannot create IAM user {name}"), e)),
+        }
+        iam.put_user_policy()
+            .user_name(name)
+            .policy_name(name)
+            .policy_document(policy_document)
+            .send()
+            .await
+            .map_err(|e| Error::aws(format!("cannot put the policy of IAM user {name}"), e))?;
+        let key = iam
+            .create_access_key()
+            .user_name(name)
+            .send()
+            .await
+            .map_err(|e| Error::aws(format!("cannot create an access key for IAM user {name}"), e))?;
+        let key = key.access_key().ok_or_else(|| Error::new(ErrorKind::Aws, "CreateAccessKey returned no key"))?;
+        Ok((key.access_key_id().to_string(), key.secret_access_key().to_string()))
     }
 
     /// An STS client for moto that signs with the given key.
@@ -681,7 +715,7 @@ impl TestEnv {
         aws_sdk_sts::Client::from_conf(conf)
     }
 
-    /// A shared AWS config (region, endpoint, dummy credentials) pointing at moto, for code
+    /// A shared AWS config (region, endpoint, [`ADMIN_USER`]'s key) pointing at moto, for code
     /// that builds its clients from an `SdkConfig`.
     pub fn aws_sdk_config(&self) -> aws_config::SdkConfig {
         use aws_credential_types::provider::SharedCredentialsProvider;
@@ -690,8 +724,8 @@ impl TestEnv {
             .region(aws_config::Region::new(AWS_REGION))
             .endpoint_url(&self.iam_endpoint)
             .credentials_provider(SharedCredentialsProvider::new(aws_credential_types::Credentials::new(
-                AWS_ACCESS_KEY_ID,
-                AWS_SECRET_ACCESS_KEY,
+                self.admin_key.0.clone(),
+                self.admin_key.1.clone(),
                 None,
                 None,
                 "testenv",
@@ -699,8 +733,9 @@ impl TestEnv {
             .build()
     }
 
-    /// Environment for a child process (the operator, kubectl, helm): the kubeconfig, moto as
-    /// the IAM and STS endpoint, dummy credentials, us-east-1, and empty AWS config files.
+    /// Environment for a child process (kubectl, helm, setup scripts): the admin kubeconfig,
+    /// moto as the IAM and STS endpoint, [`ADMIN_USER`]'s key, us-east-1, and empty AWS config
+    /// files. Both identities are for setup: run the operator as the identity it is installed with.
     /// Also remove [`AWS_VARS_REMOVED`]; [`TestEnv::command`] does both.
     pub fn env_vars(&self) -> Vec<(String, String)> {
         let aws = self.dir.join("aws");
@@ -708,8 +743,8 @@ impl TestEnv {
             ("KUBECONFIG", self.kubeconfig_path.display().to_string()),
             ("AWS_ENDPOINT_URL_IAM", self.iam_endpoint.clone()),
             ("AWS_ENDPOINT_URL_STS", self.iam_endpoint.clone()),
-            ("AWS_ACCESS_KEY_ID", AWS_ACCESS_KEY_ID.to_string()),
-            ("AWS_SECRET_ACCESS_KEY", AWS_SECRET_ACCESS_KEY.to_string()),
+            ("AWS_ACCESS_KEY_ID", self.admin_key.0.clone()),
+            ("AWS_SECRET_ACCESS_KEY", self.admin_key.1.clone()),
             ("AWS_REGION", AWS_REGION.to_string()),
             ("AWS_CONFIG_FILE", aws.join("config").display().to_string()),
             ("AWS_SHARED_CREDENTIALS_FILE", aws.join("credentials").display().to_string()),
@@ -864,6 +899,54 @@ impl Drop for TestEnv {
     fn drop(&mut self) {
         process::teardown(self.id, false);
     }
+}
+
+fn iam_client_at(endpoint: &str, access_key_id: &str, secret: &str) -> aws_sdk_iam::Client {
+    use aws_sdk_iam::config::{BehaviorVersion, Credentials, Region};
+    let conf = aws_sdk_iam::Config::builder()
+        .behavior_version(BehaviorVersion::latest())
+        .region(Region::new(AWS_REGION))
+        .endpoint_url(endpoint)
+        .credentials_provider(Credentials::new(access_key_id, secret, None, None, "testenv"))
+        .build();
+    aws_sdk_iam::Client::from_conf(conf)
+}
+
+/// Spends moto's unauthenticated setup calls on [`ADMIN_USER`] and its key, then checks that
+/// moto enforces: an unsigned-for identity is refused from here on.
+async fn bootstrap_admin(endpoint: &str) -> Result<(String, String)> {
+    let setup = iam_client_at(endpoint, SETUP_ACCESS_KEY_ID, "unchecked");
+    let context = |what: &str| format!("moto setup: cannot {what}");
+    setup
+        .create_user()
+        .user_name(ADMIN_USER)
+        .send()
+        .await
+        .map_err(|e| Error::aws(context("create the admin user"), e))?;
+    let allow_all = r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Action":"*","Resource":"*"}]}"#;
+    setup
+        .put_user_policy()
+        .user_name(ADMIN_USER)
+        .policy_name("allow-all")
+        .policy_document(allow_all)
+        .send()
+        .await
+        .map_err(|e| Error::aws(context("give the admin user its policy"), e))?;
+    let key = setup
+        .create_access_key()
+        .user_name(ADMIN_USER)
+        .send()
+        .await
+        .map_err(|e| Error::aws(context("create the admin key"), e))?;
+    let key = key.access_key().ok_or_else(|| Error::new(ErrorKind::Aws, "moto setup: no admin key returned"))?;
+    let admin = (key.access_key_id().to_string(), key.secret_access_key().to_string());
+    if setup.list_users().send().await.is_ok() {
+        return Err(Error::new(
+            ErrorKind::Startup,
+            "moto accepts unauthenticated calls after the setup window: INITIAL_NO_AUTH_ACTION_COUNT had no effect",
+        ));
+    }
+    Ok(admin)
 }
 
 fn output_of(mut cmd: Command) -> Output {

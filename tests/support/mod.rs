@@ -2,6 +2,7 @@
 //! shared real environment, create resources, wait for conditions, check keys in IAM.
 #![allow(dead_code)]
 
+pub mod identity;
 pub mod proxy;
 
 use std::{
@@ -221,21 +222,37 @@ pub async fn authenticates_as(env: &TestEnv, id: &str, secret: &str, user: &str)
     }
 }
 
-/// The operator binary (built with the `failpoints` feature by `make test`) as a child process.
+/// The operator binary (built with the `failpoints` feature by `make test`) as a child process,
+/// running as an installed identity: a ServiceAccount token with the chart's (or `deploy/`'s)
+/// RBAC, and the IAM user holding the shipped IAM policy. Never as an admin.
 pub struct Operator {
     child: Option<Child>,
     pub log_path: PathBuf,
     pub metrics_port: u16,
     ns: String,
     env: &'static TestEnv,
+    identity: &'static identity::Identity,
     /// Kept for restarts.
     envs: Vec<(String, String)>,
     args: Vec<String>,
+    /// Whether the test provokes a refusal by the API server on purpose.
+    pub expect_forbidden: bool,
 }
 
 impl Operator {
-    /// `--resync 3s` unless `extra_args` sets it; debug logging unless `extra_env` sets `RUST_LOG`.
+    /// As the chart's identity. `--resync 3s` unless `extra_args` sets it; debug logging unless
+    /// `extra_env` sets `RUST_LOG`.
     pub fn start(env: &'static TestEnv, ns: &str, extra_env: &[(&str, &str)], extra_args: &[&str]) -> Operator {
+        Self::start_as(identity::chart(), env, ns, extra_env, extra_args)
+    }
+
+    pub fn start_as(
+        identity: &'static identity::Identity,
+        env: &'static TestEnv,
+        ns: &str,
+        extra_env: &[(&str, &str)],
+        extra_args: &[&str],
+    ) -> Operator {
         let log_path = env.dir().join(format!("operator-{ns}-{}.log", std::process::id()));
         let mut op = Operator {
             child: None,
@@ -243,8 +260,10 @@ impl Operator {
             metrics_port: free_port(),
             ns: ns.into(),
             env,
+            identity,
             envs: extra_env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
             args: extra_args.iter().map(|a| a.to_string()).collect(),
+            expect_forbidden: false,
         };
         op.spawn();
         op
@@ -259,6 +278,11 @@ impl Operator {
         if !self.args.iter().any(|a| a == "--resync") {
             cmd.args(["--resync", "3s"]);
         }
+        let (key_id, secret) = identity::operator_aws_key();
+        cmd.env("KUBECONFIG", &self.identity.kubeconfig)
+            .env("POD_NAMESPACE", &self.identity.namespace)
+            .env("AWS_ACCESS_KEY_ID", key_id)
+            .env("AWS_SECRET_ACCESS_KEY", secret);
         // Debug logging everywhere: the secret must not leak even at this level.
         cmd.env("RUST_LOG", "debug,hyper=info,h2=info,rustls=info,tower=info")
             .env_remove("IKO_FAILPOINT")
@@ -347,8 +371,23 @@ impl Operator {
 }
 
 impl Drop for Operator {
+    /// A call the installed RBAC refuses fails the test, even one whose failure the operator
+    /// only logs (an event it could not create, say): a missing verb must not go unnoticed.
     fn drop(&mut self) {
         self.kill();
+        if std::thread::panicking() || self.expect_forbidden {
+            return;
+        }
+        let log = self.log();
+        if let Some(line) = log.lines().find(|l| l.contains("forbidden")) {
+            panic!(
+                "the operator, running as the {} identity {}/{}, was refused by the API server: {line}\nlog: {}",
+                self.identity.source,
+                self.identity.namespace,
+                self.identity.service_account,
+                self.log_path.display()
+            );
+        }
     }
 }
 

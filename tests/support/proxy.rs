@@ -17,7 +17,13 @@
 //!   refuses (moto accepts any name, so this stands in for IAM's own validation);
 //! - `lose_first_response_of`: the first call of that action for each user reaches IAM and its
 //!   response is lost (a deterministic `drop_response`);
-//! - `alternate_errors`: every call naming a user fails, alternately `Throttling` and 503.
+//! - `alternate_errors`: every call naming a user fails, alternately `Throttling` and 503;
+//! - `corrupt_new_secrets`: `CreateAccessKey` reaches IAM, and the secret in its answer has its
+//!   last character changed (a key whose secret is wrong must never be published).
+//!
+//! Always, as real IAM does and moto does not: a call signed with an Inactive access key is
+//! refused with `InvalidClientTokenId` (403). The key's status is looked up in the shared moto
+//! with the admin identity, for every key but the operator's own and the admin's.
 //!
 //! The server side is a small hand-written HTTP/1.1 reader (keep-alive, `Content-Length` or
 //! chunked bodies); the upstream side is reqwest. Nothing here is tied to moto beyond its URL.
@@ -62,6 +68,8 @@ pub struct Faults {
     /// Every call naming a user fails, alternately with `Throttling` and 503 (per user), so that
     /// each failed operation (three SDK attempts) ends with another error than the one before.
     pub alternate_errors: bool,
+    /// `CreateAccessKey` answers carry a wrong secret (last character changed).
+    pub corrupt_new_secrets: bool,
 }
 
 impl Faults {
@@ -91,6 +99,8 @@ pub enum Outcome {
     Rejected,
     /// moto could not be reached: answered 502.
     UpstreamFailed,
+    /// Signed with an Inactive key: answered `InvalidClientTokenId` without reaching moto.
+    InactiveKey,
 }
 
 impl Outcome {
@@ -126,6 +136,13 @@ struct State {
     lost_once: Mutex<std::collections::HashSet<(String, String)>>,
     /// Calls per user, for `alternate_errors`.
     per_user: Mutex<std::collections::HashMap<String, u64>>,
+    /// Looks up key statuses in the shared moto.
+    admin: aws_sdk_iam::Client,
+    /// Keys never checked for being Inactive: the operator's and the admin's.
+    trusted_keys: Vec<String>,
+    /// Every secret access key a CreateAccessKey answer carried (as IAM sent it, and as
+    /// delivered), for scans that the secret appears nowhere it should not.
+    secrets: Mutex<Vec<String>>,
 }
 
 /// The running proxy. Stops (and frees its port) when dropped.
@@ -154,6 +171,12 @@ impl FaultProxy {
             errors: std::sync::atomic::AtomicU64::new(0),
             lost_once: Mutex::default(),
             per_user: Mutex::default(),
+            secrets: Mutex::default(),
+            admin: testenv::shared().iam_client(),
+            trusted_keys: vec![
+                super::identity::operator_aws_key().0.clone(),
+                testenv::shared().admin_credentials().0.to_string(),
+            ],
         });
         let task = tokio::spawn(accept_loop(listener, addr, state.clone()));
         FaultProxy { addr, state, task }
@@ -186,6 +209,12 @@ impl FaultProxy {
     /// Every call so far, in arrival order.
     pub fn calls(&self) -> Vec<Call> {
         self.state.calls.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Every secret access key IAM handed out through this proxy (and its corrupted form, when
+    /// `corrupt_new_secrets` changed it), whether or not the operator ever published it.
+    pub fn secrets_seen(&self) -> Vec<String> {
+        self.state.secrets.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Calls that arrived at or after `since`.
@@ -364,7 +393,14 @@ async fn serve_connection(stream: TcpStream, state: Arc<State>) {
             }
             _ => None,
         };
-        let (outcome, response) = if let Some(even) = alternate {
+        let inactive = match signing_key(&request) {
+            Some(id) if !state.trusted_keys.contains(&id) => key_is_inactive(&state.admin, &id).await,
+            _ => false,
+        };
+        let (outcome, response) = if inactive {
+            let message = "The security token included in the request is invalid.";
+            (Outcome::InactiveKey, Some(aws_error(403, "Sender", "InvalidClientTokenId", message)))
+        } else if let Some(even) = alternate {
             if even {
                 (
                     Outcome::ServerError(503),
@@ -398,7 +434,17 @@ async fn serve_connection(stream: TcpStream, state: Arc<State>) {
                     drop(resp);
                     (Outcome::Dropped, None)
                 }
-                Ok(resp) => (Outcome::Forwarded(resp.status), Some(resp)),
+                Ok(mut resp) => {
+                    if action == "CreateAccessKey" {
+                        let mut seen = state.secrets.lock().unwrap_or_else(|e| e.into_inner());
+                        seen.extend(secret_in(&resp.body));
+                        if current.corrupt_new_secrets {
+                            corrupt_secret(&mut resp.body);
+                            seen.extend(secret_in(&resp.body));
+                        }
+                    }
+                    (Outcome::Forwarded(resp.status), Some(resp))
+                }
                 Err(e) => (Outcome::UpstreamFailed, Some(plain(502, &format!("proxy: upstream failed: {e}")))),
             }
         };
@@ -407,6 +453,42 @@ async fn serve_connection(stream: TcpStream, state: Arc<State>) {
         if write_response(&mut write, &response, close).await.is_err() || close {
             return;
         }
+    }
+}
+
+/// The access key id in a SigV4 `Authorization` header (`Credential=<id>/<date>/...`).
+fn signing_key(request: &Request) -> Option<String> {
+    let auth = request.header("authorization")?;
+    let credential = auth.split("Credential=").nth(1)?;
+    Some(credential.split('/').next()?.to_string())
+}
+
+/// Whether IAM holds `id` as an Inactive key (unknown keys are left for moto to refuse).
+async fn key_is_inactive(admin: &aws_sdk_iam::Client, id: &str) -> bool {
+    let Ok(used) = admin.get_access_key_last_used().access_key_id(id).send().await else { return false };
+    let Some(user) = used.user_name() else { return false };
+    let Ok(keys) = admin.list_access_keys().user_name(user).send().await else { return false };
+    keys.access_key_metadata()
+        .iter()
+        .any(|k| k.access_key_id() == Some(id) && k.status().is_some_and(|s| s.as_str() == "Inactive"))
+}
+
+/// The `<SecretAccessKey>` of a CreateAccessKey answer.
+fn secret_in(body: &[u8]) -> Option<String> {
+    let text = String::from_utf8_lossy(body);
+    let start = text.find("<SecretAccessKey>")? + "<SecretAccessKey>".len();
+    let end = text[start..].find("</SecretAccessKey>")? + start;
+    Some(text[start..end].to_string())
+}
+
+/// Change the last character of the `<SecretAccessKey>` in a CreateAccessKey answer.
+fn corrupt_secret(body: &mut [u8]) {
+    let text = String::from_utf8_lossy(body).into_owned();
+    if let Some(end) = text.find("</SecretAccessKey>")
+        && end > 0
+    {
+        let i = end - 1;
+        body[i] = if body[i] == b'A' { b'B' } else { b'A' };
     }
 }
 

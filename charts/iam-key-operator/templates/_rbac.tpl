@@ -21,16 +21,17 @@ and the cluster-scoped ones it only reads (always a ClusterRole).
   verbs: ["update"]
 # The Secrets holding the keys: read their metadata (get), watch only the operator's own
 # (list/watch with the label selector app.kubernetes.io/managed-by=iam-key-operator, metadata
-# only), create a missing one, server-side apply an existing one (patch), delete it in cleanup.
+# only), create a missing one, replace one of its own whole on rotation or a layout change
+# (update, conditional on its resourceVersion), delete it in cleanup.
 # RBAC cannot scope a rule by label, so this grant covers every Secret in scope: the label
 # selector and metadata-only watch are what keep other Secrets out of the operator's memory.
 - apiGroups: [""]
   resources: ["secrets"]
-  verbs: ["get", "list", "watch", "create", "patch", "delete"]
-# Events on IamAccessKeys (created, and patched when a series repeats).
+  verbs: ["get", "list", "watch", "create", "update", "delete"]
+# Events on IamAccessKeys (each created once; the operator never updates a series).
 - apiGroups: ["events.k8s.io"]
   resources: ["events"]
-  verbs: ["create", "patch"]
+  verbs: ["create"]
 # spec.restartTargets: read a workload and roll it out (patch its Pod template's annotation).
 - apiGroups: ["apps"]
   resources: ["deployments", "statefulsets", "daemonsets"]

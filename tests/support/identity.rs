@@ -1,0 +1,146 @@
+//! The identities the operator runs with in tests: exactly what users install.
+//!
+//! Kubernetes: the ServiceAccount and RBAC rendered from the Helm chart (`helm template`), or
+//! from the kustomize base in `deploy/`, applied once per test environment with the admin
+//! credentials; the operator gets a kubeconfig holding that ServiceAccount's token and nothing
+//! else. IAM: a user holding the shipped `deploy/iam-policy.json` in moto, which enforces
+//! signatures and policies. Admin credentials stay with test setup.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::OnceLock,
+};
+
+use serde_json::{Value, json};
+use testenv::TestEnv;
+
+/// The kinds that make up an installed identity; everything else a rendering holds is ignored.
+const IDENTITY_KINDS: &[&str] = &["ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"];
+
+/// A Kubernetes identity the operator can run as.
+#[derive(Debug)]
+pub struct Identity {
+    /// Where it came from, for messages: `chart` or `deploy/`.
+    pub source: &'static str,
+    /// The namespace it is installed in: the Pod's namespace, where its Lease lives.
+    pub namespace: String,
+    pub service_account: String,
+    /// A kubeconfig with the ServiceAccount's token.
+    pub kubeconfig: PathBuf,
+}
+
+/// The chart's ServiceAccount and RBAC (release `iko` in namespace `iko-system`, default values).
+pub fn chart() -> &'static Identity {
+    static CHART: OnceLock<Identity> = OnceLock::new();
+    CHART.get_or_init(|| {
+        let env = testenv::shared();
+        let (release, ns) = ("iko", "iko-system");
+        let chart = testenv::repo_root().join("charts/iam-key-operator");
+        let out = env.helm([
+            "template",
+            release,
+            chart.to_str().expect("utf-8 path"),
+            "--namespace",
+            ns,
+            "--set",
+            "clusterName=test",
+        ]);
+        assert!(out.status.success(), "helm template of the chart failed:\n{}", String::from_utf8_lossy(&out.stderr));
+        let rendered = String::from_utf8(out.stdout).expect("utf-8");
+        install(env, "chart", ns, &rendered, &format!("{release}-iam-key-operator"))
+    })
+}
+
+/// The kustomize base's ServiceAccount and RBAC (`kubectl kustomize deploy/`).
+pub fn kustomize() -> &'static Identity {
+    static KUSTOMIZE: OnceLock<Identity> = OnceLock::new();
+    KUSTOMIZE.get_or_init(|| {
+        let env = testenv::shared();
+        let dir = testenv::repo_root().join("deploy");
+        let out = env.kubectl(["kustomize", dir.to_str().expect("utf-8 path")]);
+        assert!(out.status.success(), "kubectl kustomize deploy/ failed:\n{}", String::from_utf8_lossy(&out.stderr));
+        let rendered = String::from_utf8(out.stdout).expect("utf-8");
+        install(env, "deploy/", "iam-key-operator", &rendered, "iam-key-operator")
+    })
+}
+
+/// Apply the identity objects of `rendered` (multi-document YAML) into `ns` as admin, and
+/// write a kubeconfig for `service_account`.
+fn install(env: &TestEnv, source: &'static str, ns: &str, rendered: &str, service_account: &str) -> Identity {
+    let mut objects = Vec::new();
+    for doc in serde_yaml::Deserializer::from_str(rendered) {
+        let value: Value = serde::Deserialize::deserialize(doc).expect("rendered YAML");
+        if value.get("kind").and_then(Value::as_str).is_some_and(|k| IDENTITY_KINDS.contains(&k)) {
+            objects.push(value);
+        }
+    }
+    assert!(
+        objects.iter().any(|o| o["kind"] == "ServiceAccount" && o["metadata"]["name"] == service_account),
+        "{source} renders no ServiceAccount {service_account}"
+    );
+    let list = json!({"apiVersion": "v1", "kind": "List", "items": objects});
+    let file = env.dir().join(format!("identity-{ns}.json"));
+    std::fs::write(&file, list.to_string()).expect("write identity objects");
+    let created = env.kubectl(["create", "namespace", ns]);
+    let stderr = String::from_utf8_lossy(&created.stderr);
+    assert!(created.status.success() || stderr.contains("AlreadyExists"), "kubectl create namespace {ns}:\n{stderr}");
+    kubectl(env, &["apply", "--namespace", ns, "-f", file.to_str().expect("utf-8")], |_| ());
+    let kubeconfig = service_account_kubeconfig(env, ns, service_account);
+    Identity { source, namespace: ns.to_string(), service_account: service_account.to_string(), kubeconfig }
+}
+
+fn kubectl<T>(env: &TestEnv, args: &[&str], then: impl FnOnce(String) -> T) -> T {
+    let out = env.kubectl(args);
+    assert!(out.status.success(), "kubectl {args:?} failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    then(String::from_utf8(out.stdout).expect("utf-8"))
+}
+
+/// A kubeconfig that authenticates as `ns/sa` with a token from the TokenRequest API.
+pub fn service_account_kubeconfig(env: &TestEnv, ns: &str, sa: &str) -> PathBuf {
+    let token = kubectl(env, &["create", "token", sa, "--namespace", ns, "--duration", "48h"], |t| t);
+    let ca = env.dir().join("ca.pem");
+    std::fs::write(&ca, env.ca_pem()).expect("write CA");
+    let path = env.dir().join(format!("kubeconfig-{ns}-{sa}.json"));
+    let config = json!({
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "testenv", "cluster": {"server": env.apiserver_url(), "certificate-authority": ca}}],
+        "users": [{"name": sa, "user": {"token": token.trim()}}],
+        "contexts": [{"name": sa, "context": {"cluster": "testenv", "user": sa, "namespace": ns}}],
+        "current-context": sa,
+    });
+    std::fs::write(&path, config.to_string()).expect("write kubeconfig");
+    path
+}
+
+/// The operator's IAM identity in the shared moto: a user whose only policy is the shipped one.
+pub fn operator_aws_key() -> &'static (String, String) {
+    static KEY: OnceLock<(String, String)> = OnceLock::new();
+    KEY.get_or_init(|| {
+        let env = testenv::shared();
+        let policy = shipped_policy_for_moto(&testenv::repo_root().join("deploy/iam-policy.json")).to_string();
+        // Off the caller's runtime: this may run inside a #[tokio::test].
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            rt.block_on(env.create_iam_identity("iam-key-operator", &policy)).expect("the operator's IAM identity")
+        })
+        .join()
+        .expect("identity thread")
+    })
+}
+
+/// The shipped IAM policy as moto can evaluate it. moto matches every IAM action against the
+/// resource `*` and cannot evaluate condition keys, so each statement's `Resource` is widened to
+/// `*` and its `Condition` dropped: what moto proves is the action list (every call the
+/// operator makes is allowed, nothing else is). The resources and conditions are checked on the
+/// document itself (tests/iam_policy.rs).
+pub fn shipped_policy_for_moto(path: &Path) -> Value {
+    let mut doc: Value = serde_json::from_slice(&std::fs::read(path).expect("read IAM policy")).expect("policy JSON");
+    for statement in doc["Statement"].as_array_mut().expect("Statement list") {
+        statement["Resource"] = json!("*");
+        if let Some(s) = statement.as_object_mut() {
+            s.remove("Condition");
+        }
+    }
+    doc
+}
