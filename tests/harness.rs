@@ -168,7 +168,31 @@ fn env_vars_point_children_at_the_environment() {
         .collect();
     assert_eq!(envs["AWS_PROFILE"], None);
     assert_eq!(envs["AWS_SESSION_TOKEN"], None);
-    assert_eq!(envs["AWS_ACCESS_KEY_ID"].as_deref(), Some("testing"));
+    assert_eq!(envs["AWS_ACCESS_KEY_ID"].as_deref(), Some(env.admin_credentials().0));
+}
+
+/// moto checks signatures and policies, as IAM does: a wrong or truncated secret is refused,
+/// so "the Secret's key authenticates" proves the secret is right. (moto's default mode accepts
+/// any secret for a known key id.)
+#[tokio::test]
+async fn moto_refuses_a_wrong_or_truncated_secret_and_unauthorized_calls() {
+    let env = testenv::shared();
+    let user = env.fresh_iam_user("sigcheck").await.unwrap();
+    let key = env.iam_client().create_access_key().user_name(&user).send().await.unwrap();
+    let key = key.access_key().unwrap();
+    let (id, secret) = (key.access_key_id(), key.secret_access_key());
+    assert!(env.sts_client(id, secret).get_caller_identity().send().await.is_ok(), "the right secret works");
+    let mut wrong = secret.to_string();
+    let last = wrong.pop().unwrap();
+    wrong.push(if last == 'A' { 'B' } else { 'A' });
+    for (what, bad) in [("wrong", wrong.as_str()), ("truncated", &secret[..39])] {
+        // moto nests its error in `<Errors>`, which the SDK does not parse: read the raw answer.
+        let answer = format!("{:?}", env.sts_client(id, bad).get_caller_identity().send().await);
+        assert!(answer.contains("<Code>SignatureDoesNotMatch</Code>"), "a {what} secret is refused: {answer}");
+    }
+    // A key with no policy may authenticate but not act.
+    let denied = format!("{:?}", env.iam_client_for(id, secret).list_users().send().await);
+    assert!(denied.contains("AccessDenied"), "{denied}");
 }
 
 #[test]

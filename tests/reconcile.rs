@@ -335,7 +335,8 @@ async fn pairs_racing_for_one_secret_name_leave_exactly_one_key_per_published_se
     for user in &users {
         iam.create_user().user_name(user).send().await.expect("CreateUser");
     }
-    let op = f.operator(&[]);
+    // No client-side rate limit: the race, not the default 10 calls/s, decides the pace.
+    let op = Operator::start(f.env, &f.ns, &[], &["--iam-rate", "0"]);
     let creates = (0..PAIRS).flat_map(|pair| {
         let f = &f;
         let users = &users;
@@ -350,7 +351,7 @@ async fn pairs_racing_for_one_secret_name_leave_exactly_one_key_per_published_se
     let mut conflicts = 0;
     for name in &names {
         let obj = f
-            .wait_for(name, Duration::from_secs(180), "Ready or SecretConflict", |o| {
+            .wait_for(name, Duration::from_secs(120), "Ready or SecretConflict", |o| {
                 ready(o).is_some_and(|(s, r, _)| s == "True" || r == "SecretConflict")
             })
             .await;
