@@ -54,6 +54,11 @@ struct RunArgs {
     /// Address of /metrics, /healthz and /readyz.
     #[arg(long, env = "IKO_METRICS_ADDR", default_value = "0.0.0.0:8080")]
     metrics_addr: SocketAddr,
+    /// Who may read /metrics: `kubernetes` (a bearer token the API server authenticates, for a
+    /// user allowed `get` on the non-resource URL /metrics; needs `create` on tokenreviews and
+    /// subjectaccessreviews) or `none` (anyone who reaches the port). The probes stay open.
+    #[arg(long, env = "IKO_METRICS_AUTH", value_enum, default_value = "none")]
+    metrics_auth: server::MetricsAuth,
     /// How often each key's last use is read from IAM (e.g. 1h).
     #[arg(long, env = "IKO_LAST_USED_REFRESH", default_value = "1h")]
     last_used_refresh: SpecDuration,
@@ -171,7 +176,11 @@ async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
     tracing::info!(cluster = %settings.cluster_name, namespaces = ?settings.namespaces, "starting iam-key-operator");
     let ctx = Arc::new(Context::new(client.clone(), iam, metrics.clone(), settings));
     let ready = Arc::new(AtomicBool::new(false));
-    let server = tokio::spawn(server::serve(args.metrics_addr, metrics, ready.clone()));
+    let gate = match args.metrics_auth {
+        server::MetricsAuth::Kubernetes => Some(server::MetricsGate::new(server::KubeReviewer(client.clone()))),
+        server::MetricsAuth::None => None,
+    };
+    let server = tokio::spawn(server::serve(args.metrics_addr, metrics, ready.clone(), gate));
     let leadership = if args.leader_elect {
         // A standby replica is ready: it serves its purpose by waiting.
         ready.store(true, Ordering::Relaxed);

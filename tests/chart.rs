@@ -154,7 +154,13 @@ fn default_values_render_a_restricted_leader_elected_operator_with_cluster_wide_
     assert!(container["resources"]["requests"]["memory"].is_string());
     assert!(container["resources"]["limits"]["memory"].is_string());
     let args = strings(&container["args"]);
-    for arg in ["run", "--leader-elect", "--lease-name=rel-iam-key-operator", "--metrics-addr=0.0.0.0:8080"] {
+    for arg in [
+        "run",
+        "--leader-elect",
+        "--lease-name=rel-iam-key-operator",
+        "--metrics-addr=0.0.0.0:8080",
+        "--metrics-auth=kubernetes",
+    ] {
         assert!(args.contains(&arg.to_string()), "{arg} missing from {args:?}");
     }
     assert!(!args.iter().any(|a| a.starts_with("--namespace") || a.starts_with("--selector")), "{args:?}");
@@ -177,9 +183,17 @@ fn default_values_render_a_restricted_leader_elected_operator_with_cluster_wide_
         grant("", "namespaces", "watch"),
         grant("events.k8s.io", "events", "create"),
         grant("apps", "deployments", "patch"),
+        // metrics.auth (on by default): the reviews behind /metrics.
+        grant("authentication.k8s.io", "tokenreviews", "create"),
+        grant("authorization.k8s.io", "subjectaccessreviews", "create"),
     ] {
         assert!(granted.contains(&g), "ClusterRole lacks {g:?}");
     }
+    let reader = find(&docs, "ClusterRole", &format!("{name}-metrics-reader")).expect("metrics-reader ClusterRole");
+    assert_eq!(reader["rules"].as_sequence().map(Vec::len), Some(1), "{reader:?}");
+    assert_eq!(strings(&reader["rules"][0]["nonResourceURLs"]), ["/metrics"]);
+    assert_eq!(strings(&reader["rules"][0]["verbs"]), ["get"]);
+    assert!(find(&docs, "ClusterRoleBinding", &format!("{name}-metrics-reader")).is_none(), "no readers by default");
     // Never more than it needs: no wildcards, no spec writes, no patches of Secrets or events.
     assert!(!granted.iter().any(|(g, r, v)| g == "*" || r == "*" || v == "*"), "wildcard in {granted:?}");
     assert!(!granted.contains(&grant("iam.keyop.dev", "iamaccesskeys", "update")));
@@ -213,8 +227,15 @@ fn watch_namespaces_move_the_namespaced_rules_into_a_role_per_namespace() {
     for arg in ["--namespace=team-a", "--namespace=team-b", "--selector=shard=1"] {
         assert!(args.contains(&arg.to_string()), "{arg} missing from {args:?}");
     }
-    // Cluster-wide: only reading policies and namespace labels.
-    let cluster = grants(&find(&docs, "ClusterRole", name).expect("ClusterRole")["rules"]);
+    // Cluster-wide: only reading policies and namespace labels, and the (cluster-scoped) reviews
+    // of metrics.auth.
+    let mut cluster = grants(&find(&docs, "ClusterRole", name).expect("ClusterRole")["rules"]);
+    for review in [
+        grant("authentication.k8s.io", "tokenreviews", "create"),
+        grant("authorization.k8s.io", "subjectaccessreviews", "create"),
+    ] {
+        assert!(cluster.remove(&review), "ClusterRole lacks {review:?}");
+    }
     let cluster_resources: BTreeSet<&str> = cluster.iter().map(|(_, r, _)| r.as_str()).collect();
     assert_eq!(cluster_resources, BTreeSet::from(["iamaccesskeypolicies", "namespaces"]));
     assert!(cluster.iter().all(|(_, _, v)| ["get", "list", "watch"].contains(&v.as_str())), "{cluster:?}");
@@ -289,6 +310,79 @@ fn optional_monitoring_and_network_policy_render_when_enabled() {
 }
 
 #[test]
+fn metrics_auth_renders_the_reviews_the_reader_role_and_the_scrape_token() {
+    let name = "rel-iam-key-operator";
+    let reader = format!("{name}-metrics-reader");
+    let endpoint =
+        |docs: &[Yaml]| find(docs, "ServiceMonitor", name).expect("ServiceMonitor")["spec"]["endpoints"][0].clone();
+    let args = |docs: &[Yaml]| {
+        strings(
+            &find(docs, "Deployment", name).expect("Deployment")["spec"]["template"]["spec"]["containers"][0]["args"],
+        )
+    };
+    let reviews = [
+        grant("authentication.k8s.io", "tokenreviews", "create"),
+        grant("authorization.k8s.io", "subjectaccessreviews", "create"),
+    ];
+
+    // On by default: Prometheus sends its own ServiceAccount token.
+    let docs = render(&["--set", "metrics.serviceMonitor.enabled=true"]);
+    let e = endpoint(&docs);
+    assert_eq!(e["bearerTokenFile"], "/var/run/secrets/kubernetes.io/serviceaccount/token");
+    assert!(e["authorization"].is_null() && e["scheme"].is_null(), "{e:?}");
+
+    // A token from a Secret instead.
+    let docs = render(&[
+        "--set",
+        "metrics.serviceMonitor.enabled=true",
+        "--set",
+        "metrics.serviceMonitor.bearerTokenSecret.name=prom-token",
+    ]);
+    let e = endpoint(&docs);
+    assert_eq!(e["authorization"]["type"], "Bearer");
+    assert_eq!(e["authorization"]["credentials"]["name"], "prom-token");
+    assert_eq!(e["authorization"]["credentials"]["key"], "token");
+    assert!(e["bearerTokenFile"].is_null(), "{e:?}");
+
+    // Readers are bound to the metrics-reader role.
+    let docs = render(&[
+        "--set",
+        "metrics.auth.readers[0].kind=ServiceAccount",
+        "--set",
+        "metrics.auth.readers[0].name=prometheus-k8s",
+        "--set",
+        "metrics.auth.readers[0].namespace=monitoring",
+        "--set",
+        "metrics.auth.readers[1].kind=ServiceAccount",
+        "--set",
+        "metrics.auth.readers[1].name=scraper",
+        "--set",
+        "metrics.auth.readers[2].kind=Group",
+        "--set",
+        "metrics.auth.readers[2].name=observers",
+    ]);
+    let binding = find(&docs, "ClusterRoleBinding", &reader).expect("metrics-reader ClusterRoleBinding");
+    assert_eq!(binding["roleRef"]["kind"], "ClusterRole");
+    assert_eq!(binding["roleRef"]["name"], reader.as_str());
+    let subjects = binding["subjects"].as_sequence().expect("subjects");
+    assert_eq!(subjects.len(), 3);
+    assert_eq!(subjects[0]["name"], "prometheus-k8s");
+    assert_eq!(subjects[0]["namespace"], "monitoring");
+    assert_eq!(subjects[1]["namespace"], "ops", "a ServiceAccount defaults to the release namespace");
+    assert_eq!(subjects[2]["kind"], "Group");
+    assert_eq!(subjects[2]["apiGroup"], "rbac.authorization.k8s.io");
+
+    // Off: open /metrics, no reviews, no reader role, no token in the ServiceMonitor.
+    let docs = render(&["--set", "metrics.auth.enabled=false", "--set", "metrics.serviceMonitor.enabled=true"]);
+    assert!(args(&docs).contains(&"--metrics-auth=none".to_string()), "{:?}", args(&docs));
+    let granted = grants(&find(&docs, "ClusterRole", name).expect("ClusterRole")["rules"]);
+    assert!(reviews.iter().all(|r| !granted.contains(r)), "{granted:?}");
+    assert!(find(&docs, "ClusterRole", &reader).is_none());
+    let e = endpoint(&docs);
+    assert!(e["bearerTokenFile"].is_null() && e["authorization"].is_null(), "{e:?}");
+}
+
+#[test]
 fn schema_refuses_mistyped_and_unknown_values_naming_them() {
     for (set, named) in [
         ("replicaCount=two", "replicaCount"),
@@ -299,6 +393,8 @@ fn schema_refuses_mistyped_and_unknown_values_naming_them() {
         ("metrics.port=0", "port"),
         ("image.pullPolicy=Sometimes", "pullPolicy"),
         ("leaderElection.enable=true", "enable"),
+        ("metrics.auth.enabled=yes", "enabled"),
+        ("metrics.auth.readers[0].kind=Pod", "kind"),
     ] {
         // --set-string keeps "two" a string; --set would too, but be explicit about the type.
         let flag = if set.starts_with("metrics.port") { "--set" } else { "--set-string" };
@@ -416,6 +512,10 @@ fn deploy_manifests_grant_the_same_rules_as_the_chart() {
     assert_eq!(grants(&find(&deploy, "ClusterRole", "iam-key-operator").expect("ClusterRole")["rules"]), chart_rules);
     assert_eq!(grants(&find(&deploy, "Role", "iam-key-operator-leader-election").expect("Role")["rules"]), chart_lease);
     assert_eq!(grants(&find(&deploy, "ClusterRole", "iam-key-operator-edit").expect("edit")["rules"]), chart_edit);
+    assert_eq!(
+        find(&deploy, "ClusterRole", "iam-key-operator-metrics-reader").expect("metrics-reader")["rules"],
+        find(&docs, "ClusterRole", "rel-iam-key-operator-metrics-reader").expect("metrics-reader")["rules"]
+    );
     // Same container settings where it matters.
     let chart_pod = &find(&docs, "Deployment", "rel-iam-key-operator").expect("Deployment")["spec"]["template"]["spec"];
     let deploy_docs =
@@ -425,6 +525,9 @@ fn deploy_manifests_grant_the_same_rules_as_the_chart() {
     let (deploy_container, chart_container) = (&deploy_pod["containers"][0], &chart_pod["containers"][0]);
     for field in ["securityContext", "resources"] {
         assert_eq!(deploy_container[field], chart_container[field], "container {field}");
+    }
+    for args in [&deploy_container["args"], &chart_container["args"]] {
+        assert!(strings(args).contains(&"--metrics-auth=kubernetes".to_string()), "/metrics is public: {args:?}");
     }
     for probe in ["livenessProbe", "readinessProbe"] {
         assert_eq!(deploy_container[probe]["httpGet"], chart_container[probe]["httpGet"], "{probe}");
@@ -472,14 +575,22 @@ fn kubectl_ok(env: &TestEnv, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).to_string()
 }
 
+/// A TokenRequest token of the ServiceAccount (audience: the API server).
+fn service_account_token(env: &TestEnv, ns: &str, sa: &str) -> String {
+    kubectl_ok(env, &["create", "token", sa, "--namespace", ns, "--duration", "1h"]).trim().to_string()
+}
+
 /// The operator binary, started with the installed Deployment's arguments and environment,
 /// outside the cluster, as the Deployment's ServiceAccount.
 struct InstalledOperator {
+    env: &'static TestEnv,
     child: Option<Child>,
     log_path: PathBuf,
     port: u16,
     pod_name: String,
     probes: Vec<String>,
+    release_ns: String,
+    deployment: String,
 }
 
 impl InstalledOperator {
@@ -530,7 +641,16 @@ impl InstalledOperator {
             .stderr(log)
             .spawn()
             .expect("spawn iam-key-operator");
-        InstalledOperator { child: Some(child), log_path, port, pod_name, probes }
+        InstalledOperator {
+            env,
+            child: Some(child),
+            log_path,
+            port,
+            pod_name,
+            probes,
+            release_ns: release_ns.to_string(),
+            deployment: deployment.to_string(),
+        }
     }
 
     fn log(&self) -> String {
@@ -538,16 +658,49 @@ impl InstalledOperator {
     }
 
     async fn get(&self, path: &str) -> (u16, String) {
+        self.get_as(path, None).await
+    }
+
+    /// GET with `Authorization: Bearer <token>` when a token is given.
+    async fn get_as(&self, path: &str, token: Option<&str>) -> (u16, String) {
         let url = format!("http://127.0.0.1:{}{path}", self.port);
         let deadline = Instant::now() + Duration::from_secs(20);
+        let client = reqwest::Client::new();
         loop {
-            if let Ok(r) = reqwest::get(&url).await {
+            let mut request = client.get(&url);
+            if let Some(token) = token {
+                request = request.bearer_auth(token);
+            }
+            if let Ok(r) = request.send().await {
                 let status = r.status().as_u16();
                 return (status, r.text().await.unwrap_or_default());
             }
             assert!(Instant::now() < deadline, "nothing answers {url}; log:\n{}", tail(&self.log(), 30));
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+    }
+
+    /// `/metrics` as a ServiceAccount bound to the chart's metrics-reader ClusterRole (what the
+    /// chart's `metrics.auth` asks of a scraper).
+    async fn scrape(&self) -> (u16, String) {
+        let sa = "metrics-scraper";
+        let reader = format!("{}-metrics-reader", self.deployment);
+        let binding = format!("{}-{sa}", self.release_ns);
+        kubectl_ok(self.env, &["create", "serviceaccount", sa, "--namespace", &self.release_ns]);
+        kubectl_ok(
+            self.env,
+            &[
+                "create",
+                "clusterrolebinding",
+                &binding,
+                "--clusterrole",
+                &reader,
+                "--serviceaccount",
+                &format!("{}:{sa}", self.release_ns),
+            ],
+        );
+        let token = service_account_token(self.env, &self.release_ns, sa);
+        self.get_as("/metrics", Some(&token)).await
     }
 
     fn assert_running(&mut self) {
@@ -628,8 +781,8 @@ async fn assert_reconciled_with_sufficient_rbac(f: &Fixture, op: &mut InstalledO
     for probe in op.probes.clone() {
         assert_eq!(op.get(&probe).await.0, 200, "probe {probe}");
     }
-    let (code, metrics) = op.get("/metrics").await;
-    assert_eq!(code, 200);
+    let (code, metrics) = op.scrape().await;
+    assert_eq!(code, 200, "{metrics}");
     assert!(metrics.contains("iam_key_operator_reconciles_total"), "metrics:\n{metrics}");
     let log = op.log();
     assert!(!log.to_lowercase().contains("forbidden"), "an API call was forbidden:\n{}", tail(&log, 40));
@@ -757,6 +910,76 @@ async fn a_missing_rbac_rule_is_reported_as_a_forbidden_kubernetes_error() {
 }
 
 #[tokio::test]
+async fn metrics_answer_only_a_token_the_api_server_allows_and_probes_stay_open() {
+    let env = testenv::shared();
+    let release_ns = restricted_namespace(env, "chart-metrics-rel").await;
+    // The operator watches only an empty namespace: this test is about its HTTP endpoints.
+    let idle = env.fresh_namespace("chart-metrics-idle").await.expect("namespace");
+    let release = "iko-metrics";
+    helm_install(
+        env,
+        release,
+        &release_ns,
+        &[
+            "--set",
+            &format!("clusterName={CLUSTER}"),
+            "--set",
+            "leaderElection.enabled=false",
+            "--set",
+            "replicaCount=1",
+            "--set",
+            "metrics.auth.readers[0].kind=ServiceAccount",
+            "--set",
+            "metrics.auth.readers[0].name=prometheus",
+        ],
+    );
+    let name = format!("{release}-iam-key-operator");
+    for sa in ["prometheus", "tenant"] {
+        kubectl_ok(env, &["create", "serviceaccount", sa, "--namespace", &release_ns]);
+    }
+    let mut op = InstalledOperator::start(env, &release_ns, &name, &[&format!("--namespace={idle}")]).await;
+
+    // Probes: open, whatever the token.
+    assert_eq!(op.get("/healthz").await.0, 200);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while op.get("/readyz").await.0 != 200 {
+        op.assert_running();
+        assert!(Instant::now() < deadline, "/readyz never 200; log:\n{}", tail(&op.log(), 30));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(op.get_as("/healthz", Some("not-a-token")).await.0, 200);
+
+    let reader = service_account_token(env, &release_ns, "prometheus");
+    let tenant = service_account_token(env, &release_ns, "tenant");
+    let operator = service_account_token(env, &release_ns, &name);
+    let mut codes = Vec::new();
+    for (who, token, want) in [
+        ("no token", None, 401),
+        ("a token the API server does not know", Some("not-a-token"), 401),
+        ("a ServiceAccount without the grant", Some(tenant.as_str()), 403),
+        ("the operator's own ServiceAccount", Some(operator.as_str()), 403),
+        ("a ServiceAccount bound to the chart's metrics-reader", Some(reader.as_str()), 200),
+        ("the same again (cached verdict)", Some(reader.as_str()), 200),
+        ("the refused one again (cached verdict)", Some(tenant.as_str()), 403),
+    ] {
+        let (code, body) = op.get_as("/metrics", token).await;
+        assert_eq!(code, want, "/metrics with {who}: {body}\nlog:\n{}", tail(&op.log(), 30));
+        if code == 200 {
+            assert!(body.contains("iam_key_operator_reconcile_duration_seconds_count"), "{body}");
+        } else {
+            assert!(!body.contains("iam_key_operator_"), "metrics leaked with {who}: {body}");
+        }
+        codes.push(format!("{who}: {code}"));
+    }
+    eprintln!("/metrics answered {}", codes.join(", "));
+    // The operator's identity had what the reviews need (a refused review would be a 500).
+    op.assert_running();
+    let log = op.log();
+    assert!(!log.to_lowercase().contains("forbidden"), "an API call was forbidden:\n{}", tail(&log, 40));
+    assert!(!log.contains(&reader) && !log.contains(&tenant), "a bearer token is in the log");
+}
+
+#[tokio::test]
 async fn kustomize_base_applies_with_kubectl_and_meets_the_restricted_standard() {
     let env = testenv::shared();
     let deploy = root().join("deploy");
@@ -782,8 +1005,14 @@ async fn kustomize_base_applies_with_kubectl_and_meets_the_restricted_standard()
     kubectl_ok(env, &["get", "clusterrole", "iam-key-operator"]);
     kubectl_ok(env, &["get", "clusterrolebinding", "iam-key-operator"]);
     let sa = "system:serviceaccount:iam-key-operator:iam-key-operator";
-    let can = env.kubectl(["auth", "can-i", "patch", "iamaccesskeys/status", "--all-namespaces", "--as", sa]);
-    assert_eq!(String::from_utf8_lossy(&can.stdout).trim(), "yes");
+    for (verb, resource) in [
+        ("patch", "iamaccesskeys/status"),
+        ("create", "tokenreviews.authentication.k8s.io"),
+        ("create", "subjectaccessreviews.authorization.k8s.io"),
+    ] {
+        let can = env.kubectl(["auth", "can-i", verb, resource, "--all-namespaces", "--as", sa]);
+        assert_eq!(String::from_utf8_lossy(&can.stdout).trim(), "yes", "{verb} {resource}");
+    }
     // The arguments are ones the binary accepts.
     let args = kubectl_ok(
         env,
@@ -834,6 +1063,7 @@ fn rendered_arguments_are_accepted_by_the_binary() {
         &[][..],
         &["--set", "watchNamespaces={a,b}", "--set", "selector=shard=1", "--set", "operator.logFormat=text"][..],
         &["--set", "leaderElection.enabled=false"][..],
+        &["--set", "metrics.auth.enabled=false"][..],
     ] {
         let docs = render(set);
         let deploy = find(&docs, "Deployment", "rel-iam-key-operator").expect("Deployment");
@@ -873,7 +1103,12 @@ topologySpreadConstraints:
   - {maxSkew: 1, topologyKey: topology.kubernetes.io/zone, whenUnsatisfiable: ScheduleAnyway,
      labelSelector: {matchLabels: {app.kubernetes.io/name: iam-key-operator}}}
 tolerations: [{key: dedicated, operator: Equal, value: platform, effect: NoSchedule}]
-metrics: {service: {type: NodePort}}
+metrics:
+  service: {type: NodePort}
+  auth:
+    readers:
+      - {kind: ServiceAccount, name: prometheus-k8s, namespace: monitoring}
+      - {kind: User, name: jane@example.com}
 "#,
     )
     .expect("values");
@@ -889,6 +1124,7 @@ metrics: {service: {type: NodePort}}
     assert!(out.status.success(), "{}", text(&out));
     let docs = documents(&String::from_utf8_lossy(&out.stdout));
     assert!(kinds(&docs).contains("NetworkPolicy"));
+    assert!(find(&docs, "ClusterRoleBinding", "opts-iam-key-operator-metrics-reader").is_some());
     let rendered = env.dir().join(format!("rendered-{ns}.yaml"));
     let all: Vec<String> = docs.iter().map(|d| serde_yaml::to_string(d).expect("yaml")).collect();
     std::fs::write(&rendered, all.join("---\n")).expect("write");

@@ -48,3 +48,14 @@ and the cluster-scoped ones it only reads (always a ClusterRole).
   resources: ["namespaces"]
   verbs: ["get", "list", "watch"]
 {{- end -}}
+
+{{- define "iam-key-operator.metricsAuthRules" -}}
+# metrics.auth: /metrics asks the API server who a scraper's bearer token belongs to
+# (tokenreviews) and whether that user may get the non-resource URL /metrics (subjectaccessreviews).
+- apiGroups: ["authentication.k8s.io"]
+  resources: ["tokenreviews"]
+  verbs: ["create"]
+- apiGroups: ["authorization.k8s.io"]
+  resources: ["subjectaccessreviews"]
+  verbs: ["create"]
+{{- end -}}
