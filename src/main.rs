@@ -44,10 +44,16 @@ enum Command {
 
 #[derive(clap::Args)]
 struct RunArgs {
-    /// Name of this cluster in IAM ownership tags (`<cluster>/<namespace>/<name>`): give each
-    /// cluster that manages keys of the same AWS account its own.
-    #[arg(long, env = "IKO_CLUSTER_NAME", default_value = "default", value_parser = parse_cluster_name)]
+    /// Name of this cluster in IAM ownership tags (`<cluster>/<namespace>/<name>`), required:
+    /// give each cluster that manages keys of the same AWS account its own, or two clusters with
+    /// the same namespace/name delete each other's keys.
+    #[arg(long, env = "IKO_CLUSTER_NAME", value_parser = parse_cluster_name)]
     cluster_name: String,
+    /// The cluster name this operator ran with before a rename: ownership tags written under it
+    /// are rewritten to --cluster-name as each resource is reconciled (one GetUser per resource
+    /// and resync while set). Remove it once every resource has reconciled.
+    #[arg(long, env = "IKO_PREVIOUS_CLUSTER_NAME", value_parser = parse_cluster_name)]
+    previous_cluster_name: Option<String>,
     /// Only reconcile resources in this namespace (repeatable; default: all namespaces).
     #[arg(long = "namespace", env = "IKO_NAMESPACES", value_delimiter = ',')]
     namespaces: Vec<String>,
@@ -163,8 +169,12 @@ async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
     let client = kube::Client::try_default().await?;
     let limiter = RateLimiter::new(args.iam_rate, args.iam_burst);
     let iam = Arc::new(AwsIam::from_env(metrics.clone(), limiter).await);
+    if args.previous_cluster_name.as_ref() == Some(&args.cluster_name) {
+        return Err("--previous-cluster-name must differ from --cluster-name".into());
+    }
     let settings = Settings {
         cluster_name: args.cluster_name,
+        previous_cluster_name: args.previous_cluster_name,
         last_used_refresh: args.last_used_refresh.as_std().max(Duration::from_secs(1)),
         resync: args.resync.as_std().max(Duration::from_secs(1)),
         verify_timeout: args.verify_timeout.as_std(),

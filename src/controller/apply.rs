@@ -95,6 +95,7 @@ struct Run<'a> {
     ctx: &'a Context,
     now: Timestamp,
     owner: Owner,
+    previous_owner: Option<Owner>,
     secret_name: String,
     /// Working copy, and what the API server holds (to write only on change).
     status: IamAccessKeyStatus,
@@ -116,6 +117,7 @@ impl<'a> Run<'a> {
             // Whole seconds: the API server stores timestamps that way, so comparisons hold.
             now: whole_seconds(Timestamp::now()),
             owner: Owner::new(&ctx.settings.cluster_name, &ns, &obj.name_any()),
+            previous_owner: ctx.settings.previous_cluster_name.as_deref().map(|c| Owner::new(c, &ns, &obj.name_any())),
             secret_name: secret_name(obj),
             status: obj.status.clone().unwrap_or_default(),
             saved: obj.status.clone(),
@@ -215,6 +217,7 @@ impl<'a> Run<'a> {
             let step = plan_next_step(&Observation {
                 now: self.now,
                 owner: &self.owner,
+                previous_owner: self.previous_owner.as_ref(),
                 spec: &self.obj.spec,
                 ledger: &ledger,
                 rotate_requested_at: rotate_requested_at.as_deref(),
@@ -262,6 +265,18 @@ impl<'a> Run<'a> {
                     tags.insert(crate::plan::OWNER_TAG.into(), owner);
                 }
                 self.note(EventType::Normal, "UserClaimed", format!("claimed IAM user {user}")).await;
+            }
+            Step::TakeOverTags { tags } => {
+                iam.tag_user(&user, &tags).await?;
+                if let Some(held) = self.tags_mut() {
+                    held.extend(tags.iter().cloned());
+                }
+                let previous = self.ctx.settings.previous_cluster_name.as_deref().unwrap_or_default();
+                let note = format!(
+                    "took over {} tag(s) of IAM user {user} written under the previous cluster name {previous:?}",
+                    tags.len()
+                );
+                self.note(EventType::Normal, "OwnershipRenamed", note).await;
             }
             Step::DeleteOrphan { access_key_id, tagged } => {
                 self.delete_key(&access_key_id, tagged).await?;

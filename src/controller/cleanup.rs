@@ -31,6 +31,7 @@ pub async fn cleanup(obj: &Arc<IamAccessKey>, ctx: &Context) -> Result<Action, E
     }
     let ns = obj.namespace().unwrap_or_default();
     let owner = Owner::new(&ctx.settings.cluster_name, &ns, &obj.name_any());
+    let previous_owner = ctx.settings.previous_cluster_name.as_deref().map(|c| Owner::new(c, &ns, &obj.name_any()));
     let user_name = obj.spec.user_name.as_str();
     let ledger = Ledger::from_status(&obj.status.clone().unwrap_or_default());
     let mut user = observe_user(ctx, user_name).await?;
@@ -39,6 +40,7 @@ pub async fn cleanup(obj: &Arc<IamAccessKey>, ctx: &Context) -> Result<Action, E
     for _ in 0..MAX_STEPS {
         let step = plan_cleanup(&CleanupObservation {
             owner: &owner,
+            previous_owner: previous_owner.as_ref(),
             policy: obj.spec.deletion_policy,
             ledger: &ledger,
             user: &user,

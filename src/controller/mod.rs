@@ -48,6 +48,8 @@ pub const PAUSED_ANNOTATION: &str = "iam.keyop.dev/paused";
 pub struct Settings {
     /// Names this cluster in ownership tags: `<cluster>/<namespace>/<name>`.
     pub cluster_name: String,
+    /// The name this cluster had before: tags written under it are taken over.
+    pub previous_cluster_name: Option<String>,
     /// How often each key's last use is read from IAM.
     pub last_used_refresh: Duration,
     /// Longest time between two reconciles of a converged resource (drift detection).
@@ -64,20 +66,6 @@ pub struct Settings {
     pub concurrency: u16,
 }
 
-impl Default for Settings {
-    fn default() -> Self {
-        Settings {
-            cluster_name: "default".into(),
-            last_used_refresh: Duration::from_secs(3600),
-            resync: Duration::from_secs(3600),
-            verify_timeout: Duration::from_secs(60),
-            namespaces: vec![],
-            selector: None,
-            iam_user_path_prefix: "/".into(),
-            concurrency: 8,
-        }
-    }
-}
 
 /// Shared by every reconcile.
 pub struct Context {

@@ -7,6 +7,8 @@ use crate::crd::DeletionPolicy;
 
 pub struct CleanupObservation<'a> {
     pub owner: &'a Owner,
+    /// The owner under the cluster's previous name, whose tags count as this owner's.
+    pub previous_owner: Option<&'a Owner>,
     pub policy: DeletionPolicy,
     pub ledger: &'a Ledger,
     pub user: &'a UserObservation,
@@ -42,7 +44,8 @@ pub fn plan_cleanup(obs: &CleanupObservation) -> CleanupStep {
         let Some(tags) = tags else {
             return CleanupStep::ReadUser;
         };
-        let ours = |id: &str| tags.get(id).is_some_and(|v| *v == obs.owner.key_tag_value());
+        let owners: Vec<&Owner> = std::iter::once(obs.owner).chain(obs.previous_owner).collect();
+        let ours = |id: &str| tags.get(id).is_some_and(|v| owners.iter().any(|o| *v == o.key_tag_value()));
         let tracked = |id: &str| obs.ledger.keys.iter().any(|k| k.access_key_id == id);
         let leftover = |id: &str| {
             !tags.contains_key(id)
@@ -64,7 +67,7 @@ pub fn plan_cleanup(obs: &CleanupObservation) -> CleanupStep {
         if !retained.is_empty() {
             return CleanupStep::MarkRetained { access_key_ids: retained };
         }
-        let tag_keys = our_tag_keys(obs.owner, tags);
+        let tag_keys: Vec<String> = owners.iter().flat_map(|o| our_tag_keys(o, tags)).collect();
         if !tag_keys.is_empty() {
             return CleanupStep::Untag { tag_keys };
         }

@@ -110,6 +110,9 @@ pub struct Ledger {
 pub struct Observation<'a> {
     pub now: Timestamp,
     pub owner: &'a Owner,
+    /// The owner under the cluster's previous name (`--previous-cluster-name`): its tags are
+    /// taken over, rewritten to `owner`.
+    pub previous_owner: Option<&'a Owner>,
     pub spec: &'a IamAccessKeySpec,
     pub ledger: &'a Ledger,
     /// Value of the `iam.keyop.dev/rotate-requested-at` annotation.
@@ -190,6 +193,10 @@ pub enum Step {
     /// Tag the user as this resource's.
     ClaimUser,
     /// Our key that neither status nor the Secret knows (left by a crash): its secret is lost.
+    /// Rewrite the claim and key tags written under the cluster's previous name to this name.
+    TakeOverTags {
+        tags: Vec<(String, String)>,
+    },
     DeleteOrphan {
         access_key_id: String,
         tagged: bool,
@@ -320,11 +327,22 @@ pub fn plan_next_step(obs: &Observation) -> Step {
     let all_present = obs.ledger.keys.iter().all(|o| keys.iter().any(|k| k.access_key_id == o.access_key_id));
     let tags = match tags {
         Some(t) => t,
-        None if obs.ledger.keys.is_empty() || obs.ledger.pending_create.is_some() || !all_tracked || !all_present => {
+        None if obs.ledger.keys.is_empty()
+            || obs.ledger.pending_create.is_some()
+            || !all_tracked
+            || !all_present
+            || obs.previous_owner.is_some() =>
+        {
             return Step::ReadUser;
         }
         None => return plan_owned_keys(obs, keys, None),
     };
+    if let Some(previous) = obs.previous_owner {
+        let renamed = taken_over(obs.owner, previous, tags);
+        if !renamed.is_empty() {
+            return Step::TakeOverTags { tags: renamed };
+        }
+    }
 
     match tags.get(OWNER_TAG) {
         None => return Step::ClaimUser,
@@ -334,6 +352,21 @@ pub fn plan_next_step(obs: &Observation) -> Step {
         Some(_) => {}
     }
     plan_owned_keys(obs, keys, Some(tags))
+}
+
+/// The tags `previous` wrote (the claim, per-key tags), with the values `owner` writes.
+pub fn taken_over(owner: &Owner, previous: &Owner, tags: &BTreeMap<String, String>) -> Vec<(String, String)> {
+    tags.iter()
+        .filter_map(|(k, v)| {
+            if k == OWNER_TAG && *v == previous.0 {
+                Some((k.clone(), owner.0.clone()))
+            } else if *v == previous.key_tag_value() {
+                Some((k.clone(), owner.key_tag_value()))
+            } else {
+                None
+            }
+        })
+        .collect()
 }
 
 fn plan_owned_keys(obs: &Observation, keys: &[IamKey], tags: Option<&BTreeMap<String, String>>) -> Step {

@@ -319,6 +319,7 @@ fn step_name(step: &Step) -> &'static str {
         Step::ReadUser => "ReadUser",
         Step::Blocked(_) => "Blocked",
         Step::ClaimUser => "ClaimUser",
+        Step::TakeOverTags { .. } => "TakeOverTags",
         Step::DeleteOrphan { .. } => "DeleteOrphan",
         Step::AdoptSecretKey { .. } => "AdoptSecretKey",
         Step::ForgetKey { .. } => "ForgetKey",
@@ -659,6 +660,7 @@ impl Sim {
         let step = plan_next_step(&Observation {
             now: run.now,
             owner: &self.owner,
+            previous_owner: None,
             spec: &run.spec,
             ledger: &ledger,
             rotate_requested_at: run.requested_at.as_deref(),
@@ -731,6 +733,12 @@ impl Sim {
                 let owner = self.owner.0.clone();
                 if let Some(tags) = view_tags(run) {
                     tags.insert(OWNER_TAG.into(), owner);
+                }
+            }
+            Step::TakeOverTags { tags } => {
+                self.tags.extend(tags.iter().cloned());
+                if let Some(view) = view_tags(run) {
+                    view.extend(tags);
                 }
             }
             Step::DeleteOrphan { access_key_id, tagged } => self.delete_key(run, &access_key_id, tagged)?,
@@ -1373,6 +1381,7 @@ fn secret_lost_while_a_key_drains_retires_it_instead_of_blocking_forever() {
         plan_next_step(&Observation {
             now,
             owner: &owner,
+            previous_owner: None,
             spec: &spec,
             ledger: &ledger,
             rotate_requested_at: None,
@@ -1425,6 +1434,7 @@ fn deactivate_unused_reads_last_use_again_before_deactivating() {
     let step = plan_next_step(&Observation {
         now: t(86_400),
         owner: &owner,
+        previous_owner: None,
         spec: &spec,
         ledger: &ledger,
         rotate_requested_at: None,
@@ -1471,6 +1481,7 @@ fn a_rotation_held_back_by_a_draining_key_does_not_wake_in_the_past() {
     let step = plan_next_step(&Observation {
         now: t(3700),
         owner: &owner,
+        previous_owner: None,
         spec: &spec,
         ledger: &ledger,
         rotate_requested_at: None,

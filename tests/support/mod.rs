@@ -240,8 +240,8 @@ pub struct Operator {
 }
 
 impl Operator {
-    /// As the chart's identity. `--resync 3s` unless `extra_args` sets it; debug logging unless
-    /// `extra_env` sets `RUST_LOG`.
+    /// As the chart's identity. `--cluster-name test`, `--verify-timeout 20s` and `--resync 3s`
+    /// unless `extra_args` sets them; debug logging unless `extra_env` sets `RUST_LOG`.
     pub fn start(env: &'static TestEnv, ns: &str, extra_env: &[(&str, &str)], extra_args: &[&str]) -> Operator {
         Self::start_as(identity::chart(), env, ns, extra_env, extra_args)
     }
@@ -272,11 +272,14 @@ impl Operator {
     fn spawn(&mut self) {
         let log = File::options().create(true).append(true).open(&self.log_path).expect("operator log file");
         let mut cmd = self.env.command(env!("CARGO_BIN_EXE_iam-key-operator"));
-        cmd.args(["run", "--namespace", &self.ns, "--cluster-name", CLUSTER, "--verify-timeout", "20s"])
+        cmd.args(["run", "--namespace", &self.ns])
             .args(["--metrics-addr", &format!("127.0.0.1:{}", self.metrics_port)])
             .args(&self.args);
-        if !self.args.iter().any(|a| a == "--resync") {
-            cmd.args(["--resync", "3s"]);
+        // Test defaults, unless the test sets the flag itself.
+        for (flag, value) in [("--cluster-name", CLUSTER), ("--verify-timeout", "20s"), ("--resync", "3s")] {
+            if !self.args.iter().any(|a| a == flag || a.starts_with(&format!("{flag}="))) {
+                cmd.args([flag, value]);
+            }
         }
         let (key_id, secret) = identity::operator_aws_key();
         cmd.env("KUBECONFIG", &self.identity.kubeconfig)
