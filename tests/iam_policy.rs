@@ -44,18 +44,16 @@ fn shipped_policy() -> Value {
     serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
 }
 
-/// The shipped policy as moto can take it: `Resource` widened to `*` (moto evaluates IAM actions
-/// against the resource `*` only, so a path-scoped Resource would deny everything there) and
-/// `Condition` removed. moto 5.2.5 passes no request context (such as `aws:TagKeys`) to an
-/// identity's policies and implements only `StringEquals`, so it ignores the tag-key condition
-/// (`moto_ignores_the_tag_key_condition` shows it); removing it keeps these tests independent
-/// of that, since moto turns a condition it fails into an explicit deny. What this proves is
-/// the action list; the Resource and the Condition are checked by shape, below.
+/// The shipped policy as moto can take it (`support::identity::shipped_policy_for_moto`:
+/// `Resource` widened to `*`, `Condition` removed), without `drop_action`. moto 5.2.5 passes no
+/// request context (such as `aws:TagKeys`) to an identity's policies and implements only
+/// `StringEquals`, so it ignores the tag-key condition (`moto_ignores_the_tag_key_condition`
+/// shows it); removing it keeps these tests independent of that, since moto turns a condition
+/// it fails into an explicit deny. What moto proves is the action list; the Resource and the
+/// Condition are checked by shape, below.
 fn shipped_policy_for_moto(drop_action: Option<&str>) -> Value {
-    let mut doc = shipped_policy();
+    let mut doc = identity::shipped_policy_for_moto(&testenv::repo_root().join("deploy/iam-policy.json"));
     for statement in doc["Statement"].as_array_mut().unwrap() {
-        statement["Resource"] = json!("*");
-        statement.as_object_mut().unwrap().remove("Condition");
         if let Some(action) = drop_action {
             statement["Action"].as_array_mut().unwrap().retain(|a| a != action);
         }
