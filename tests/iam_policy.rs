@@ -76,10 +76,10 @@ async fn enforcing_moto(managed_user: &str, policy: Value) -> (EnforcingMoto, St
         .spawn()
         .unwrap();
     let server = EnforcingMoto { child, url: format!("http://127.0.0.1:{port}") };
-    for _ in 0..100 {
-        if reqwest::get(format!("{}/moto-api/", server.url)).await.is_ok() {
-            break;
-        }
+    // moto takes seconds to import on a busy machine.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while reqwest::get(format!("{}/moto-api/", server.url)).await.is_err() {
+        assert!(std::time::Instant::now() < deadline, "moto did not start on {} within 60s", server.url);
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let root = iam_client(&server.url, "testing", "testing");
