@@ -8,7 +8,9 @@ pub enum Error {
     #[error(transparent)]
     Iam(#[from] IamError),
 
-    #[error("Kubernetes API: {0}")]
+    /// A Kubernetes API call failed. Shown as the API server's own message (kube's `Display`
+    /// of a refusal appends a debug dump of the whole `Status`); the error stays the source.
+    #[error("Kubernetes API: {}", kube_message(.0))]
     Kube(#[from] kube::Error),
 
     /// Waiting for something outside to change (user created, Secret removed, slot freed...).
@@ -29,8 +31,60 @@ pub enum Error {
     #[error("{0}")]
     Invalid(String),
 
-    #[error("finalizer: {0}")]
-    Finalizer(String),
+    /// Adding or removing the finalizer failed (`source` is the API call's error, if any).
+    #[error("{what}{}", source.as_ref().map(|e| format!(": {}", kube_message(e))).unwrap_or_default())]
+    Finalizer {
+        what: &'static str,
+        #[source]
+        source: Option<kube::Error>,
+    },
+}
+
+impl From<kube::runtime::finalizer::Error<Error>> for Error {
+    fn from(e: kube::runtime::finalizer::Error<Error>) -> Self {
+        use kube::runtime::finalizer::Error as F;
+        match e {
+            F::ApplyFailed(e) | F::CleanupFailed(e) => e,
+            F::AddFinalizer(e) => Error::Finalizer { what: "could not add the finalizer", source: Some(e) },
+            F::RemoveFinalizer(e) => Error::Finalizer { what: "could not remove the finalizer", source: Some(e) },
+            F::UnnamedObject => Error::Finalizer { what: "the object has no name", source: None },
+            F::InvalidFinalizer => Error::Finalizer { what: "invalid finalizer", source: None },
+        }
+    }
+}
+
+/// A Kubernetes client error as a person reads it: for a refusal by the API server, its
+/// message (`secrets "x" is forbidden: User "..." cannot update resource "secrets" ...`) with
+/// the HTTP code and reason; otherwise the error and its causes. Never the request's object:
+/// the API server's messages name fields and values of metadata, not a Secret's data.
+pub fn kube_message(e: &kube::Error) -> String {
+    match e {
+        kube::Error::Api(status) => {
+            let code_reason = match (status.code, status.reason.as_str()) {
+                (0, "") => String::new(),
+                (0, reason) => format!(" ({reason})"),
+                (code, "") => format!(" ({code})"),
+                (code, reason) => format!(" ({code} {reason})"),
+            };
+            let message =
+                if status.message.is_empty() { "the API server refused the request" } else { &status.message };
+            format!("{message}{code_reason}")
+        }
+        other => {
+            let mut message = other.to_string();
+            let mut source = std::error::Error::source(other);
+            while let Some(cause) = source {
+                let text = cause.to_string();
+                // kube's variants print their cause already ("HyperError: {cause}").
+                if !message.ends_with(&text) {
+                    message.push_str(": ");
+                    message.push_str(&text);
+                }
+                source = cause.source();
+            }
+            message
+        }
+    }
 }
 
 impl Error {
@@ -57,7 +111,7 @@ impl Error {
             Error::VerifyFailed { .. } => "KeyVerificationFailed",
             Error::NotAuthorized(_) => "NotAuthorized",
             Error::Invalid(_) => "InvalidSpec",
-            Error::Finalizer(_) => "FinalizerError",
+            Error::Finalizer { .. } => "FinalizerError",
         }
     }
 
@@ -65,8 +119,81 @@ impl Error {
     pub fn is_retryable(&self) -> bool {
         match self {
             Error::Iam(e) => e.is_retryable(),
-            Error::Kube(_) | Error::VerifyFailed { .. } | Error::Finalizer(_) => true,
+            Error::Kube(_) | Error::VerifyFailed { .. } | Error::Finalizer { .. } => true,
             Error::Blocked { .. } | Error::Invalid(_) | Error::NotAuthorized(_) => false,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::error::Error as _;
+
+    use kube::core::{Status, response::StatusDetails};
+
+    use super::*;
+
+    fn forbidden() -> kube::Error {
+        let message = r#"secrets "app-aws" is forbidden: User "system:serviceaccount:iko:iko" cannot update resource "secrets" in API group "" in the namespace "team-a""#;
+        let details = StatusDetails {
+            name: "app-aws".into(),
+            group: String::new(),
+            kind: "secrets".into(),
+            uid: String::new(),
+            causes: vec![],
+            retry_after_seconds: 0,
+        };
+        kube::Error::Api(Status::failure(message, "Forbidden").with_code(403).with_details(details).boxed())
+    }
+
+    #[test]
+    fn a_refusal_reads_as_the_api_servers_message_with_code_and_reason() {
+        let err = Error::from(forbidden());
+        assert_eq!(
+            err.to_string(),
+            r#"Kubernetes API: secrets "app-aws" is forbidden: User "system:serviceaccount:iko:iko" cannot update resource "secrets" in API group "" in the namespace "team-a" (403 Forbidden)"#
+        );
+        assert_eq!(err.reason(), "KubernetesError");
+        // The client's error is kept as the source, not flattened into the message.
+        let source = err.source().expect("source").downcast_ref::<kube::Error>().expect("a kube::Error");
+        assert!(matches!(source, kube::Error::Api(s) if s.code == 403));
+    }
+
+    #[test]
+    fn no_debug_dump_of_the_status() {
+        for err in [Error::from(forbidden()), Error::from(kube::runtime::finalizer::Error::AddFinalizer(forbidden()))] {
+            let text = err.to_string();
+            for dump in ["Status {", "StatusDetails", "Some(", "ApiError", "Failure", "retry_after_seconds"] {
+                assert!(!text.contains(dump), "{dump:?} in {text}");
+            }
+        }
+    }
+
+    #[test]
+    fn sparse_statuses_and_other_client_errors_stay_readable() {
+        let bare = kube::Error::Api(Status::failure("", "").with_code(500).boxed());
+        assert_eq!(kube_message(&bare), "the API server refused the request (500)");
+        let no_code = kube::Error::Api(Status::failure("etcdserver: request timed out", "Timeout").boxed());
+        assert_eq!(kube_message(&no_code), "etcdserver: request timed out (Timeout)");
+        let serde = serde_json::from_str::<u8>("x").unwrap_err();
+        let err = Error::from(kube::Error::SerdeError(serde));
+        assert_eq!(err.to_string(), "Kubernetes API: Error deserializing response: expected value at line 1 column 1");
+    }
+
+    #[test]
+    fn finalizer_failures_name_the_step_and_keep_the_cause() {
+        use kube::runtime::finalizer::Error as F;
+        let err = Error::from(F::RemoveFinalizer(forbidden()));
+        assert!(
+            err.to_string().starts_with(r#"could not remove the finalizer: secrets "app-aws" is forbidden: "#),
+            "{err}"
+        );
+        assert!(err.to_string().ends_with("(403 Forbidden)"), "{err}");
+        assert_eq!(err.reason(), "FinalizerError");
+        assert!(err.source().is_some_and(|s| s.is::<kube::Error>()));
+        // The reconcile's own error passes through unchanged.
+        let inner = Error::from(F::ApplyFailed(Error::Invalid("bad".into())));
+        assert!(matches!(inner, Error::Invalid(m) if m == "bad"));
+        assert_eq!(Error::from(F::<Error>::UnnamedObject).to_string(), "the object has no name");
     }
 }

@@ -17,7 +17,7 @@ use std::{
 };
 
 use iam_key_operator::crd::IamAccessKey;
-use k8s_openapi::api::{apps::v1::Deployment, coordination::v1::Lease, rbac::v1::ClusterRole};
+use k8s_openapi::api::{apps::v1::Deployment, coordination::v1::Lease, events::v1::Event, rbac::v1::ClusterRole};
 use kube::{Api, api::PostParams};
 use serde::Deserialize as _;
 use serde_yaml::Value as Yaml;
@@ -892,6 +892,42 @@ async fn a_missing_rbac_rule_is_reported_as_a_forbidden_kubernetes_error() {
         message.contains("forbidden") && message.contains("secrets"),
         "the condition should say which call was forbidden: {message}"
     );
+    // The API server's own words, not a dump of the client's status struct; the same in the event.
+    assert!(
+        message.starts_with(r#"Kubernetes API: secrets is forbidden: User "system:serviceaccount:"#)
+            && message
+                .contains(&format!(r#"cannot create resource "secrets" in API group "" in the namespace "{}""#, f.ns))
+            && message.ends_with("(403 Forbidden)"),
+        "{message}"
+    );
+    for dump in ["Status {", "ApiError", "Some(", "details"] {
+        assert!(!message.contains(dump), "{dump:?} in {message}");
+    }
+    // Nothing of the refused object: no word as long as a secret access key (40) or its base64.
+    let secret_like = |w: &&str| w.len() >= 40;
+    assert!(
+        !message.split(|c: char| !(c.is_ascii_alphanumeric() || "+/=".contains(c))).any(|w| secret_like(&w)),
+        "{message}"
+    );
+    let events: Api<Event> = Api::namespaced(f.client.clone(), &f.ns);
+    // The event follows the status write.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let notes: Vec<String> = events
+            .list(&Default::default())
+            .await
+            .expect("list events")
+            .items
+            .into_iter()
+            .filter(|e| e.reason.as_deref() == Some("KubernetesError"))
+            .filter_map(|e| e.note)
+            .collect();
+        if notes.contains(&message) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "a KubernetesError event with the condition's message: {notes:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     assert!(f.secrets().get_opt("uploader-aws").await.expect("get").is_none(), "no Secret without create");
     op.assert_running();
 

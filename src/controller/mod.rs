@@ -123,7 +123,7 @@ impl Context {
             EventType::Warning => warn!(reason, "{note}"),
         }
         if let Err(e) = self.events.publish(&obj.object_ref(&()), type_, reason, reason, note).await {
-            warn!(error = %e, reason, "could not publish event");
+            warn!(error = %crate::error::kube_message(&e), reason, "could not publish event");
         }
     }
 
@@ -270,10 +270,7 @@ async fn reconcile(watched: Arc<Watched>, ctx: Arc<Context>) -> Result<Action, E
             }
         })
         .await
-        .map_err(|e| match e {
-            kube::runtime::finalizer::Error::ApplyFailed(e) | kube::runtime::finalizer::Error::CleanupFailed(e) => e,
-            other => Error::Finalizer(other.to_string()),
-        });
+        .map_err(Error::from);
         ctx.metrics.reconcile_duration.observe(timer.elapsed().as_secs_f64());
         let label = match &result {
             Ok(_) => "ok",
