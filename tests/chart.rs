@@ -615,7 +615,7 @@ impl InstalledOperator {
         let log_path = env.dir().join(format!("installed-operator-{release_ns}.log"));
         let log = File::create(&log_path).expect("log file");
         let mut cmd: Command = env.command(env!("CARGO_BIN_EXE_iam-key-operator"));
-        let (key_id, secret) = support::identity::operator_aws_key();
+        let (key_id, secret) = support::identity::operator_aws_key(env);
         cmd.args(&args)
             .env("KUBECONFIG", &kubeconfig)
             .env("AWS_ACCESS_KEY_ID", key_id)

@@ -227,7 +227,7 @@ async fn throttling_and_server_errors_show_in_conditions_back_off_and_converge()
     let f = Fixture::new("throttle").await;
     let users = make_users(&f, N).await;
     let all = names("r", 0..N);
-    let proxy = FaultProxy::start(&f.env.iam_endpoint()).await;
+    let proxy = FaultProxy::start(f.env).await;
     // No client-side rate limit: only the backoff stands between a failing resource and IAM.
     let op = via_proxy(&f, &proxy, &["--iam-rate", "0"]);
     let spec = json!({"rotation": {"gracePeriod": "1s", "retainInactive": "1s"}});
@@ -307,7 +307,7 @@ async fn backoff_holds_when_the_error_changes_every_time() {
     let f = Fixture::new("alternate").await;
     let users = make_users(&f, N).await;
     let all = names("r", 0..N);
-    let proxy = FaultProxy::start(&f.env.iam_endpoint()).await;
+    let proxy = FaultProxy::start(f.env).await;
     // Every failed operation ends with another error than the previous one (Throttled,
     // IamUnavailable, Throttled, ...): each failure changes the Ready condition.
     proxy.set(Faults { alternate_errors: true, ..Faults::none() });
@@ -355,7 +355,7 @@ async fn iam_outage_then_recovery_creates_each_key_once() {
     let f = Fixture::new("outage").await;
     let users = make_users(&f, 10).await;
     let all = names("r", 0..10);
-    let proxy = FaultProxy::start(&f.env.iam_endpoint()).await;
+    let proxy = FaultProxy::start(f.env).await;
     let op = via_proxy(&f, &proxy, &[]);
     let spec = json!({"rotation": {"gracePeriod": "1s", "retainInactive": "1s"}});
     for i in 0..6 {
@@ -473,7 +473,7 @@ async fn lost_responses_and_slow_iam_leave_no_extra_key() {
     let f = Fixture::new("dropped").await;
     let users = make_users(&f, N).await;
     let all = names("r", 0..N);
-    let proxy = FaultProxy::start(&f.env.iam_endpoint()).await;
+    let proxy = FaultProxy::start(f.env).await;
     let _op = via_proxy(&f, &proxy, &[]);
     // A quarter of the calls reach IAM but their answer is lost (CreateAccessKey too: the key IAM
     // made is found by the pending-create marker and deleted); every call is 300 ms slower.
@@ -515,7 +515,7 @@ async fn a_lost_create_access_key_response_leaves_no_extra_key() {
     let f = Fixture::new("lostcreate").await;
     let users = make_users(&f, N).await;
     let all = names("r", 0..N);
-    let proxy = FaultProxy::start(&f.env.iam_endpoint()).await;
+    let proxy = FaultProxy::start(f.env).await;
     proxy.set(Faults { lose_first_response_of: Some("CreateAccessKey".into()), ..Faults::none() });
     let _op = via_proxy(&f, &proxy, &[]);
     for (name, user) in all.iter().zip(&users) {
@@ -528,7 +528,7 @@ async fn a_lost_create_access_key_response_leaves_no_extra_key() {
 #[tokio::test]
 async fn a_failed_untag_after_a_key_deletion_leaves_no_tag_behind() {
     let f = Fixture::new("untag").await;
-    let proxy = FaultProxy::start(&f.env.iam_endpoint()).await;
+    let proxy = FaultProxy::start(f.env).await;
     let _op = via_proxy(&f, &proxy, &[]);
     f.create("app", json!({"rotation": {"gracePeriod": "1s", "retainInactive": "1s"}})).await;
     let first = f.wait_ready("app").await.status.unwrap().access_key_id.unwrap();
@@ -635,7 +635,7 @@ async fn api_server_restart_watches_recover_and_nothing_is_created_twice() {
     let f = private_fixture(env, "apirestart").await;
     let users = make_users(&f, 6).await;
     let all = names("r", 0..6);
-    let proxy = FaultProxy::start(&env.iam_endpoint()).await;
+    let proxy = FaultProxy::start(env).await;
     let op = via_proxy(&f, &proxy, &[]);
     let spec = json!({"rotation": {"gracePeriod": "1s", "retainInactive": "1s"}});
     for i in 0..5 {
@@ -721,7 +721,7 @@ async fn iam_rate_limit_holds_while_iam_throttles() {
     let f = Fixture::new("ratethrottled").await;
     let users = make_users(&f, N).await;
     let all = names("r", 0..N);
-    let proxy = FaultProxy::start(&f.env.iam_endpoint()).await;
+    let proxy = FaultProxy::start(f.env).await;
     proxy.set(Faults::throttle(0.6));
     let _op = via_proxy(&f, &proxy, &["--iam-rate", &RATE.to_string(), "--iam-burst", &BURST.to_string()]);
     let t0 = Instant::now();
@@ -753,7 +753,7 @@ async fn rate_limit_run(prefix: &str, n: usize, rate: usize, burst: usize) {
     let f = Fixture::new(prefix).await;
     let users = make_users(&f, n).await;
     let all = names("r", 0..n);
-    let proxy = FaultProxy::start(&f.env.iam_endpoint()).await;
+    let proxy = FaultProxy::start(f.env).await;
     let args: Vec<String> = ["--iam-rate", &rate.to_string(), "--iam-burst", &burst.to_string(), "--resync", "10m"]
         .map(String::from)
         .to_vec();
@@ -820,7 +820,7 @@ async fn nonsense_specs_end_in_clear_conditions_and_do_not_stall_their_namespace
     // moto accepts any user name; real IAM refuses some the schema allows. The proxy answers
     // calls naming this user the way IAM does.
     let rejected_user = users[0].clone();
-    let proxy = FaultProxy::start(&f.env.iam_endpoint()).await;
+    let proxy = FaultProxy::start(f.env).await;
     proxy.set(Faults { reject_user: Some(rejected_user.clone()), ..Faults::none() });
     // A ServiceAccount token Secret holds the name one resource asks for.
     let sa_token: Secret = serde_json::from_value(json!({
@@ -978,7 +978,7 @@ async fn an_object_the_operator_cannot_read_does_not_stop_the_others() {
 #[tokio::test]
 async fn a_key_whose_secret_does_not_authenticate_is_never_published() {
     let f = Fixture::new("wrongsecret").await;
-    let proxy = FaultProxy::start(&f.env.iam_endpoint()).await;
+    let proxy = FaultProxy::start(f.env).await;
     proxy.set(Faults { corrupt_new_secrets: true, ..Faults::none() });
     let op = via_proxy(&f, &proxy, &["--verify-timeout", "3s"]);
     f.create("app", json!({})).await;
@@ -1005,7 +1005,7 @@ async fn a_key_whose_secret_does_not_authenticate_is_never_published() {
 #[tokio::test]
 async fn inactive_keys_are_refused_and_an_inactive_resource_still_converges() {
     let f = Fixture::new("inactive").await;
-    let proxy = FaultProxy::start(&f.env.iam_endpoint()).await;
+    let proxy = FaultProxy::start(f.env).await;
     let _op = via_proxy(&f, &proxy, &[]);
     f.create("app", json!({"keyStatus": "Inactive"})).await;
     let obj = f.wait_ready("app").await;

@@ -288,7 +288,7 @@ async fn rotation_and_deletion_work_under_the_kustomize_rbac() {
     let f = Fixture::new("kustomize").await;
     let lease = format!("lease-{}", f.ns);
     let _op = Operator::start_as(
-        identity::kustomize(),
+        identity::kustomize(f.env),
         f.env,
         &f.ns,
         &[("POD_NAME", "kustomize-0")],

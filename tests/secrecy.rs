@@ -26,7 +26,7 @@ use support::{
 #[tokio::test]
 async fn the_secret_appears_nowhere_but_in_the_secret() {
     let f = Fixture::new("secrecy").await;
-    let proxy = FaultProxy::start(&f.env.iam_endpoint()).await;
+    let proxy = FaultProxy::start(f.env).await;
     let mut envs = proxy.operator_env();
     envs.push(("RUST_LOG".into(), "trace".into()));
     envs.push(("IKO_FAILPOINT".into(), "before-status".into()));

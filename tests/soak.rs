@@ -227,7 +227,7 @@ pub async fn random_kills(prefix: &str, scale: &Scale) -> Report {
         let rotating = foreign.is_none();
         all.push(Res { name: format!("r{i}"), user, foreign, rotating, serial: 0, deleted: false });
     }
-    let proxy = FaultProxy::start(&f.env.iam_endpoint()).await;
+    let proxy = FaultProxy::start(f.env).await;
     let mut op = start_operator(&f, &proxy, &scale.operator_args);
     let mut report = Report { resources: total, ..Report::default() };
     report.foreign_keys = all.iter().filter(|r| r.foreign.is_some()).count();

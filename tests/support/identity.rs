@@ -7,8 +7,9 @@
 //! signatures and policies. Admin credentials stay with test setup.
 
 use std::{
+    collections::BTreeMap,
     path::{Path, PathBuf},
-    sync::OnceLock,
+    sync::Mutex,
 };
 
 use serde_json::{Value, json};
@@ -29,11 +30,20 @@ pub struct Identity {
     pub kubeconfig: PathBuf,
 }
 
+/// Made once per environment (a test binary may start private ones besides the shared one).
+fn once_per_env<T: Send + Sync>(
+    cache: &'static Mutex<BTreeMap<usize, &'static T>>,
+    env: &'static TestEnv,
+    make: impl FnOnce() -> T,
+) -> &'static T {
+    let mut made = cache.lock().unwrap_or_else(|e| e.into_inner());
+    made.entry(env as *const TestEnv as usize).or_insert_with(|| Box::leak(Box::new(make())))
+}
+
 /// The chart's ServiceAccount and RBAC (release `iko` in namespace `iko-system`, default values).
-pub fn chart() -> &'static Identity {
-    static CHART: OnceLock<Identity> = OnceLock::new();
-    CHART.get_or_init(|| {
-        let env = testenv::shared();
+pub fn chart(env: &'static TestEnv) -> &'static Identity {
+    static CHART: Mutex<BTreeMap<usize, &'static Identity>> = Mutex::new(BTreeMap::new());
+    once_per_env(&CHART, env, || {
         let (release, ns) = ("iko", "iko-system");
         let chart = testenv::repo_root().join("charts/iam-key-operator");
         let out = env.helm([
@@ -52,10 +62,9 @@ pub fn chart() -> &'static Identity {
 }
 
 /// The kustomize base's ServiceAccount and RBAC (`kubectl kustomize deploy/`).
-pub fn kustomize() -> &'static Identity {
-    static KUSTOMIZE: OnceLock<Identity> = OnceLock::new();
-    KUSTOMIZE.get_or_init(|| {
-        let env = testenv::shared();
+pub fn kustomize(env: &'static TestEnv) -> &'static Identity {
+    static KUSTOMIZE: Mutex<BTreeMap<usize, &'static Identity>> = Mutex::new(BTreeMap::new());
+    once_per_env(&KUSTOMIZE, env, || {
         let dir = testenv::repo_root().join("deploy");
         let out = env.kubectl(["kustomize", dir.to_str().expect("utf-8 path")]);
         assert!(out.status.success(), "kubectl kustomize deploy/ failed:\n{}", String::from_utf8_lossy(&out.stderr));
@@ -113,11 +122,11 @@ pub fn service_account_kubeconfig(env: &TestEnv, ns: &str, sa: &str) -> PathBuf 
     path
 }
 
-/// The operator's IAM identity in the shared moto: a user whose only policy is the shipped one.
-pub fn operator_aws_key() -> &'static (String, String) {
-    static KEY: OnceLock<(String, String)> = OnceLock::new();
-    KEY.get_or_init(|| {
-        let env = testenv::shared();
+/// The operator's IAM identity in the environment's moto: a user whose only policy is the
+/// shipped one.
+pub fn operator_aws_key(env: &'static TestEnv) -> &'static (String, String) {
+    static KEY: Mutex<BTreeMap<usize, &'static (String, String)>> = Mutex::new(BTreeMap::new());
+    once_per_env(&KEY, env, || {
         let policy = shipped_policy_for_moto(&testenv::repo_root().join("deploy/iam-policy.json")).to_string();
         // Off the caller's runtime: this may run inside a #[tokio::test].
         std::thread::spawn(move || {

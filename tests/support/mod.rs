@@ -243,7 +243,7 @@ impl Operator {
     /// As the chart's identity. `--cluster-name test`, `--verify-timeout 20s` and `--resync 3s`
     /// unless `extra_args` sets them; debug logging unless `extra_env` sets `RUST_LOG`.
     pub fn start(env: &'static TestEnv, ns: &str, extra_env: &[(&str, &str)], extra_args: &[&str]) -> Operator {
-        Self::start_as(identity::chart(), env, ns, extra_env, extra_args)
+        Self::start_as(identity::chart(env), env, ns, extra_env, extra_args)
     }
 
     pub fn start_as(
@@ -281,7 +281,7 @@ impl Operator {
                 cmd.args([flag, value]);
             }
         }
-        let (key_id, secret) = identity::operator_aws_key();
+        let (key_id, secret) = identity::operator_aws_key(self.env);
         cmd.env("KUBECONFIG", &self.identity.kubeconfig)
             .env("POD_NAMESPACE", &self.identity.namespace)
             .env("AWS_ACCESS_KEY_ID", key_id)

@@ -153,8 +153,9 @@ pub struct FaultProxy {
 }
 
 impl FaultProxy {
-    /// Listen on a free loopback port and forward to `upstream` (e.g. `http://127.0.0.1:PORT`).
-    pub async fn start(upstream: &str) -> FaultProxy {
+    /// Listen on a free loopback port and forward to the environment's moto.
+    pub async fn start(env: &'static testenv::TestEnv) -> FaultProxy {
+        let upstream = env.iam_endpoint();
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind the proxy");
         let addr = listener.local_addr().expect("proxy address");
         let client = reqwest::Client::builder()
@@ -172,10 +173,10 @@ impl FaultProxy {
             lost_once: Mutex::default(),
             per_user: Mutex::default(),
             secrets: Mutex::default(),
-            admin: testenv::shared().iam_client(),
+            admin: env.iam_client(),
             trusted_keys: vec![
-                super::identity::operator_aws_key().0.clone(),
-                testenv::shared().admin_credentials().0.to_string(),
+                super::identity::operator_aws_key(env).0.clone(),
+                env.admin_credentials().0.to_string(),
             ],
         });
         let task = tokio::spawn(accept_loop(listener, addr, state.clone()));
