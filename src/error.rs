@@ -25,6 +25,11 @@ pub enum Error {
     #[error("{0}")]
     NotAuthorized(String),
 
+    /// A policy allows the resource, but not its settings (say, a rotation interval shorter than
+    /// the policy's minimum).
+    #[error("{0}")]
+    PolicyViolation(String),
+
     /// Something about the resource itself makes it impossible to act on.
     #[error("{0}")]
     Invalid(String),
@@ -56,6 +61,7 @@ impl Error {
             },
             Error::VerifyFailed { .. } => "KeyVerificationFailed",
             Error::NotAuthorized(_) => "NotAuthorized",
+            Error::PolicyViolation(_) => "PolicyViolation",
             Error::Invalid(_) => "InvalidSpec",
             Error::Finalizer(_) => "FinalizerError",
         }
@@ -66,7 +72,7 @@ impl Error {
         match self {
             Error::Iam(e) => e.is_retryable(),
             Error::Kube(_) | Error::VerifyFailed { .. } | Error::Finalizer(_) => true,
-            Error::Blocked { .. } | Error::Invalid(_) | Error::NotAuthorized(_) => false,
+            Error::Blocked { .. } | Error::Invalid(_) | Error::NotAuthorized(_) | Error::PolicyViolation(_) => false,
         }
     }
 }
