@@ -27,6 +27,11 @@ pub enum Error {
     #[error("{0}")]
     NotAuthorized(String),
 
+    /// A policy allows the resource, but not its settings (say, a rotation interval shorter than
+    /// the policy's minimum).
+    #[error("{0}")]
+    PolicyViolation(String),
+
     /// Something about the resource itself makes it impossible to act on.
     #[error("{0}")]
     Invalid(String),
@@ -110,6 +115,7 @@ impl Error {
             },
             Error::VerifyFailed { .. } => "KeyVerificationFailed",
             Error::NotAuthorized(_) => "NotAuthorized",
+            Error::PolicyViolation(_) => "PolicyViolation",
             Error::Invalid(_) => "InvalidSpec",
             Error::Finalizer { .. } => "FinalizerError",
         }
@@ -120,7 +126,7 @@ impl Error {
         match self {
             Error::Iam(e) => e.is_retryable(),
             Error::Kube(_) | Error::VerifyFailed { .. } | Error::Finalizer { .. } => true,
-            Error::Blocked { .. } | Error::Invalid(_) | Error::NotAuthorized(_) => false,
+            Error::Blocked { .. } | Error::Invalid(_) | Error::NotAuthorized(_) | Error::PolicyViolation(_) => false,
         }
     }
 }

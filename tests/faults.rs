@@ -8,6 +8,7 @@
 //! the ones `docs/reliability.md` reports.
 
 // The random-kill scenario, shared with the (ignored) soak test; it also brings `support`.
+mod etcd;
 #[path = "soak.rs"]
 mod soak;
 
@@ -901,18 +902,20 @@ async fn nonsense_specs_end_in_clear_conditions_and_do_not_stall_their_namespace
 async fn an_object_the_operator_cannot_read_does_not_stop_the_others() {
     let f = Fixture::new("malformed").await;
     let users = make_users(&f, 4).await;
-    // The schema allows any number of digits in a duration; the operator's parser refuses one
-    // that overflows. The API server stores it; the operator cannot deserialize it.
+    // An object stored under an older, looser schema: a duration the operator's parser refuses.
+    // Today's schema refuses it too, so it is written straight into etcd, past the API server.
     let bad_interval = "99999999999999999999h";
     let ar = ApiResource::erase::<IamAccessKey>(&());
     let dynamic: Api<DynamicObject> = Api::namespaced_with(f.client.clone(), &f.ns, &ar);
-    let broken = DynamicObject::new("broken", &ar)
-        .data(json!({"spec": {"userName": users[0], "rotation": {"interval": bad_interval}}}));
-    let stored = dynamic.create(&PostParams::default(), &broken).await.expect("the API server accepts it");
-    assert!(
-        serde_json::from_value::<IamAccessKey>(serde_json::to_value(&stored).unwrap()).is_err(),
-        "the operator's type cannot read it"
-    );
+    let broken = json!({
+        "apiVersion": "iam.keyop.dev/v1alpha1", "kind": "IamAccessKey",
+        "metadata": etcd::metadata("broken", Some(&f.ns)),
+        "spec": {"userName": users[0], "rotation": {"interval": bad_interval}},
+    });
+    assert!(serde_json::from_value::<IamAccessKey>(broken.clone()).is_err(), "the operator's type cannot read it");
+    let refused = dynamic.create(&PostParams::default(), &serde_json::from_value(broken.clone()).unwrap()).await;
+    assert!(refused.is_err(), "today's schema refuses it");
+    etcd::put(f.env, &etcd::key("iamaccesskeys", Some(&f.ns), "broken"), &broken).await;
 
     let op = f.operator(&[]);
     create_for(&f, "good0", &users[1], json!({})).await;
@@ -941,8 +944,10 @@ async fn an_object_the_operator_cannot_read_does_not_stop_the_others() {
 
     // An object that becomes unreadable later (as after a schema change) must not stop the watch
     // either.
-    let patch = json!({"spec": {"rotation": {"interval": bad_interval}}});
-    dynamic.patch("good1", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+    let mut good1 = serde_json::to_value(dynamic.get("good1").await.unwrap()).unwrap();
+    good1["spec"]["rotation"] = json!({"interval": bad_interval});
+    good1["metadata"]["generation"] = json!(good1["metadata"]["generation"].as_i64().unwrap_or(1) + 1);
+    etcd::put(f.env, &etcd::key("iamaccesskeys", Some(&f.ns), "good1"), &good1).await;
     create_for(&f, "good2", &users[3], json!({})).await;
     tokio::time::timeout(Duration::from_secs(35), wait_ready(names("good", 2..3)))
         .await

@@ -1,6 +1,8 @@
 //! Tenancy: IamAccessKeyPolicy decides which namespace may manage which IAM user (default deny),
-//! and its limits (maxKeyAge, deactivateUnusedAfter) apply. Real API server + moto.
+//! and its limits (maxKeyAge, deactivateUnusedAfter, minRotationInterval) apply. Real API
+//! server + moto.
 
+mod etcd;
 mod support;
 
 use std::time::Duration;
@@ -115,4 +117,76 @@ async fn users_outside_the_operators_path_prefix_are_refused_before_any_write() 
     let obj = f.wait_reason("outside", "NotAuthorized").await;
     assert!(ready(&obj).unwrap().2.contains("--iam-user-path-prefix"));
     assert_eq!(op.iam_calls(&["TagUser"]).await, 2, "claim + key tag for the inside user only");
+}
+
+#[tokio::test]
+async fn a_policy_minimum_rotation_interval_refuses_a_shorter_one_naming_the_policy() {
+    let f = Fixture::without_policy("minrot").await;
+    let policy = format!("minrot-{}", f.ns);
+    f.allow(&policy, json!({"namespaces": [f.ns], "userNames": [f.user], "minRotationInterval": "24h"})).await;
+    let op = f.operator(&[]);
+    f.create("app", json!({"rotation": {"interval": "1h"}})).await;
+    let obj = f.wait_reason("app", "PolicyViolation").await;
+    let message = ready(&obj).unwrap().2;
+    assert!(message.contains(&policy) && message.contains("spec.rotation.interval 1h"), "{message}");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(op.iam_calls(IAM_WRITES).await, 0, "no IAM write for a refused resource");
+    assert!(f.iam_keys().await.is_empty());
+
+    // Lengthened to the policy's minimum: allowed.
+    let patch = json!({"spec": {"rotation": {"interval": "24h"}}});
+    f.keys_api().patch("app", &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&patch)).await.unwrap();
+    f.wait_ready("app").await;
+}
+
+#[tokio::test]
+async fn an_unreadable_policy_is_reported_allows_nothing_and_does_not_stop_the_policy_watch() {
+    let f = Fixture::without_policy("badpolicy").await;
+    // Stored under an older, looser schema: a maxKeyAge the operator cannot read. The API server
+    // would refuse it now, so it goes straight into etcd.
+    let unreadable = |name: &str| {
+        json!({
+            "apiVersion": "iam.keyop.dev/v1alpha1", "kind": "IamAccessKeyPolicy",
+            "metadata": etcd::metadata(name, None),
+            "spec": {"rules": [{"namespaces": [f.ns], "userNames": [f.user], "maxKeyAge": "99999999999999999999d"}]},
+        })
+    };
+    let before = format!("unreadable-{}", f.ns);
+    etcd::put(f.env, &etcd::key("iamaccesskeypolicies", None, &before), &unreadable(&before)).await;
+    let op = f.operator(&[]);
+    f.create("app", json!({})).await;
+    // The operator started although its first list of policies held an unreadable one, and that
+    // one allows nothing.
+    f.wait_reason("app", "NotAuthorized").await;
+
+    // Later changes still arrive: another unreadable one, then a readable one.
+    let after = format!("unreadable-later-{}", f.ns);
+    etcd::put(f.env, &etcd::key("iamaccesskeypolicies", None, &after), &unreadable(&after)).await;
+    f.allow(&format!("good-{}", f.ns), json!({"namespaces": [f.ns], "userNames": [f.user]})).await;
+    f.wait_ready("app").await;
+
+    // Each is reported: a Warning event on the policy, and the log.
+    let events: kube::Api<k8s_openapi::api::events::v1::Event> = kube::Api::namespaced(f.client.clone(), "default");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let list = events.list(&Default::default()).await.unwrap();
+        let reported = |name: &str| {
+            list.items.iter().any(|e| {
+                e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name)
+                    && e.reason.as_deref() == Some("InvalidPolicy")
+                    && e.note.as_deref().is_some_and(|n| n.contains("cannot be read") && n.contains("allows nothing"))
+            })
+        };
+        if reported(&before) && reported(&after) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no Warning event on each unreadable policy");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let log = op.log();
+    assert!(log.contains(&before) && log.contains(&after), "the log names both:\n{}", tail(&log, 30));
+    for name in [before, after] {
+        let out = f.env.kubectl(["delete", "iamaccesskeypolicy", &name]);
+        assert!(out.status.success(), "an unreadable policy can be deleted: {}", String::from_utf8_lossy(&out.stderr));
+    }
 }

@@ -165,6 +165,7 @@ impl<'a> Run<'a> {
         }
         match decision {
             Decision::Allowed(limits) => {
+                limits.check(&self.obj.spec).map_err(Error::PolicyViolation)?;
                 self.limits = limits;
                 Ok(())
             }

@@ -4,9 +4,51 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::{CustomResource, KubeSchema};
+use schemars::{Schema, SchemaGenerator, json_schema};
 use serde::{Deserialize, Serialize};
 
-use super::Duration;
+use super::{
+    Duration,
+    duration::{at_least, longer_than},
+};
+
+/// The shortest `rotation.interval` (and policy `maxKeyAge`): it keeps the operator out of a loop
+/// of rotations, and is short enough for tests. A platform team sets a real floor with a
+/// policy's `minRotationInterval`.
+pub const MIN_ROTATION_INTERVAL: Duration = Duration::from_secs(5);
+
+/// The shortest `rotation.usageCheckInterval`: last-use reads are IAM calls.
+pub const MIN_USAGE_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+
+/// A DNS-1123 subdomain (object names: Secrets, Deployments, ...); at most 253 characters.
+pub const DNS1123_SUBDOMAIN: &str = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$";
+
+/// Most bytes of `spec.secret.annotations` (keys and values): half of what a Secret's
+/// annotations may hold, leaving room for the operator's own and other tools'.
+pub const MAX_ANNOTATIONS_SIZE: usize = 128 * 1024;
+
+/// CEL regexes of Kubernetes label and annotation syntax (`[.]` rather than an escaped dot, so
+/// that they sit in a CEL string literal as they are).
+pub(super) mod syntax {
+    /// The name part of a qualified name: 1-63 characters, alphanumeric at both ends.
+    macro_rules! name {
+        () => {
+            "[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"
+        };
+    }
+    /// A label key: an optional DNS-1123 subdomain prefix and `/`, then a name.
+    pub const LABEL_KEY: &str =
+        concat!("^([a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?", name!(), "$");
+    /// An annotation key: as a label key, but the API server lowercases the prefix before it
+    /// checks it.
+    pub const ANNOTATION_KEY: &str = concat!(
+        "^([A-Za-z0-9]([-A-Za-z0-9]*[A-Za-z0-9])?([.][A-Za-z0-9]([-A-Za-z0-9]*[A-Za-z0-9])?)*/)?",
+        name!(),
+        "$"
+    );
+    /// A label value: empty, or a name (at most 63 characters).
+    pub const LABEL_VALUE: &str = concat!("^(", name!(), ")?$");
+}
 
 /// The desired state of an IAM access key and the Secret that carries it.
 #[derive(CustomResource, KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
@@ -93,10 +135,7 @@ pub struct SecretSpec {
     /// digits, `-` and `.`). Default: the resource's name. A Secret of that name that this
     /// resource did not create is never overwritten (condition SecretConflict).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(
-        length(min = 1, max = 253),
-        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
-    )]
+    #[schemars(length(min = 1, max = 253), regex(pattern = DNS1123_SUBDOMAIN))]
     pub name: Option<String>,
 
     /// Layout of the Secret's data: `Env` (keys `AWS_ACCESS_KEY_ID` and `AWS_SECRET_ACCESS_KEY`,
@@ -110,15 +149,26 @@ pub struct SecretSpec {
     #[schemars(length(min = 1, max = 64), regex(pattern = r"^[A-Za-z0-9_.-]+$"))]
     pub profile: String,
 
-    /// Extra labels put on the Secret. `app.kubernetes.io/managed-by` is always
-    /// `iam-key-operator`, and Argo CD's tracking label is never copied.
+    /// Extra labels put on the Secret (at most 32), in Kubernetes label syntax: keys are an
+    /// optional DNS subdomain prefix and `/`, then 1-63 letters, digits, `-`, `_` or `.` that
+    /// start and end with a letter or digit; values are empty or such a name.
+    /// `app.kubernetes.io/managed-by` is always `iam-key-operator`, and Argo CD's tracking label
+    /// is never copied.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(schema_with = "labels_schema")]
     #[x_kube(validation = Rule::new("!('app.kubernetes.io/managed-by' in self) && !('app.kubernetes.io/instance' in self)").message("spec.secret.labels must not set app.kubernetes.io/managed-by (always iam-key-operator) or app.kubernetes.io/instance (Argo CD's tracking label)"))]
+    #[x_kube(validation = Rule::new(format!("self.all(k, k.matches('{}') && k.lastIndexOf('/') <= 253)", syntax::LABEL_KEY)).message("spec.secret.labels: every key must be a Kubernetes label key: an optional DNS subdomain prefix of lowercase letters, digits, '-' and '.' with a '/' (e.g. example.com/), then 1-63 letters, digits, '-', '_' or '.' starting and ending with a letter or digit"))]
+    #[x_kube(validation = Rule::new(format!("self.all(k, self[k].matches('{}'))", syntax::LABEL_VALUE)).message("spec.secret.labels: every value must be empty or 1-63 letters, digits, '-', '_' or '.' starting and ending with a letter or digit (use spec.secret.annotations for free text)"))]
     pub labels: BTreeMap<String, String>,
 
-    /// Extra annotations put on the Secret (the `iam.keyop.dev/` prefix is reserved).
+    /// Extra annotations put on the Secret (at most 32; the `iam.keyop.dev/` prefix is
+    /// reserved). Keys follow the label key syntax; values are free text, at most 128 KiB
+    /// together with the keys.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(schema_with = "annotations_schema")]
     #[x_kube(validation = Rule::new("self.all(k, !k.startsWith('iam.keyop.dev/') && k != 'argocd.argoproj.io/tracking-id')").message("spec.secret.annotations must not use the iam.keyop.dev/ prefix or argocd.argoproj.io/tracking-id"))]
+    #[x_kube(validation = Rule::new(format!("self.all(k, k.matches('{}') && k.lastIndexOf('/') <= 253)", syntax::ANNOTATION_KEY)).message("spec.secret.annotations: every key must be a Kubernetes annotation key: an optional DNS subdomain prefix with a '/' (e.g. example.com/), then 1-63 letters, digits, '-', '_' or '.' starting and ending with a letter or digit"))]
+    #[x_kube(validation = Rule::new(format!("self.map(k, bytes(k).size() + bytes(self[k]).size()).sum() <= {MAX_ANNOTATIONS_SIZE}")).message("spec.secret.annotations: keys and values together must be at most 128 KiB (a Secret's annotations may hold 256 KiB in all): shorten them"))]
     pub annotations: BTreeMap<String, String>,
 }
 
@@ -132,6 +182,22 @@ impl Default for SecretSpec {
             annotations: BTreeMap::new(),
         }
     }
+}
+
+/// At most 32 labels of at most 63 characters each: bounds the API server needs to afford the
+/// CEL rules over them.
+fn labels_schema(_: &mut SchemaGenerator) -> Schema {
+    json_schema!({"type": "object", "maxProperties": 32, "additionalProperties": {"type": "string", "maxLength": 63}})
+}
+
+/// At most 32 annotations; values free text (their total size in bytes is checked by a rule,
+/// which the API server can afford only with a bound on each).
+fn annotations_schema(_: &mut SchemaGenerator) -> Schema {
+    json_schema!({
+        "type": "object",
+        "maxProperties": 32,
+        "additionalProperties": {"type": "string", "maxLength": MAX_ANNOTATIONS_SIZE},
+    })
 }
 
 fn default_profile() -> String {
@@ -149,9 +215,13 @@ pub enum SecretFormat {
 /// Rotation schedule and the overlap that keeps clients working through a rotation.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = longer_than("gracePeriod", "interval", "spec.rotation.interval must be longer than spec.rotation.gracePeriod (default 10m): the previous key must be retired before the next rotation; lengthen the interval or shorten the grace period"))]
 pub struct RotationSpec {
     /// Rotate when the current key is this old (e.g. `720h`). Absent: no scheduled rotation.
+    /// At least 5s and longer than `gracePeriod`; a policy may demand more
+    /// (`minRotationInterval`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = at_least("spec.rotation.interval", MIN_ROTATION_INTERVAL, ": rotate less often (e.g. 720h), or request rotations with rotation.serial"))]
     pub interval: Option<Duration>,
 
     /// How long the previous key stays Active after the new one is published, so running clients
@@ -175,8 +245,10 @@ pub struct RotationSpec {
     #[serde(default)]
     pub wait_for_unused: bool,
 
-    /// With `waitForUnused`: how often the previous key's last use is read. Default `5m`.
+    /// With `waitForUnused`: how often the previous key's last use is read (at least 1s).
+    /// Default `5m`.
     #[serde(default = "default_usage_check_interval")]
+    #[x_kube(validation = at_least("spec.rotation.usageCheckInterval", MIN_USAGE_CHECK_INTERVAL, ": each check is an IAM call"))]
     pub usage_check_interval: Duration,
 
     /// With `waitForUnused`: after this long the previous key is deactivated even if still in
@@ -220,8 +292,9 @@ fn default_retain_inactive() -> Duration {
 pub struct RestartTarget {
     /// Kind of the workload: `Deployment`, `StatefulSet` or `DaemonSet`.
     pub kind: RestartKind,
-    /// Name of the workload, in this resource's namespace.
-    #[schemars(length(min = 1, max = 253))]
+    /// Name of the workload, in this resource's namespace (a DNS-1123 subdomain: lowercase
+    /// letters, digits, `-` and `.`).
+    #[schemars(length(min = 1, max = 253), regex(pattern = DNS1123_SUBDOMAIN))]
     pub name: String,
 }
 

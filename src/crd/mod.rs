@@ -5,7 +5,7 @@ mod duration;
 mod policy;
 
 pub use access_key::*;
-pub use duration::{DURATION_PATTERN, Duration, ParseDurationError};
+pub use duration::{BOUNDARY_CASES, DURATION_PATTERN, Duration, MAX_DURATION_LEN, ParseDurationError};
 pub use policy::*;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;

@@ -1,10 +1,15 @@
 //! `IamAccessKeyPolicy`: which namespaces may manage access keys of which IAM users.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
-use kube::{CustomResource, KubeSchema};
+use kube::{CustomResource, KubeSchema, core::Rule};
+use schemars::{Schema, SchemaGenerator, json_schema};
 use serde::{Deserialize, Serialize};
 
-use super::Duration;
+use super::{
+    Duration, MIN_ROTATION_INTERVAL,
+    access_key::syntax,
+    duration::{at_least, not_shorter_than},
+};
 
 /// Cluster-wide rules, written by platform admins, that allow namespaces to manage access keys
 /// of IAM users. An IamAccessKey no rule allows gets the condition NotAuthorized and no IAM write.
@@ -32,16 +37,21 @@ pub struct IamAccessKeyPolicySpec {
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("has(self.namespaces) || has(self.namespaceSelector)").message("a rule needs namespaces or namespaceSelector"))]
 #[x_kube(validation = Rule::new("has(self.userNames) || has(self.userPathPrefix) || has(self.userTag)").message("a rule needs userNames, userPathPrefix or userTag"))]
+#[x_kube(validation = not_shorter_than("minRotationInterval", "maxKeyAge", "spec.rules[].maxKeyAge must not be shorter than the same rule's minRotationInterval: keys would have to rotate more often than the rule allows"))]
 pub struct PolicyRule {
-    /// Namespace names or globs (`team-*`).
+    /// Namespace names or globs (`team-*`): 1-63 lowercase letters, digits, `-`, `*` and `?`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 256), inner(length(min = 1, max = 63), regex(pattern = r"^[-a-z0-9*?]+$")))]
     pub namespaces: Option<Vec<String>>,
-    /// Namespaces by label.
+    /// Namespaces by label: `matchLabels`, and `matchExpressions` with the operators `In`,
+    /// `NotIn` (both with values), `Exists` and `DoesNotExist` (both without).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "namespace_selector_schema")]
     pub namespace_selector: Option<LabelSelector>,
     /// IAM user names or globs; `{namespace}` stands for the resource's namespace
-    /// (`{namespace}-*`).
+    /// (`{namespace}-*`). 1-128 characters of letters, digits, `+=,.@_-`, `*`, `?`, `{` and `}`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 256), inner(length(min = 1, max = 128), regex(pattern = r"^[\w+=,.@*?{}-]+$")))]
     pub user_names: Option<Vec<String>>,
     /// IAM path prefix the user must be under, e.g. `/k8s/{namespace}/`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -50,9 +60,16 @@ pub struct PolicyRule {
     /// A tag the IAM user must carry; `{namespace}` may appear in the value.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user_tag: Option<UserTagMatch>,
-    /// Keys older than this are rotated, whatever the resource's own rotation says.
+    /// Keys older than this are rotated, whatever the resource's own rotation says (at least
+    /// 5s).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = at_least("spec.rules[].maxKeyAge", MIN_ROTATION_INTERVAL, ": keys would rotate continuously"))]
     pub max_key_age: Option<Duration>,
+    /// The shortest `spec.rotation.interval` the resources this rule allows may set. A resource
+    /// with a shorter interval is refused (condition `PolicyViolation`, naming this policy) and
+    /// nothing is written for it until the interval is lengthened.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_rotation_interval: Option<Duration>,
     /// Keys not used for this long are deactivated (and reported).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deactivate_unused_after: Option<Duration>,
@@ -67,4 +84,63 @@ pub struct UserTagMatch {
     /// Tag value; `{namespace}` stands for the resource's namespace.
     #[schemars(length(max = 256))]
     pub value: String,
+}
+
+/// Kubernetes' label selector schema, bounded (so that the API server can afford its CEL rules
+/// on every rule of a policy) and checked: operators, values, and label syntax.
+fn namespace_selector_schema(_: &mut SchemaGenerator) -> Schema {
+    let values_match_operator =
+        Rule::new("(self.operator in ['In', 'NotIn']) == (has(self.values) && size(self.values) > 0)")
+            .message("In and NotIn need values, Exists and DoesNotExist take none");
+    let key_syntax = Rule::new(format!("self.key.matches('{}')", syntax::LABEL_KEY)).message(
+        "key must be a label key: an optional DNS subdomain prefix and '/', then 1-63 letters, digits, '-', '_' or '.' starting and ending with a letter or digit",
+    );
+    let labels_syntax = Rule::new(format!("self.all(k, k.matches('{}'))", syntax::LABEL_KEY)).message(
+        "matchLabels keys must be label keys: an optional DNS subdomain prefix and '/', then 1-63 letters, digits, '-', '_' or '.' starting and ending with a letter or digit",
+    );
+    // Values by pattern: a CEL rule over every value of every expression of every rule costs
+    // more than the API server allows.
+    let label_value = json_schema!({"type": "string", "maxLength": 63, "pattern": syntax::LABEL_VALUE});
+    json_schema!({
+        "type": "object",
+        "nullable": true,
+        "x-kubernetes-map-type": "atomic",
+        "properties": {
+            "matchExpressions": {
+                "description": "Label selector requirements (at most 16), ANDed.",
+                "type": "array",
+                "maxItems": 16,
+                "items": {
+                    "type": "object",
+                    "required": ["key", "operator"],
+                    "properties": {
+                        "key": {
+                            "description": "The label key that the requirement applies to.",
+                            "type": "string",
+                            "maxLength": 317,
+                        },
+                        "operator": {
+                            "description": "`In`, `NotIn` (with values), `Exists` or `DoesNotExist` (without).",
+                            "type": "string",
+                            "enum": ["In", "NotIn", "Exists", "DoesNotExist"],
+                        },
+                        "values": {
+                            "description": "Label values (at most 64): non-empty for `In` and `NotIn`, absent for `Exists` and `DoesNotExist`.",
+                            "type": "array",
+                            "maxItems": 64,
+                            "items": label_value,
+                        },
+                    },
+                    "x-kubernetes-validations": [values_match_operator, key_syntax],
+                },
+            },
+            "matchLabels": {
+                "description": "Labels (at most 16) the namespace must carry, with these values.",
+                "type": "object",
+                "maxProperties": 16,
+                "additionalProperties": label_value,
+                "x-kubernetes-validations": [labels_syntax],
+            },
+        },
+    })
 }

@@ -13,7 +13,7 @@ use std::{collections::BTreeMap, sync::Arc};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use kube::ResourceExt;
 
-use crate::crd::{Duration, IamAccessKeyPolicy, PolicyRule};
+use crate::crd::{Duration, IamAccessKeyPolicy, IamAccessKeySpec, PolicyRule};
 
 /// The namespace a resource lives in.
 pub struct NamespaceFacts<'a> {
@@ -34,6 +34,22 @@ pub struct Limits {
     pub policies: Vec<String>,
     pub max_key_age: Option<Duration>,
     pub deactivate_unused_after: Option<Duration>,
+    /// The longest `minRotationInterval` of the matching rules, and the policy that sets it.
+    pub min_rotation_interval: Option<(Duration, String)>,
+}
+
+impl Limits {
+    /// Whether the resource's own settings keep within the limits; otherwise a message naming
+    /// the policy and the fix.
+    pub fn check(&self, spec: &IamAccessKeySpec) -> Result<(), String> {
+        let interval = spec.rotation.as_ref().and_then(|r| r.interval);
+        match (&self.min_rotation_interval, interval) {
+            (Some((min, policy)), Some(interval)) if interval < *min => Err(format!(
+                "spec.rotation.interval {interval} is shorter than {min}, the minimum rotation interval IamAccessKeyPolicy {policy:?} sets for this namespace: lengthen the interval (or remove it and rotate on request)"
+            )),
+            _ => Ok(()),
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -60,6 +76,11 @@ pub fn authorize(policies: &[Arc<IamAccessKeyPolicy>], ns: &NamespaceFacts, user
                     limits.max_key_age = strictest(limits.max_key_age, rule.max_key_age);
                     limits.deactivate_unused_after =
                         strictest(limits.deactivate_unused_after, rule.deactivate_unused_after);
+                    if let Some(min) = rule.min_rotation_interval
+                        && limits.min_rotation_interval.as_ref().is_none_or(|(longest, _)| min > *longest)
+                    {
+                        limits.min_rotation_interval = Some((min, policy.name_any()));
+                    }
                 }
                 Some(false) => {}
                 None => undecided = true,

@@ -79,6 +79,29 @@ fn matching_rules_combine_to_the_strictest_limits() {
 }
 
 #[test]
+fn the_longest_minimum_rotation_interval_wins_and_is_enforced_naming_its_policy() {
+    let p = [
+        policy("hourly", json!([{"namespaces": ["a"], "userNames": ["*"], "minRotationInterval": "1h"}])),
+        policy("daily", json!([{"namespaces": ["a"], "userNames": ["u"], "minRotationInterval": "24h"}])),
+        policy("other-namespace", json!([{"namespaces": ["b"], "userNames": ["u"], "minRotationInterval": "90d"}])),
+    ];
+    let Decision::Allowed(l) = decide(&p, "a", &[], "u", None) else { panic!() };
+    assert_eq!(l.min_rotation_interval, Some(("24h".parse().unwrap(), "daily".to_string())));
+    let spec = |rotation: serde_json::Value| -> IamAccessKeySpec {
+        serde_json::from_value(json!({"userName": "u", "rotation": rotation})).unwrap()
+    };
+    let message = l.check(&spec(json!({"interval": "12h"}))).unwrap_err();
+    assert!(message.contains("\"daily\"") && message.contains("spec.rotation.interval 12h"), "{message}");
+    assert_eq!(l.check(&spec(json!({"interval": "24h"}))), Ok(()), "the minimum itself is allowed");
+    assert_eq!(l.check(&spec(json!({"interval": "30d"}))), Ok(()));
+    assert_eq!(l.check(&spec(json!({}))), Ok(()), "no schedule: rotation on request only");
+    let none: IamAccessKeySpec = serde_json::from_value(json!({"userName": "u"})).unwrap();
+    assert_eq!(l.check(&none), Ok(()));
+    let Decision::Allowed(l) = decide(&p, "a", &[], "v", None) else { panic!() };
+    assert_eq!(l.min_rotation_interval, Some(("1h".parse().unwrap(), "hourly".to_string())));
+}
+
+#[test]
 fn glob_semantics() {
     for (p, t, ok) in [
         ("*", "", true),
