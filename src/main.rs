@@ -161,6 +161,9 @@ async fn start() -> Result<(), Box<dyn std::error::Error>> {
 }
 
 async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
+    if args.previous_cluster_name.as_ref() == Some(&args.cluster_name) {
+        return Err("--previous-cluster-name must differ from --cluster-name".into());
+    }
     telemetry::init(args.log_format);
     // kube and the AWS SDK share rustls; settle its crypto provider once, before either starts.
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
@@ -169,9 +172,6 @@ async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
     let client = kube::Client::try_default().await?;
     let limiter = RateLimiter::new(args.iam_rate, args.iam_burst);
     let iam = Arc::new(AwsIam::from_env(metrics.clone(), limiter).await);
-    if args.previous_cluster_name.as_ref() == Some(&args.cluster_name) {
-        return Err("--previous-cluster-name must differ from --cluster-name".into());
-    }
     let settings = Settings {
         cluster_name: args.cluster_name,
         previous_cluster_name: args.previous_cluster_name,

@@ -49,9 +49,43 @@ fn render(args: &[&str]) -> Vec<Yaml> {
 fn try_render(args: &[&str]) -> Output {
     let env = testenv::shared();
     let chart = chart_dir();
-    let mut all = vec!["template", "rel", chart.to_str().expect("utf-8"), "--namespace", "ops"];
+    // clusterName is required; a test's own --set comes later and wins.
+    let mut all =
+        vec!["template", "rel", chart.to_str().expect("utf-8"), "--namespace", "ops", "--set", "clusterName=test"];
     all.extend_from_slice(args);
     env.helm(all)
+}
+
+/// Two clusters with the same name sharing an AWS account delete each other's keys: the chart has
+/// no default name and refuses to render without one, the binary refuses to start without one,
+/// and `deploy/` leaves it to the overlay.
+#[test]
+fn the_cluster_name_is_never_implicit() {
+    let out = try_render(&["--set", "clusterName="]);
+    assert!(!out.status.success(), "the chart rendered without a cluster name");
+    assert!(text(&out).contains("clusterName is required"), "{}", text(&out));
+    let out = Command::new(env!("CARGO_BIN_EXE_iam-key-operator"))
+        .args(["run"])
+        .env_remove("IKO_CLUSTER_NAME")
+        .output()
+        .expect("run the binary");
+    assert!(!out.status.success(), "the operator started without --cluster-name");
+    assert!(text(&out).contains("--cluster-name"), "{}", text(&out));
+    let out = Command::new(env!("CARGO_BIN_EXE_iam-key-operator"))
+        .args(["run", "--cluster-name", "a", "--previous-cluster-name", "a"])
+        .output()
+        .expect("run the binary");
+    assert!(!out.status.success() && text(&out).contains("must differ"), "{}", text(&out));
+    let deploy = std::fs::read_to_string(root().join("deploy/deployment.yaml")).expect("deploy/deployment.yaml");
+    assert!(!deploy.contains("- --cluster-name"), "deploy/ sets a cluster name every install would share");
+    let docs = render(&["--set", "clusterName=prod-eu", "--set", "previousClusterName=default"]);
+    let args = strings(
+        &find(&docs, "Deployment", "rel-iam-key-operator").expect("Deployment")["spec"]["template"]["spec"]["containers"]
+            [0]["args"],
+    );
+    for arg in ["--cluster-name=prod-eu", "--previous-cluster-name=default"] {
+        assert!(args.contains(&arg.to_string()), "{arg} missing from {args:?}");
+    }
 }
 
 fn documents(yaml: &str) -> Vec<Yaml> {

@@ -97,3 +97,41 @@ async fn selector_limits_what_an_instance_reconciles() {
     let other = f.keys_api().get("other").await.unwrap();
     assert!(other.status.is_none() && other.metadata.finalizers.is_none(), "shard b untouched by the shard a instance");
 }
+
+/// A cluster renamed without `--previous-cluster-name` finds every user claimed by its former
+/// self; with it, each resource takes over its tags (no new key) and rotation goes on.
+#[tokio::test]
+async fn renaming_the_cluster_takes_over_the_old_tags_and_rotation_goes_on() {
+    let f = Fixture::new("rename").await;
+    let spec = json!({"rotation": {"gracePeriod": "1s", "retainInactive": "1s"}});
+    let old = Operator::start(f.env, &f.ns, &[], &["--cluster-name", "old-name"]);
+    f.create("app", spec).await;
+    let first = f.wait_ready("app").await.status.unwrap().access_key_id.unwrap();
+    drop(old);
+
+    let renamed = Operator::start(f.env, &f.ns, &[], &["--cluster-name", "new-name"]);
+    let patch = json!({"spec": {"rotation": {"serial": 1}}});
+    f.keys_api().patch("app", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+    f.wait_reason("app", "UserClaimed").await;
+    drop(renamed);
+
+    let _op =
+        Operator::start(f.env, &f.ns, &[], &["--cluster-name", "new-name", "--previous-cluster-name", "old-name"]);
+    let rotated = f
+        .wait_for("app", Duration::from_secs(60), "rotated under the new name", |o| {
+            o.status
+                .as_ref()
+                .is_some_and(|s| s.access_key_id.as_deref().is_some_and(|id| id != first) && s.keys.len() == 1)
+        })
+        .await;
+    let second = rotated.status.unwrap().access_key_id.unwrap();
+    let tags = f.user_tags().await;
+    assert_eq!(tags["iam.keyop.dev/owner"], format!("new-name/{}/app", f.ns), "the claim moved");
+    assert_eq!(tags[&second], format!("iam-key-operator:new-name/{}/app", f.ns));
+    assert!(!tags.values().any(|v| v.contains("old-name")), "no tag of the old name is left: {tags:?}");
+    let events = f.env.kubectl(["get", "events.events.k8s.io", "-n", &f.ns, "-o", "jsonpath={.items[*].reason}"]);
+    assert!(String::from_utf8_lossy(&events.stdout).contains("OwnershipRenamed"));
+    f.delete("app").await;
+    f.wait_gone("app", Duration::from_secs(30)).await;
+    assert!(f.iam_keys().await.is_empty());
+}

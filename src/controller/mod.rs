@@ -66,7 +66,6 @@ pub struct Settings {
     pub concurrency: u16,
 }
 
-
 /// Shared by every reconcile.
 pub struct Context {
     pub client: Client,

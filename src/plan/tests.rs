@@ -278,7 +278,14 @@ fn cleanup_deletes_our_keys_untags_then_deletes_the_secret_and_never_touches_for
     let secret = SecretObservation::Ours { access_key_id: Some("A".into()) };
     let run = |policy, keys: Vec<IamKey>, tags: BTreeMap<String, String>| {
         let user = UserObservation::Found { keys, tags: Some(tags) };
-        plan_cleanup(&CleanupObservation { owner: &o, previous_owner: None, policy, ledger: &ledger, user: &user, secret: &secret })
+        plan_cleanup(&CleanupObservation {
+            owner: &o,
+            previous_owner: None,
+            policy,
+            ledger: &ledger,
+            user: &user,
+            secret: &secret,
+        })
     };
     assert_eq!(
         run(DeletionPolicy::Delete, keys.clone(), all_tags.clone()),

@@ -174,10 +174,7 @@ impl FaultProxy {
             per_user: Mutex::default(),
             secrets: Mutex::default(),
             admin: env.iam_client(),
-            trusted_keys: vec![
-                super::identity::operator_aws_key(env).0.clone(),
-                env.admin_credentials().0.to_string(),
-            ],
+            trusted_keys: vec![super::identity::operator_aws_key(env).0.clone(), env.admin_credentials().0.to_string()],
         });
         let task = tokio::spawn(accept_loop(listener, addr, state.clone()));
         FaultProxy { addr, state, task }
