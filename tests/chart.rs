@@ -1173,6 +1173,8 @@ topologySpreadConstraints:
   - {maxSkew: 1, topologyKey: topology.kubernetes.io/zone, whenUnsatisfiable: ScheduleAnyway,
      labelSelector: {matchLabels: {app.kubernetes.io/name: iam-key-operator}}}
 tolerations: [{key: dedicated, operator: Equal, value: platform, effect: NoSchedule}]
+clusterName: prod-eu
+previousClusterName: default
 metrics:
   service: {type: NodePort}
   auth:
