@@ -101,6 +101,12 @@ async fn the_secret_appears_nowhere_but_in_the_secret() {
     let secrets = proxy.secrets_seen();
     // app: first + rotation; file; verify: at least one, as sent and as corrupted; refused.
     assert!(secrets.len() >= 6, "IAM handed out the secrets of every path: {}", secrets.len());
+    println!(
+        "scanned {} secrets IAM handed out, 6 forms each, in {} bytes of log and {} bytes of status, events and metrics",
+        secrets.len(),
+        log.len(),
+        seen.len()
+    );
     for secret in &secrets {
         assert_eq!(secret.len(), 40, "a real secret access key");
         for form in encodings(secret) {
