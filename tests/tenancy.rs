@@ -213,10 +213,9 @@ async fn an_unreadable_policy_is_reported_allows_nothing_and_does_not_stop_the_p
         }
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let list = events.list(&Default::default()).await.unwrap();
-    let reports =
-        list.items.iter().filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(before.as_str()));
-    assert_eq!(reports.count(), 1, "one event per unreadable version");
+    // Every operator running in this environment reports it; this one did once.
+    let reported = format!("the stored IamAccessKeyPolicy \"{before}\" cannot be read");
+    assert_eq!(op.log().lines().filter(|l| l.contains(&reported)).count(), 1, "one report per unreadable version");
     for name in [before, after] {
         let out = f.env.kubectl(["delete", "iamaccesskeypolicy", &name]);
         assert!(out.status.success(), "an unreadable policy can be deleted: {}", String::from_utf8_lossy(&out.stderr));
@@ -277,7 +276,9 @@ async fn policy_status_names_namespaces_whose_grants_overlap_until_the_patterns_
     .await;
     let columns = f.env.kubectl(["get", "iamaccesskeypolicy", &policy]);
     let table = String::from_utf8_lossy(&columns.stdout);
-    assert!(table.contains("OVERLAP") && table.lines().nth(1).is_some_and(|l| l.contains("True")), "{table}");
+    let rows: Vec<Vec<&str>> = table.lines().map(|l| l.split_whitespace().collect()).collect();
+    let column = rows[0].iter().position(|h| *h == "OVERLAP").unwrap_or_else(|| panic!("no OVERLAP column:\n{table}"));
+    assert_eq!(rows[1][column], "True", "{table}");
     let written = op.kube_writes().await;
 
     // Made disjoint with a separator no namespace name contains: the warning goes.
@@ -390,11 +391,8 @@ async fn a_revoked_grant_with_on_revoke_delete_deletes_keys_secret_and_claim_lik
     let foreign = f.foreign_key().await;
     let obj = f.wait_reason("app", "NotAuthorized").await;
     assert_says_revoked(&obj, &policy, "Delete");
-    assert_eq!(
-        f.iam_keys().await.into_keys().collect::<Vec<_>>(),
-        [foreign.clone()],
-        "ours deleted, not the foreign one"
-    );
+    let left: Vec<String> = f.iam_keys().await.into_keys().collect();
+    assert!(left == std::slice::from_ref(&foreign), "ours deleted, not the foreign one: {left:?}");
     assert!(f.secrets().get_opt("app").await.unwrap().is_none(), "the Secret is deleted");
     assert!(f.user_tags().await.is_empty(), "claim and key tags removed: {:?}", f.user_tags().await);
     let status = obj.status.unwrap();
