@@ -212,6 +212,7 @@ fn default_values_render_a_restricted_leader_elected_operator_with_cluster_wide_
         grant("iam.keyop.dev", "iamaccesskeys/status", "patch"),
         grant("iam.keyop.dev", "iamaccesskeys/finalizers", "update"),
         grant("iam.keyop.dev", "iamaccesskeypolicies", "list"),
+        grant("iam.keyop.dev", "iamaccesskeypolicies/status", "patch"),
         grant("", "secrets", "create"),
         grant("", "secrets", "update"),
         grant("", "namespaces", "watch"),
@@ -261,12 +262,13 @@ fn watch_namespaces_move_the_namespaced_rules_into_a_role_per_namespace() {
     for arg in ["--namespace=team-a", "--namespace=team-b", "--selector=shard=1"] {
         assert!(args.contains(&arg.to_string()), "{arg} missing from {args:?}");
     }
-    // Cluster-wide: only reading policies and namespace labels, and the (cluster-scoped) reviews
-    // of metrics.auth.
+    // Cluster-wide: only reading policies and namespace labels, the policies' status, and the
+    // (cluster-scoped) reviews of metrics.auth.
     let mut cluster = grants(&find(&docs, "ClusterRole", name).expect("ClusterRole")["rules"]);
     for review in [
         grant("authentication.k8s.io", "tokenreviews", "create"),
         grant("authorization.k8s.io", "subjectaccessreviews", "create"),
+        grant("iam.keyop.dev", "iamaccesskeypolicies/status", "patch"),
     ] {
         assert!(cluster.remove(&review), "ClusterRole lacks {review:?}");
     }

@@ -5,8 +5,14 @@
 mod etcd;
 mod support;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use iam_key_operator::crd::{GrantRecord, IamAccessKeyPolicy, OnRevoke};
+use k8s_openapi::api::core::v1::Namespace;
+use kube::{
+    Api,
+    api::{DeleteParams, PostParams},
+};
 use serde_json::json;
 use support::*;
 
@@ -18,6 +24,7 @@ async fn without_a_policy_nothing_is_written_to_iam_and_the_condition_says_why()
     let obj = f.wait_reason("app", "NotAuthorized").await;
     let message = ready(&obj).unwrap().2;
     assert!(message.contains(&f.ns) && message.contains(&f.user), "names namespace and user: {message}");
+    assert!(!message.contains("revoked"), "never allowed, so nothing was revoked: {message}");
     tokio::time::sleep(Duration::from_secs(4)).await;
     assert_eq!(op.iam_calls(IAM_WRITES).await, 0, "no IAM write for a denied resource");
     assert!(f.iam_keys().await.is_empty());
@@ -185,8 +192,215 @@ async fn an_unreadable_policy_is_reported_allows_nothing_and_does_not_stop_the_p
     }
     let log = op.log();
     assert!(log.contains(&before) && log.contains(&after), "the log names both:\n{}", tail(&log, 30));
+    // Its status says so, and writing that status is no new version to report again.
+    let dynamic = kube::api::ApiResource::erase::<IamAccessKeyPolicy>(&());
+    let raw: Api<kube::api::DynamicObject> = Api::all_with(f.client.clone(), &dynamic);
+    for name in [&before, &after] {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let p = raw.get(name).await.unwrap();
+            let conditions = p.data["status"]["conditions"].as_array().cloned().unwrap_or_default();
+            if conditions.iter().any(|c| {
+                c["type"] == "Ready"
+                    && c["status"] == "False"
+                    && c["reason"] == "Unreadable"
+                    && c["message"].as_str().is_some_and(|m| m.contains("allows nothing"))
+            }) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "no Ready=False Unreadable on {name}: {:?}", p.data["status"]);
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Every operator running in this environment reports it; this one did once.
+    let reported = format!("the stored IamAccessKeyPolicy \"{before}\" cannot be read");
+    assert_eq!(op.log().lines().filter(|l| l.contains(&reported)).count(), 1, "one report per unreadable version");
     for name in [before, after] {
         let out = f.env.kubectl(["delete", "iamaccesskeypolicy", &name]);
         assert!(out.status.success(), "an unreadable policy can be deleted: {}", String::from_utf8_lossy(&out.stderr));
     }
+}
+
+/// `(status, reason, message, observedGeneration)` of a policy's condition.
+fn policy_condition(p: &IamAccessKeyPolicy, type_: &str) -> Option<(String, String, String, Option<i64>)> {
+    let c = p.status.as_ref()?.conditions.iter().find(|c| c.type_ == type_)?;
+    Some((c.status.clone(), c.reason.clone(), c.message.clone(), c.observed_generation))
+}
+
+async fn wait_policy(
+    f: &Fixture,
+    name: &str,
+    what: &str,
+    check: impl Fn(&IamAccessKeyPolicy) -> bool,
+) -> IamAccessKeyPolicy {
+    let api: Api<IamAccessKeyPolicy> = Api::all(f.client.clone());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let p = api.get(name).await.expect("get policy");
+        if check(&p) {
+            return p;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what} on policy {name}; last: {:#?}", p.status);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test]
+async fn policy_status_names_namespaces_whose_grants_overlap_until_the_patterns_are_disjoint() {
+    let f = Fixture::without_policy("overlap").await;
+    let (data, ingest) = (f.ns.clone(), format!("{}-ingest", f.ns));
+    let policy = format!("overlap-{}", f.ns);
+    // The pattern the example policy once recommended: namespace X may manage users "X-*".
+    f.allow(&policy, json!({"namespaces": [data, ingest], "userNames": ["{namespace}-*"]})).await;
+    let op = f.operator(&[]);
+    // Only one of the two namespaces exists: nothing overlaps yet.
+    let own_pair =
+        format!(r#"namespaces "{data}" (rules[0]) and "{ingest}" (rules[0]) can both manage IAM user "{ingest}-""#);
+    let p = wait_policy(&f, &policy, "Ready", |p| {
+        policy_condition(p, "Ready").is_some_and(|(s, _, m, _)| s == "True" && m.contains("allow 1 existing namespace"))
+    })
+    .await;
+    let overlap = policy_condition(&p, "GrantsOverlap").expect("GrantsOverlap condition");
+    assert!(!overlap.2.contains(&own_pair), "{overlap:?}");
+    assert_eq!(p.status.as_ref().unwrap().observed_generation, p.metadata.generation);
+
+    // The second namespace appears: the warning names both, the rule, and a user both could take.
+    let namespaces: Api<Namespace> = Api::all(f.client.clone());
+    let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": ingest}})).unwrap();
+    namespaces.create(&PostParams::default(), &ns).await.expect("create namespace");
+    let p = wait_policy(&f, &policy, "GrantsOverlap naming the pair", |p| {
+        policy_condition(p, "GrantsOverlap")
+            .is_some_and(|(s, r, m, _)| s == "True" && r == "OverlappingGrants" && m.contains(&own_pair))
+    })
+    .await;
+    let columns = f.env.kubectl(["get", "iamaccesskeypolicy", &policy]);
+    let table = String::from_utf8_lossy(&columns.stdout);
+    let rows: Vec<Vec<&str>> = table.lines().map(|l| l.split_whitespace().collect()).collect();
+    let column = rows[0].iter().position(|h| *h == "OVERLAP").unwrap_or_else(|| panic!("no OVERLAP column:\n{table}"));
+    assert_eq!(rows[1][column], "True", "{table}");
+    let written = op.kube_writes().await;
+
+    // Made disjoint with a separator no namespace name contains: the warning goes.
+    f.allow(&policy, json!({"namespaces": [data, ingest], "userNames": ["{namespace}.*"]})).await;
+    let fixed = wait_policy(&f, &policy, "the pair no longer named", |fixed| {
+        fixed.metadata.generation > p.metadata.generation
+            && policy_condition(fixed, "GrantsOverlap").is_some_and(|(_, _, m, generation)| {
+                !m.contains(&format!(r#""{data}" (rules[0]) and "{ingest}" (rules[0])"#))
+                    && generation == fixed.metadata.generation
+            })
+    })
+    .await;
+    assert_eq!(fixed.status.as_ref().unwrap().observed_generation, fixed.metadata.generation);
+    assert!(op.kube_writes().await > written, "the status was written");
+
+    // Nothing changes: nothing is written (another test's policy may still change meanwhile, so
+    // compare this policy's resourceVersion).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let api: Api<IamAccessKeyPolicy> = Api::all(f.client.clone());
+    let later = api.get(&policy).await.unwrap();
+    if later.status == fixed.status {
+        assert_eq!(later.metadata.resource_version, fixed.metadata.resource_version, "no write without a change");
+    }
+    api.delete(&policy, &DeleteParams::default()).await.unwrap();
+    namespaces.delete(&ingest, &DeleteParams::default()).await.unwrap();
+}
+
+/// A resource allowed by a rule with `on_revoke`, Ready with a key; then the rule's policy is
+/// deleted. Returns the fixture, the operator, the key id and the policy's name.
+async fn revoke(prefix: &str, on_revoke: &str) -> (Fixture, Operator, String, String) {
+    let f = Fixture::without_policy(prefix).await;
+    let policy = format!("grant-{}", f.ns);
+    f.allow(&policy, json!({"namespaces": [f.ns], "userNames": [f.user], "onRevoke": on_revoke})).await;
+    let op = f.operator(&[]);
+    f.create("app", json!({})).await;
+    let obj = f.wait_ready("app").await;
+    let status = obj.status.unwrap();
+    let expected: OnRevoke = serde_json::from_value(json!(on_revoke)).unwrap();
+    assert_eq!(
+        status.grant,
+        Some(GrantRecord { policy: policy.clone(), rule: 0, on_revoke: expected, revoked_at: None }),
+        "status records the grant"
+    );
+    let id = status.access_key_id.unwrap();
+    let api: Api<IamAccessKeyPolicy> = Api::all(f.client.clone());
+    api.delete(&policy, &DeleteParams::default()).await.expect("delete policy");
+    (f, op, id, policy)
+}
+
+fn assert_says_revoked(obj: &iam_key_operator::crd::IamAccessKey, policy: &str, on_revoke: &str) {
+    let (_, _, message) = ready(obj).unwrap();
+    assert!(
+        message.contains(&format!(r#"the grant of IamAccessKeyPolicy "{policy}" (rules[0]) was revoked"#))
+            && message.contains(&format!("onRevoke {on_revoke}")),
+        "{message}"
+    );
+    let grant = obj.status.as_ref().unwrap().grant.as_ref().expect("the grant stays recorded");
+    assert!(grant.revoked_at.is_some() && grant.policy == policy, "{grant:?}");
+}
+
+#[tokio::test]
+async fn a_revoked_grant_with_on_revoke_keep_leaves_the_keys_working() {
+    let (f, op, id, policy) = revoke("rvkeep", "Keep").await;
+    let obj = f.wait_reason("app", "NotAuthorized").await;
+    assert_says_revoked(&obj, &policy, "Keep");
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(f.iam_keys().await, [(id.clone(), "Active".to_string())].into());
+    let (held, secret) = f.secret_creds("app").await.expect("the Secret stays");
+    assert_eq!(held, id);
+    assert!(f.authenticates(&held, &secret).await);
+    assert_eq!(op.iam_calls(&["UpdateAccessKey", "DeleteAccessKey"]).await, 0);
+}
+
+#[tokio::test]
+async fn a_revoked_grant_with_on_revoke_deactivate_deactivates_the_keys_until_allowed_again() {
+    let (f, _op, id, policy) = revoke("rvdeact", "Deactivate").await;
+    let obj = f.wait_reason("app", "NotAuthorized").await;
+    assert_says_revoked(&obj, &policy, "Deactivate");
+    assert_eq!(f.iam_keys().await, [(id.clone(), "Inactive".to_string())].into(), "deactivated, not deleted");
+    assert!(f.secret_creds("app").await.is_some(), "the Secret stays");
+    assert_eq!(obj.status.unwrap().key_status.map(|s| s.as_str()), Some("Inactive"));
+
+    // Someone reactivates the key in IAM while no rule allows the resource: set Inactive again.
+    f.env
+        .iam_client()
+        .update_access_key()
+        .user_name(&f.user)
+        .access_key_id(&id)
+        .status("Active".into())
+        .send()
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while f.iam_keys().await[&id] != "Inactive" {
+        assert!(Instant::now() < deadline, "the revoked key stayed Active");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+
+    // Allowed again: the same key follows the spec again.
+    f.allow(&format!("regrant-{}", f.ns), json!({"namespaces": [f.ns], "userNames": [f.user]})).await;
+    let obj = f.wait_ready("app").await;
+    assert_eq!(obj.status.as_ref().unwrap().access_key_id.as_ref(), Some(&id));
+    assert_eq!(f.iam_keys().await, [(id.clone(), "Active".to_string())].into());
+    assert!(obj.status.unwrap().grant.is_some_and(|g| g.revoked_at.is_none() && g.on_revoke == OnRevoke::Keep));
+}
+
+#[tokio::test]
+async fn a_revoked_grant_with_on_revoke_delete_deletes_keys_secret_and_claim_like_deletion() {
+    let (f, _op, id, policy) = revoke("rvdel", "Delete").await;
+    let foreign = f.foreign_key().await;
+    let obj = f.wait_reason("app", "NotAuthorized").await;
+    assert_says_revoked(&obj, &policy, "Delete");
+    let left: Vec<String> = f.iam_keys().await.into_keys().collect();
+    assert!(left == std::slice::from_ref(&foreign), "ours deleted, not the foreign one: {left:?}");
+    assert!(f.secrets().get_opt("app").await.unwrap().is_none(), "the Secret is deleted");
+    assert!(f.user_tags().await.is_empty(), "claim and key tags removed: {:?}", f.user_tags().await);
+    let status = obj.status.unwrap();
+    assert!(status.keys.is_empty() && status.access_key_id.is_none(), "{status:?}");
+    assert!(!f.iam_keys().await.contains_key(&id));
+
+    // Allowed again: a new key and Secret.
+    f.allow(&format!("regrant-{}", f.ns), json!({"namespaces": [f.ns], "userNames": [f.user]})).await;
+    f.wait_ready("app").await;
+    f.assert_consistent("app", &[foreign]).await;
 }

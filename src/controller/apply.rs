@@ -28,6 +28,8 @@ use crate::{
     policy::{Decision, Limits, NamespaceFacts, UserFacts, authorize},
 };
 
+mod revoke;
+
 /// Upper bound of steps in one reconcile; a fresh resource needs about eight.
 const MAX_STEPS: usize = 24;
 
@@ -142,6 +144,8 @@ impl<'a> Run<'a> {
         let namespace = NamespaceFacts { name: &ns, labels: &labels };
         let user = self.user_name().to_owned();
         let mut decision = authorize(&policies, &namespace, &UserFacts { name: &user, details: None });
+        // Denied by the operator's own path prefix rather than by the policies: not a revocation.
+        let mut outside_prefix = false;
         let prefix = self.ctx.settings.iam_user_path_prefix.as_str();
         // A user's path rarely changes: a recent sighting spares a GetUser per resync.
         let path_known_inside = self.ctx.recent_user_path(&user).is_some_and(|p| p.starts_with(prefix));
@@ -156,6 +160,7 @@ impl<'a> Run<'a> {
             let details = Some((info.path.as_str(), &info.tags));
             decision = authorize(&policies, &namespace, &UserFacts { name: &user, details });
             if !info.path.starts_with(prefix) {
+                outside_prefix = true;
                 decision = Decision::Denied(format!(
                     "IAM user {user:?} is under path {:?}, outside {prefix:?}, the only path this operator manages (--iam-user-path-prefix)",
                     info.path
@@ -165,10 +170,12 @@ impl<'a> Run<'a> {
         }
         match decision {
             Decision::Allowed(limits) => {
+                self.record_grant(&limits).await;
                 limits.check(&self.obj.spec).map_err(Error::PolicyViolation)?;
                 self.limits = limits;
                 Ok(())
             }
+            Decision::Denied(message) if !outside_prefix => Err(self.revoke(message).await),
             Decision::Denied(message) => Err(Error::NotAuthorized(message)),
             Decision::NeedUserDetails => Err(Error::Invalid("policy decision needs user details twice".into())),
         }

@@ -3,6 +3,7 @@
 mod apply;
 mod cleanup;
 mod events;
+pub mod policy_status;
 mod restart;
 pub mod secret;
 mod status;
@@ -378,7 +379,11 @@ pub async fn run(ctx: Arc<Context>, ready: Arc<std::sync::atomic::AtomicBool>) {
             futures::join!(wait_ready, run);
         }
     });
-    futures::future::join_all(controllers).await;
+    // Policy status is written by the replica that reconciles, until the controllers stop.
+    tokio::select! {
+        _ = futures::future::join_all(controllers) => {}
+        () = policy_status::run(ctx.clone()) => {}
+    }
 }
 
 #[cfg(test)]

@@ -344,6 +344,10 @@ pub struct IamAccessKeyStatus {
     /// The key ID the restart targets were last rolled out for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restarted_for: Option<String>,
+    /// The policy rule that allows this resource, as last seen, with its `onRevoke`: kept after
+    /// the rule is gone, so that what the rule said about its keys still applies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grant: Option<GrantRecord>,
     /// The resource generation this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
@@ -422,6 +426,22 @@ pub struct PendingCreate {
     /// Keys the user had before it started.
     #[serde(default)]
     pub existing_key_ids: Vec<String>,
+}
+
+/// The grant a resource holds (or held), recorded from the policy that gave it.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GrantRecord {
+    /// The IamAccessKeyPolicy whose rule allows the resource (of several, the one with the
+    /// strictest `onRevoke`).
+    pub policy: String,
+    /// Index of that rule in the policy's `spec.rules`.
+    pub rule: u32,
+    /// What happens to the keys when no rule allows the resource any more.
+    pub on_revoke: super::OnRevoke,
+    /// When the operator found that no rule allows the resource any more (absent: allowed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked_at: Option<Time>,
 }
 
 /// Rotation triggers already acted on.

@@ -1,6 +1,6 @@
 //! `IamAccessKeyPolicy`: which namespaces may manage access keys of which IAM users.
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
 use kube::{CustomResource, KubeSchema, core::Rule};
 use schemars::{Schema, SchemaGenerator, json_schema};
 use serde::{Deserialize, Serialize};
@@ -21,6 +21,9 @@ use super::{
     doc = "Cluster-wide rules (for platform admins) that allow namespaces to manage access keys of IAM users.",
     shortname = "iakp",
     category = "iam",
+    status = "IamAccessKeyPolicyStatus",
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Overlap","type":"string","jsonPath":".status.conditions[?(@.type==\"GrantsOverlap\")].status","description":"True: two namespaces could manage the same IAM user (see the GrantsOverlap condition)"}"#,
     printcolumn = r#"{"name":"Rules","type":"integer","jsonPath":".spec.rules[*]","priority":1}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
@@ -49,7 +52,9 @@ pub struct PolicyRule {
     #[schemars(schema_with = "namespace_selector_schema")]
     pub namespace_selector: Option<LabelSelector>,
     /// IAM user names or globs; `{namespace}` stands for the resource's namespace
-    /// (`{namespace}-*`). 1-128 characters of letters, digits, `+=,.@_-`, `*`, `?`, `{` and `}`.
+    /// (`{namespace}.*`: a dot, which no namespace name contains, so that namespace `data` cannot
+    /// match the users of `data-ingest` as `{namespace}-*` would). 1-128 characters of letters,
+    /// digits, `+=,.@_-`, `*`, `?`, `{` and `}`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 256), inner(length(min = 1, max = 128), regex(pattern = r"^[\w+=,.@*?{}-]+$")))]
     pub user_names: Option<Vec<String>>,
@@ -73,6 +78,53 @@ pub struct PolicyRule {
     /// Keys not used for this long are deactivated (and reported).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deactivate_unused_after: Option<Duration>,
+    /// What happens to the existing keys of a resource this rule allowed once no rule allows it
+    /// any more (this rule removed or narrowed, the policy deleted, the namespace relabelled):
+    /// `Keep` (default) leaves them as they are, `Deactivate` sets them Inactive in IAM,
+    /// `Delete` deletes them and the Secret, as deleting the resource would. The resource
+    /// records the choice in `status.grant`, so it applies after the rule is gone.
+    #[serde(default)]
+    pub on_revoke: OnRevoke,
+}
+
+/// What a revoked grant does to the keys it allowed.
+#[derive(
+    Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, schemars::JsonSchema,
+)]
+pub enum OnRevoke {
+    /// Leave the keys as they are: they keep working until the resource is deleted.
+    #[default]
+    Keep,
+    /// Set the keys Inactive in IAM (they come back when a rule allows the resource again).
+    Deactivate,
+    /// Delete the keys and the Secret.
+    Delete,
+}
+
+impl OnRevoke {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnRevoke::Keep => "Keep",
+            OnRevoke::Deactivate => "Deactivate",
+            OnRevoke::Delete => "Delete",
+        }
+    }
+}
+
+/// What the operator found when it last checked the policy. Written only by the operator.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct IamAccessKeyPolicyStatus {
+    /// The policy generation this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `Ready`: the rules can be applied as written (False, reason `InvalidRule` or
+    /// `Unreadable`, names what cannot). `GrantsOverlap`: True (reason `OverlappingGrants`) when
+    /// two existing namespaces, by this policy's rules or by them and another policy's, could
+    /// manage the same IAM user; the message names the namespaces, rules and an example user.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
 }
 
 /// An IAM user tag to match.

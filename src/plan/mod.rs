@@ -6,6 +6,7 @@
 //! the step, records it, observes again and asks for the next one until the plan says `Done`.
 
 mod cleanup;
+mod revoke;
 #[cfg(test)]
 mod simulation;
 #[cfg(test)]
@@ -16,6 +17,7 @@ use std::collections::BTreeMap;
 use jiff::{SignedDuration, Timestamp};
 
 pub use cleanup::{CleanupObservation, CleanupStep, plan_cleanup};
+pub use revoke::{RevokeStep, plan_revoke};
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 

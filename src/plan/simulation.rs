@@ -379,6 +379,7 @@ impl Sim {
                 max_key_age: MAX_KEY_AGES[h.policy.0].map(Duration::from_secs),
                 deactivate_unused_after: UNUSED_AFTERS[h.policy.1].map(Duration::from_secs),
                 min_rotation_interval: None,
+                ..Default::default()
             },
             policy_reads_user: h.policy.2,
             secret: SecretObservation::Missing,

@@ -6,6 +6,9 @@
 //! combine to the strictest limits.
 
 #[cfg(test)]
+mod grant_tests;
+pub mod overlap;
+#[cfg(test)]
 mod tests;
 
 use std::{collections::BTreeMap, sync::Arc};
@@ -13,7 +16,7 @@ use std::{collections::BTreeMap, sync::Arc};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use kube::ResourceExt;
 
-use crate::crd::{Duration, IamAccessKeyPolicy, IamAccessKeySpec, PolicyRule};
+use crate::crd::{Duration, IamAccessKeyPolicy, IamAccessKeySpec, OnRevoke, PolicyRule};
 
 /// The namespace a resource lives in.
 pub struct NamespaceFacts<'a> {
@@ -36,6 +39,26 @@ pub struct Limits {
     pub deactivate_unused_after: Option<Duration>,
     /// The longest `minRotationInterval` of the matching rules, and the policy that sets it.
     pub min_rotation_interval: Option<(Duration, String)>,
+    /// The rule the resource records as its grant.
+    pub granting_rule: Option<GrantingRule>,
+}
+
+/// The rule whose grant a resource records: of the matching rules, the one with the strictest
+/// `onRevoke` (`Delete`, then `Deactivate`, then `Keep`); among equals, the first by policy name
+/// and rule index.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GrantingRule {
+    pub policy: String,
+    /// Index in the policy's `spec.rules`.
+    pub rule: usize,
+    pub on_revoke: OnRevoke,
+}
+
+impl GrantingRule {
+    fn stricter_than(&self, other: &GrantingRule) -> bool {
+        (std::cmp::Reverse(self.on_revoke), &self.policy, self.rule)
+            < (std::cmp::Reverse(other.on_revoke), &other.policy, other.rule)
+    }
 }
 
 impl Limits {
@@ -64,7 +87,7 @@ pub fn authorize(policies: &[Arc<IamAccessKeyPolicy>], ns: &NamespaceFacts, user
     let mut limits = Limits::default();
     let mut undecided = false;
     for policy in policies {
-        for rule in &policy.spec.rules {
+        for (index, rule) in policy.spec.rules.iter().enumerate() {
             if !namespace_matches(rule, ns) {
                 continue;
             }
@@ -80,6 +103,10 @@ pub fn authorize(policies: &[Arc<IamAccessKeyPolicy>], ns: &NamespaceFacts, user
                         && limits.min_rotation_interval.as_ref().is_none_or(|(longest, _)| min > *longest)
                     {
                         limits.min_rotation_interval = Some((min, policy.name_any()));
+                    }
+                    let granting = GrantingRule { policy: policy.name_any(), rule: index, on_revoke: rule.on_revoke };
+                    if limits.granting_rule.as_ref().is_none_or(|held| granting.stricter_than(held)) {
+                        limits.granting_rule = Some(granting);
                     }
                 }
                 Some(false) => {}
@@ -107,7 +134,7 @@ fn strictest(a: Option<Duration>, b: Option<Duration>) -> Option<Duration> {
     }
 }
 
-fn namespace_matches(rule: &PolicyRule, ns: &NamespaceFacts) -> bool {
+pub(crate) fn namespace_matches(rule: &PolicyRule, ns: &NamespaceFacts) -> bool {
     let by_name = rule.namespaces.iter().flatten().any(|pattern| glob_matches(pattern, ns.name));
     let by_labels = rule.namespace_selector.as_ref().is_some_and(|s| selector_matches(s, ns.labels));
     by_name || by_labels
@@ -128,6 +155,46 @@ fn user_matches(rule: &PolicyRule, namespace: &str, user: &UserFacts) -> Option<
     let path_ok = rule.user_path_prefix.as_ref().is_none_or(|prefix| path.starts_with(&expand(prefix)));
     let tag_ok = rule.user_tag.as_ref().is_none_or(|t| tags.get(&t.key).is_some_and(|v| *v == expand(&t.value)));
     Some(path_ok && tag_ok)
+}
+
+/// What in a policy's rules cannot work as written (empty: nothing), each naming its field.
+/// The schema refuses most mistakes; these are the ones it cannot see.
+pub fn rule_problems(policy: &IamAccessKeyPolicy) -> Vec<String> {
+    let mut problems = vec![];
+    // A namespace name for trying patterns: the shortest there is.
+    let expand = |pattern: &str| pattern.replace("{namespace}", "a");
+    let unknown_placeholder = |pattern: &str| {
+        let rest = pattern.replace("{namespace}", "");
+        (rest.contains('{') || rest.contains('}')).then_some(())
+    };
+    for (i, rule) in policy.spec.rules.iter().enumerate() {
+        for (j, pattern) in rule.user_names.iter().flatten().enumerate() {
+            let field = format!("spec.rules[{i}].userNames[{j}] {pattern:?}");
+            if unknown_placeholder(pattern).is_some() {
+                problems.push(format!(
+                    "{field}: only {{namespace}} is replaced, and IAM user names cannot contain braces: it matches no user"
+                ));
+            } else if overlap::glob_intersection(&expand(pattern), "*").is_none() {
+                problems.push(format!("{field} matches no IAM user name (1-64 letters, digits and +=,.@_-)"));
+            }
+        }
+        if let Some(prefix) = &rule.user_path_prefix
+            && unknown_placeholder(prefix).is_some()
+        {
+            problems.push(format!(
+                "spec.rules[{i}].userPathPrefix {prefix:?}: only {{namespace}} is replaced; any other placeholder is matched literally, braces included"
+            ));
+        }
+        if let Some(tag) = &rule.user_tag
+            && unknown_placeholder(&tag.value).is_some()
+        {
+            problems.push(format!(
+                "spec.rules[{i}].userTag.value {:?}: only {{namespace}} is replaced, and IAM tag values cannot contain braces: it matches no user",
+                tag.value
+            ));
+        }
+    }
+    problems
 }
 
 /// `*` matches any run of characters, `?` any one character; everything else literally.

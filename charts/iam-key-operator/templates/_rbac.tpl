@@ -43,6 +43,11 @@ and the cluster-scoped ones it only reads (always a ClusterRole).
 - apiGroups: ["iam.keyop.dev"]
   resources: ["iamaccesskeypolicies"]
   verbs: ["get", "list", "watch"]
+# Write each policy's status: Ready, and GrantsOverlap naming namespaces whose grants collide
+# (server-side apply, field manager iam-key-operator). Never the spec.
+- apiGroups: ["iam.keyop.dev"]
+  resources: ["iamaccesskeypolicies/status"]
+  verbs: ["patch"]
 # Namespace labels, for the policies' namespaceSelector.
 - apiGroups: [""]
   resources: ["namespaces"]
