@@ -5,17 +5,8 @@ use std::{collections::BTreeMap, sync::Arc};
 
 use serde_json::json;
 
+use super::tests::policy;
 use super::*;
-
-fn policy(name: &str, rules: serde_json::Value) -> Arc<IamAccessKeyPolicy> {
-    Arc::new(
-        serde_json::from_value(json!({
-            "apiVersion": "iam.keyop.dev/v1alpha1", "kind": "IamAccessKeyPolicy",
-            "metadata": {"name": name}, "spec": {"rules": rules}
-        }))
-        .unwrap(),
-    )
-}
 
 fn granting_rule(policies: &[Arc<IamAccessKeyPolicy>], ns: &str, user: &str) -> Option<GrantingRule> {
     let labels = BTreeMap::new();

@@ -4,7 +4,8 @@ use serde_json::json;
 
 use super::*;
 
-fn policy(name: &str, rules: serde_json::Value) -> Arc<IamAccessKeyPolicy> {
+/// A policy named `name` with these rules (JSON), as the watch would hand it over.
+pub(super) fn policy(name: &str, rules: serde_json::Value) -> Arc<IamAccessKeyPolicy> {
     Arc::new(
         serde_json::from_value(json!({
             "apiVersion": "iam.keyop.dev/v1alpha1", "kind": "IamAccessKeyPolicy",

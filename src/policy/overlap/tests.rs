@@ -5,16 +5,7 @@ use serde_json::json;
 
 use super::*;
 use crate::policy::glob_matches;
-
-fn policy(name: &str, rules: serde_json::Value) -> Arc<IamAccessKeyPolicy> {
-    Arc::new(
-        serde_json::from_value(json!({
-            "apiVersion": "iam.keyop.dev/v1alpha1", "kind": "IamAccessKeyPolicy",
-            "metadata": {"name": name}, "spec": {"rules": rules}
-        }))
-        .unwrap(),
-    )
-}
+use crate::policy::tests::policy;
 
 /// Namespaces with labels, as `(name, [(key, value)])`.
 fn report(
