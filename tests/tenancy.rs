@@ -253,7 +253,7 @@ async fn policy_status_names_namespaces_whose_grants_overlap_until_the_patterns_
     let policy = format!("overlap-{}", f.ns);
     // The pattern the example policy once recommended: namespace X may manage users "X-*".
     f.allow(&policy, json!({"namespaces": [data, ingest], "userNames": ["{namespace}-*"]})).await;
-    let op = f.operator(&[]);
+    let _op = f.operator(&[]);
     // Only one of the two namespaces exists: nothing overlaps yet.
     let own_pair =
         format!(r#"namespaces "{data}" (rules[0]) and "{ingest}" (rules[0]) can both manage IAM user "{ingest}-""#);
@@ -279,7 +279,6 @@ async fn policy_status_names_namespaces_whose_grants_overlap_until_the_patterns_
     let rows: Vec<Vec<&str>> = table.lines().map(|l| l.split_whitespace().collect()).collect();
     let column = rows[0].iter().position(|h| *h == "OVERLAP").unwrap_or_else(|| panic!("no OVERLAP column:\n{table}"));
     assert_eq!(rows[1][column], "True", "{table}");
-    let written = op.kube_writes().await;
 
     // Made disjoint with a separator no namespace name contains: the warning goes.
     f.allow(&policy, json!({"namespaces": [data, ingest], "userNames": ["{namespace}.*"]})).await;
@@ -291,8 +290,9 @@ async fn policy_status_names_namespaces_whose_grants_overlap_until_the_patterns_
             })
     })
     .await;
+    // observedGeneration caught up: the status was rewritten for the new spec (by this operator
+    // or by another test's: every operator writes the same policy status, only on change).
     assert_eq!(fixed.status.as_ref().unwrap().observed_generation, fixed.metadata.generation);
-    assert!(op.kube_writes().await > written, "the status was written");
 
     // Nothing changes: nothing is written (another test's policy may still change meanwhile, so
     // compare this policy's resourceVersion).
