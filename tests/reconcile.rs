@@ -150,6 +150,11 @@ async fn a_secret_the_resource_does_not_own_is_never_overwritten() {
     f.create("app", json!({"secret": {"name": "taken"}})).await;
     let obj = f.wait_reason("app", "SecretConflict").await;
     assert!(ready(&obj).unwrap().2.contains("taken"), "message names the Secret");
+    // `kubectl get iak` shows why, without -o yaml.
+    let table = f.env.kubectl(["get", "iak", "app", "-n", &f.ns]);
+    let table = String::from_utf8_lossy(&table.stdout);
+    let header: Vec<&str> = table.lines().next().unwrap_or_default().split_whitespace().collect();
+    assert!(header.contains(&"REASON") && table.contains("SecretConflict"), "{table}");
     assert!(f.iam_keys().await.is_empty(), "no IAM key created");
     let s = f.secrets().get("taken").await.unwrap();
     assert_eq!(s.data.unwrap()["keep"].0, b"me");

@@ -279,6 +279,9 @@ async fn policy_status_names_namespaces_whose_grants_overlap_until_the_patterns_
     let rows: Vec<Vec<&str>> = table.lines().map(|l| l.split_whitespace().collect()).collect();
     let column = rows[0].iter().position(|h| *h == "OVERLAP").unwrap_or_else(|| panic!("no OVERLAP column:\n{table}"));
     assert_eq!(rows[1][column], "True", "{table}");
+    let wide = f.env.kubectl(["get", "iamaccesskeypolicy", &policy, "-o", "wide"]);
+    let wide = String::from_utf8_lossy(&wide.stdout);
+    assert_eq!(column_of(&wide, "RULES"), "1", "the wide table counts the rules:\n{wide}");
 
     // Made disjoint with a separator no namespace name contains: the warning goes.
     f.allow(&policy, json!({"namespaces": [data, ingest], "userNames": ["{namespace}.*"]})).await;
@@ -403,4 +406,11 @@ async fn a_revoked_grant_with_on_revoke_delete_deletes_keys_secret_and_claim_lik
     f.allow(&format!("regrant-{}", f.ns), json!({"namespaces": [f.ns], "userNames": [f.user]})).await;
     f.wait_ready("app").await;
     f.assert_consistent("app", &[foreign]).await;
+}
+
+/// The value of a column in the first row of a `kubectl get` table.
+fn column_of(table: &str, header: &str) -> String {
+    let rows: Vec<Vec<&str>> = table.lines().map(|l| l.split_whitespace().collect()).collect();
+    let i = rows[0].iter().position(|h| *h == header).unwrap_or_else(|| panic!("no {header} column:\n{table}"));
+    rows[1][i].to_string()
 }

@@ -153,14 +153,18 @@ fn status_of(policy: &IamAccessKeyPolicy, report: &PolicyReport, now: Timestamp)
     } else {
         condition(held, GRANTS_OVERLAP, true, "OverlappingGrants", overlap_message(policy, report), generation, now)
     };
-    IamAccessKeyPolicyStatus { observed_generation: generation, conditions: vec![ready, overlap] }
+    IamAccessKeyPolicyStatus {
+        observed_generation: generation,
+        conditions: vec![ready, overlap],
+        rules: Some(rules as i64),
+    }
 }
 
 fn unreadable_status(generation: Option<i64>, error: &str, now: Timestamp) -> IamAccessKeyPolicyStatus {
     let message = format!("the stored policy cannot be read ({error}): it allows nothing until it is fixed or deleted");
     // What the policy held is unknown (it could not be read): the transition is now.
     let ready = condition(&[], READY, false, "Unreadable", message, generation, now);
-    IamAccessKeyPolicyStatus { observed_generation: generation, conditions: vec![ready] }
+    IamAccessKeyPolicyStatus { observed_generation: generation, conditions: vec![ready], rules: None }
 }
 
 /// The message of a True `GrantsOverlap`: how many pairs, the first few with an example user,

@@ -65,6 +65,7 @@ pub(super) mod syntax {
     printcolumn = r#"{"name":"Key ID","type":"string","jsonPath":".status.accessKeyId"}"#,
     printcolumn = r#"{"name":"Status","type":"string","jsonPath":".status.keyStatus"}"#,
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Reason","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].reason"}"#,
     printcolumn = r#"{"name":"Last Used","type":"date","jsonPath":".status.lastUsed.date"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]

@@ -24,7 +24,7 @@ use super::{
     status = "IamAccessKeyPolicyStatus",
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
     printcolumn = r#"{"name":"Overlap","type":"string","jsonPath":".status.conditions[?(@.type==\"GrantsOverlap\")].status","description":"True: two namespaces could manage the same IAM user (see the GrantsOverlap condition)"}"#,
-    printcolumn = r#"{"name":"Rules","type":"integer","jsonPath":".spec.rules[*]","priority":1}"#,
+    printcolumn = r#"{"name":"Rules","type":"integer","jsonPath":".status.rules","priority":1}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
@@ -125,6 +125,9 @@ pub struct IamAccessKeyPolicyStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
+    /// Number of rules (the `Rules` column of `kubectl get -o wide`: a JSONPath cannot count).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rules: Option<i64>,
 }
 
 /// An IAM user tag to match.
