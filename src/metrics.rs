@@ -105,6 +105,10 @@ pub struct ResourceSnapshot {
     pub keys: usize,
     pub key_age_seconds: Option<f64>,
     pub last_used_timestamp: Option<f64>,
+    /// When IAM created the current key, in Unix seconds.
+    pub key_created_timestamp: Option<f64>,
+    /// `status.nextRotationAt` in Unix seconds: set when a schedule or a policy's `maxKeyAge` applies.
+    pub next_rotation_timestamp: Option<f64>,
     pub rotation_overdue: bool,
 }
 
@@ -114,6 +118,8 @@ pub struct ResourceGauges {
     pub keys: Family<ResourceLabels, Gauge>,
     pub key_age: Family<ResourceLabels, Gauge<f64, AtomicU64>>,
     pub last_used: Family<ResourceLabels, Gauge<f64, AtomicU64>>,
+    pub key_created: Family<ResourceLabels, Gauge<f64, AtomicU64>>,
+    pub next_rotation: Family<ResourceLabels, Gauge<f64, AtomicU64>>,
     pub rotation_overdue: Family<ResourceLabels, Gauge>,
     pub rotations: Family<ReasonLabels, Counter>,
     reasons: Mutex<std::collections::HashMap<ResourceLabels, String>>,
@@ -126,6 +132,8 @@ impl ResourceGauges {
             keys: Family::default(),
             key_age: Family::default(),
             last_used: Family::default(),
+            key_created: Family::default(),
+            next_rotation: Family::default(),
             rotation_overdue: Family::default(),
             rotations: Family::default(),
             reasons: Mutex::default(),
@@ -137,6 +145,16 @@ impl ResourceGauges {
             "key_last_used_timestamp_seconds",
             "Last use of the current key, as IAM reported it",
             gauges.last_used.clone(),
+        );
+        registry.register(
+            "key_created_timestamp_seconds",
+            "When IAM created the current key, in Unix seconds",
+            gauges.key_created.clone(),
+        );
+        registry.register(
+            "next_rotation_timestamp_seconds",
+            "When the current key is due for rotation (status.nextRotationAt), in Unix seconds",
+            gauges.next_rotation.clone(),
         );
         registry.register(
             "rotation_overdue",
@@ -167,6 +185,14 @@ impl ResourceGauges {
             Some(t) => drop(self.last_used.get_or_create(&labels).set(t)),
             None => drop(self.last_used.remove(&labels)),
         }
+        match s.key_created_timestamp {
+            Some(t) => drop(self.key_created.get_or_create(&labels).set(t)),
+            None => drop(self.key_created.remove(&labels)),
+        }
+        match s.next_rotation_timestamp {
+            Some(t) => drop(self.next_rotation.get_or_create(&labels).set(t)),
+            None => drop(self.next_rotation.remove(&labels)),
+        }
         self.rotation_overdue.get_or_create(&labels).set(i64::from(s.rotation_overdue));
     }
 
@@ -178,6 +204,61 @@ impl ResourceGauges {
         self.keys.remove(&labels);
         self.key_age.remove(&labels);
         self.last_used.remove(&labels);
+        self.key_created.remove(&labels);
+        self.next_rotation.remove(&labels);
         self.rotation_overdue.remove(&labels);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The value of the one sample of `name` for `app` in namespace `ns`, if any.
+    fn sample(page: &str, name: &str) -> Option<f64> {
+        let prefix = format!("iam_key_operator_{name}{{namespace=\"ns\",name=\"app\"}} ");
+        page.lines().find_map(|l| l.strip_prefix(&prefix)).map(|v| v.parse().expect("a number"))
+    }
+
+    fn snapshot(created: Option<f64>, next_rotation: Option<f64>) -> ResourceSnapshot {
+        ResourceSnapshot {
+            ready_reason: "Ready".into(),
+            keys: 1,
+            key_age_seconds: created.map(|_| 60.0),
+            last_used_timestamp: None,
+            key_created_timestamp: created,
+            next_rotation_timestamp: next_rotation,
+            rotation_overdue: false,
+        }
+    }
+
+    #[test]
+    fn timestamp_gauges_follow_the_snapshot_and_go_with_the_resource() {
+        let metrics = Metrics::default();
+        let gauges = &metrics.resources;
+        // A created date with sub-second precision, and a rotation 30 days later.
+        gauges.observe("ns", "app", &snapshot(Some(1_767_225_600.25), Some(1_769_817_600.0)));
+        let page = metrics.render();
+        assert!(page.contains("# TYPE iam_key_operator_key_created_timestamp_seconds gauge"), "{page}");
+        assert!(page.contains("# TYPE iam_key_operator_next_rotation_timestamp_seconds gauge"), "{page}");
+        assert_eq!(sample(&page, "key_created_timestamp_seconds"), Some(1_767_225_600.25));
+        assert_eq!(sample(&page, "next_rotation_timestamp_seconds"), Some(1_769_817_600.0));
+
+        // A new key after a rotation; no schedule any more.
+        gauges.observe("ns", "app", &snapshot(Some(1_769_817_700.0), None));
+        let page = metrics.render();
+        assert_eq!(sample(&page, "key_created_timestamp_seconds"), Some(1_769_817_700.0));
+        assert_eq!(sample(&page, "next_rotation_timestamp_seconds"), None, "{page}");
+
+        // No current key (a lost key being replaced): no creation date either.
+        gauges.observe("ns", "app", &snapshot(None, Some(1_769_817_600.0)));
+        let page = metrics.render();
+        assert_eq!(sample(&page, "key_created_timestamp_seconds"), None, "{page}");
+        assert_eq!(sample(&page, "next_rotation_timestamp_seconds"), Some(1_769_817_600.0));
+
+        gauges.observe("ns", "app", &snapshot(Some(1_769_817_700.0), Some(1_772_409_700.0)));
+        gauges.forget("ns", "app");
+        let page = metrics.render();
+        assert!(!page.contains("name=\"app\""), "series left after the resource went:\n{page}");
     }
 }

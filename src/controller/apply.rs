@@ -689,6 +689,8 @@ impl<'a> Run<'a> {
             keys: self.status.keys.len(),
             key_age_seconds: current.map(|c| seconds(now) - seconds(c.create_date.0)),
             last_used_timestamp: last_used.and_then(|u| u.date.as_ref()).map(|t| seconds(t.0)),
+            key_created_timestamp: current.map(|c| seconds(c.create_date.0)),
+            next_rotation_timestamp: self.status.next_rotation_at.as_ref().map(|t| seconds(t.0)),
             rotation_overdue: self
                 .status
                 .next_rotation_at
