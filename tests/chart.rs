@@ -319,8 +319,15 @@ fn optional_monitoring_and_network_policy_render_when_enabled() {
         r["expr"].as_str().expect("expr").to_string()
     };
     assert!(expr("IamKeyOperatorReconcileErrors").contains(r#"iam_key_operator_reconciles_total{result!="ok"}"#));
-    assert!(expr("IamAccessKeyTooOld").contains("iam_key_operator_key_age_seconds) > 7776000"), "90 days");
-    assert!(expr("IamAccessKeyRotationOverdue").contains("iam_key_operator_rotation_overdue"));
+    // The key alerts compare the exported timestamps with time(): no wait for a resync.
+    assert!(
+        expr("IamAccessKeyTooOld").contains("(time() - iam_key_operator_key_created_timestamp_seconds) > 7776000"),
+        "90 days"
+    );
+    assert!(
+        expr("IamAccessKeyRotationOverdue")
+            .contains("(time() - iam_key_operator_next_rotation_timestamp_seconds) > 600")
+    );
     // Prometheus templates survive Helm's templating.
     let summary = rules.iter().find(|r| r["alert"] == "IamAccessKeyTooOld").expect("rule")["annotations"]["summary"]
         .as_str()
@@ -343,6 +350,50 @@ fn optional_monitoring_and_network_policy_render_when_enabled() {
         &find(&docs, "Deployment", name).expect("Deployment")["spec"]["template"]["spec"]["containers"][0]["args"],
     );
     assert!(!args.iter().any(|a| a.starts_with("--leader-elect")), "{args:?}");
+}
+
+/// The dashboard ConfigMap: off by default; when on, the file of dashboards/ byte for byte under
+/// the sidecar's label, which (like its namespace and annotations) can be changed.
+#[test]
+fn the_grafana_dashboard_configmap_renders_only_when_enabled_and_carries_the_json_unchanged() {
+    let name = "rel-iam-key-operator-dashboard";
+    let file = std::fs::read_to_string(chart_dir().join("dashboards/iam-key-operator.json")).expect("dashboard");
+    serde_json::from_str::<serde_json::Value>(&file).expect("the dashboard is JSON");
+
+    let docs = render(&[]);
+    assert!(!kinds(&docs).contains("ConfigMap"), "a ConfigMap rendered by default");
+    let docs = render(&["--set", "grafanaDashboard.enabled=false", "--set", "grafanaDashboard.namespace=monitoring"]);
+    assert!(!kinds(&docs).contains("ConfigMap"), "a ConfigMap rendered while disabled");
+
+    let docs = render(&["--set", "grafanaDashboard.enabled=true"]);
+    let map = find(&docs, "ConfigMap", name).expect("dashboard ConfigMap");
+    assert_eq!(map["metadata"]["namespace"], "ops");
+    assert_eq!(map["metadata"]["labels"]["grafana_dashboard"], "1", "the sidecar's default label, a string");
+    assert_eq!(map["metadata"]["labels"]["app.kubernetes.io/instance"], "rel");
+    assert!(map["metadata"]["annotations"].is_null(), "{map:?}");
+    let data = map["data"].as_mapping().expect("data");
+    assert_eq!(data.len(), 1, "one file: {:?}", data.keys().collect::<Vec<_>>());
+    let carried = map["data"]["iam-key-operator.json"].as_str().expect("iam-key-operator.json");
+    assert!(carried == file, "the ConfigMap's JSON differs from dashboards/iam-key-operator.json");
+
+    let docs = render(&[
+        "--set",
+        "grafanaDashboard.enabled=true",
+        "--set",
+        "grafanaDashboard.label=example.com/dashboard",
+        "--set-string",
+        "grafanaDashboard.labelValue=iam",
+        "--set",
+        "grafanaDashboard.namespace=monitoring",
+        "--set",
+        "grafanaDashboard.annotations.grafana_folder=Security",
+    ]);
+    let map = find(&docs, "ConfigMap", name).expect("dashboard ConfigMap");
+    assert_eq!(map["metadata"]["namespace"], "monitoring");
+    assert_eq!(map["metadata"]["labels"]["example.com/dashboard"], "iam");
+    assert!(map["metadata"]["labels"]["grafana_dashboard"].is_null(), "{map:?}");
+    assert_eq!(map["metadata"]["annotations"]["grafana_folder"], "Security");
+    assert_eq!(map["data"]["iam-key-operator.json"].as_str(), Some(file.as_str()));
 }
 
 #[test]
@@ -431,6 +482,8 @@ fn schema_refuses_mistyped_and_unknown_values_naming_them() {
         ("leaderElection.enable=true", "enable"),
         ("metrics.auth.enabled=yes", "enabled"),
         ("metrics.auth.readers[0].kind=Pod", "kind"),
+        ("grafanaDashboard.enabled=yes", "enabled"),
+        ("grafanaDashboard.label=not a label", "label"),
     ] {
         // --set-string keeps "two" a string; --set would too, but be explicit about the type.
         let flag = if set.starts_with("metrics.port") { "--set" } else { "--set-string" };
@@ -1163,6 +1216,7 @@ networkPolicy:
     - to: [{ipBlock: {cidr: 10.0.0.0/8}}]
       ports: [{port: 4566, protocol: TCP}]
 podDisruptionBudget: {minAvailable: 50%}
+grafanaDashboard: {enabled: true, annotations: {grafana_folder: Security}}
 imagePullSecrets: [{name: regcred}]
 extraEnv:
   - {name: HTTPS_PROXY, value: "http://proxy:3128"}
@@ -1198,6 +1252,7 @@ metrics:
     assert!(out.status.success(), "{}", text(&out));
     let docs = documents(&String::from_utf8_lossy(&out.stdout));
     assert!(kinds(&docs).contains("NetworkPolicy"));
+    assert!(find(&docs, "ConfigMap", "opts-iam-key-operator-dashboard").is_some());
     assert!(find(&docs, "ClusterRoleBinding", "opts-iam-key-operator-metrics-reader").is_some());
     let rendered = env.dir().join(format!("rendered-{ns}.yaml"));
     let all: Vec<String> = docs.iter().map(|d| serde_yaml::to_string(d).expect("yaml")).collect();
