@@ -5,16 +5,17 @@ SHELL := /bin/bash
 
 CARGO ?= cargo
 DEV_DIR ?= $(CURDIR)/.dev
-# The tools (kube-apiserver, etcd, kubectl, helm, moto) live outside the repo, per version, in
-# ~/.cache/iam-key-operator; tests find them through hack/k8s-tools.sh --path and hack/moto.sh --path.
+# The tools (kube-apiserver, etcd, kubectl, helm, moto, Argo CD's Lua) live outside the repo, per
+# version, in ~/.cache/iam-key-operator; tests find them through `hack/<script> --path`.
 
 .PHONY: help
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
 .PHONY: tools
-tools: ## Build/install the real parts: kube-apiserver, etcd, kubectl, helm (Go modules), moto (PyPI)
+tools: ## Build/install the real parts: kube-apiserver, etcd, kubectl, helm, Argo CD's gopher-lua (Go modules), moto (PyPI), Lua 5.1
 	hack/k8s-tools.sh >/dev/null
+	hack/argocd-lua.sh >/dev/null
 	hack/moto.sh >/dev/null
 	hack/lua.sh >/dev/null
 
