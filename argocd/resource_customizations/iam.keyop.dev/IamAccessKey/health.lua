@@ -1,5 +1,5 @@
--- Argo CD health of an IamAccessKey (iam-key-operator). Lua 5.1 (gopher-lua); reads only
--- metadata and status.
+-- Argo CD health of an IamAccessKey (iam-key-operator). Lua 5.1 (gopher-lua) with Argo CD's
+-- libraries: base, table and a safe os only (no string or math). Reads only metadata and status.
 --   Healthy      Ready=True and nothing in flight
 --   Progressing  not reconciled yet, spec change not yet acted on, a key being created, a rotation
 --                in its overlap (a Draining key), deletion in progress, or a retryable error
@@ -8,9 +8,10 @@
 local hs = {}
 
 -- Ready=False reasons the operator retries by itself (with backoff): Progressing. Every other
--- reason (UserNotFound, UserClaimed, SecretConflict, KeyLimitExceeded, NotAuthorized, InvalidSpec,
--- and any reason this script does not know yet) needs someone to change IAM, the spec or a
--- policy: Degraded, with the condition's message.
+-- reason (UserNotFound, UserClaimed, SecretConflict, KeyLimitExceeded, NotAuthorized,
+-- PolicyViolation, InvalidSpec, DeactivatedUnused, IamNotFound, IamRejected, and any reason this
+-- script does not know yet) needs someone to change IAM, the spec or a policy: Degraded, with the
+-- condition's message.
 local retryable = {
   Throttled = true,
   IamUnavailable = true,
