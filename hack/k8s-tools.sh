@@ -102,6 +102,6 @@ build_etcd
 build_helm
 build_kubernetes
 "$bin/kube-apiserver" --version >&2
-"$bin/etcd" --version | head -1 >&2
+"$bin/etcd" --version | sed -n 1p >&2  # sed reads it all: head could end etcd with SIGPIPE (exit 141)
 "$bin/helm" version --short >&2
 echo "$bin"
