@@ -111,7 +111,7 @@ step "Events"
 kubectl get events -n team-billing
 
 step "A few metrics"
-curl -fsS http://127.0.0.1:18080/metrics | grep -E '^iam_key_operator_(iam_calls|reconciles|rotations)_total' | head -12
+curl -fsS http://127.0.0.1:18080/metrics | grep -E '^iam_key_operator_(iam_calls|reconciles|rotations)_total' | sed -n 1,12p
 
 cat <<TXT
 
