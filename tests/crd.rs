@@ -292,6 +292,14 @@ async fn policy_fields_are_validated_naming_the_field() {
         ("match-labels", selector(json!({"matchLabels": {"tier": "bad value"}})), "spec.rules[0].namespaceSelector"),
         ("namespace-glob", json!({"namespaces": ["Team A"], "userNames": ["u"]}), "spec.rules[0].namespaces[0]"),
         ("user-glob", json!({"namespaces": ["a"], "userNames": ["ok", "has space"]}), "spec.rules[0].userNames[1]"),
+        // A paused resource is not reconciled: a rule cannot both allow that and set limits.
+        ("pause-with-age", rule(json!({"allowPause": true, "maxKeyAge": "90d"})), "spec.rules[0].allowPause"),
+        (
+            "pause-with-unused",
+            rule(json!({"allowPause": true, "deactivateUnusedAfter": "30d"})),
+            "spec.rules[0].allowPause",
+        ),
+        ("pause-not-bool", rule(json!({"allowPause": "yes"})), "spec.rules[0].allowPause"),
     ];
     let cases = cases
         .into_iter()
@@ -310,9 +318,14 @@ async fn policy_fields_are_validated_naming_the_field() {
         "maxKeyAge": "90d",
         "minRotationInterval": "90d",
         "deactivateUnusedAfter": "30d",
+        "allowPause": false,
+        "allowRetain": true,
     }));
-    let name = format!("valid-{}", rand_suffix());
-    let (ok, out) = kubectl_apply("default", &policy_doc(&name, valid));
-    assert!(ok, "{out}");
-    let _ = testenv::shared().kubectl(["delete", "iamaccesskeypolicy", &name]);
+    let pausable = rule(json!({"allowPause": true, "allowRetain": true}));
+    for valid in [valid, pausable] {
+        let name = format!("valid-{}", rand_suffix());
+        let (ok, out) = kubectl_apply("default", &policy_doc(&name, valid));
+        assert!(ok, "{out}");
+        let _ = testenv::shared().kubectl(["delete", "iamaccesskeypolicy", &name]);
+    }
 }

@@ -221,6 +221,7 @@ async fn delete_policy_removes_keys_tags_and_secret() {
 #[tokio::test]
 async fn retain_policy_keeps_the_key_marked_as_retained() {
     let f = Fixture::new("retain").await;
+    f.allow_own_user(json!({"allowRetain": true})).await;
     let _op = f.operator(&[]);
     f.create("app", json!({"deletionPolicy": "Retain"})).await;
     let id = f.wait_ready("app").await.status.unwrap().access_key_id.unwrap();
@@ -241,6 +242,7 @@ async fn retain_policy_keeps_the_key_marked_as_retained() {
 #[tokio::test]
 async fn paused_resource_gets_no_writes_until_unpaused() {
     let f = Fixture::new("pause").await;
+    f.allow_own_user(json!({"allowPause": true})).await;
     let op = f.operator(&[]);
     let obj: iam_key_operator::crd::IamAccessKey = serde_json::from_value(json!({
         "apiVersion": "iam.keyop.dev/v1alpha1", "kind": "IamAccessKey",
@@ -249,12 +251,26 @@ async fn paused_resource_gets_no_writes_until_unpaused() {
     }))
     .unwrap();
     f.keys_api().create(&Default::default(), &obj).await.unwrap();
-    f.wait_reason("app", "Paused").await;
+    let obj = f.wait_reason("app", "Paused").await;
+    assert!(ready(&obj).unwrap().2.contains(&format!("allow-{}", f.ns)), "names the policy that allows it");
+    assert!(condition(&obj, "PolicyOverride").is_none(), "an allowed pause overrules nothing");
     assert!(f.iam_keys().await.is_empty());
     assert_eq!(op.iam_calls(IAM_WRITES).await, 0);
     let unpause = json!({"metadata": {"annotations": {"iam.keyop.dev/paused": null}}});
     f.keys_api().patch("app", &PatchParams::default(), &Patch::Merge(&unpause)).await.unwrap();
-    f.wait_ready("app").await;
+    let id = f.wait_ready("app").await.status.unwrap().access_key_id.unwrap();
+
+    // An allowed pause holds the deletion too, until it is lifted.
+    let pause = json!({"metadata": {"annotations": {"iam.keyop.dev/paused": "true"}}});
+    f.keys_api().patch("app", &PatchParams::default(), &Patch::Merge(&pause)).await.unwrap();
+    f.wait_reason("app", "Paused").await;
+    f.delete("app").await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(f.keys_api().get_opt("app").await.unwrap().is_some(), "a paused deletion waits");
+    assert_eq!(f.iam_keys().await.get(&id).map(String::as_str), Some("Active"));
+    f.keys_api().patch("app", &PatchParams::default(), &Patch::Merge(&unpause)).await.unwrap();
+    f.wait_gone("app", Duration::from_secs(30)).await;
+    assert!(f.iam_keys().await.is_empty(), "deleted once unpaused");
 }
 
 #[tokio::test]

@@ -14,7 +14,7 @@ use tracing::debug;
 use super::{
     ACCESS_KEY_ID_ANNOTATION, Context, FIELD_MANAGER, PAUSED_ANNOTATION, ROTATE_REQUESTED_AT_ANNOTATION,
     secret::{build_secret, layout_stale, observe_secret, secret_in, secret_name},
-    status::{derive_summary, set_ready},
+    status::{POLICY_OVERRIDE, derive_summary, set_policy_override, set_ready},
 };
 use crate::{
     crd::{IamAccessKey, IamAccessKeyStatus, KeyPhase, KeyStatus, LastUsed, PendingCreate, RotationSpec},
@@ -34,17 +34,14 @@ mod revoke;
 const MAX_STEPS: usize = 24;
 
 pub async fn apply(obj: &Arc<IamAccessKey>, ctx: &Context) -> Result<Action, Error> {
-    if is_paused(obj) {
-        let message = format!("paused by annotation {PAUSED_ANNOTATION}=true: no IAM or Secret writes");
-        let err = Error::Blocked { blocked: Blocked::Paused, message };
-        let mut run = Run::new(obj, ctx);
-        run.fail(&err).await;
-        run.publish_metrics(err.reason());
-        return Err(err);
-    }
     let mut run = Run::new(obj, ctx);
     let result = async {
+        // The policies first: they decide whether the resource may act at all, and whether its
+        // pause holds (a pause they do not allow is ignored, and the resource says so).
         run.authorize().await?;
+        if is_paused(obj) && run.limits.pause_allowed() {
+            return Err(run.blocked(Blocked::Paused));
+        }
         run.observe().await?;
         run.converge().await
     }
@@ -62,6 +59,29 @@ pub async fn apply(obj: &Arc<IamAccessKey>, ctx: &Context) -> Result<Action, Err
             run.publish_metrics(err.reason());
             Err(err)
         }
+    }
+}
+
+/// A JSON merge patch (RFC 7396) that turns `old` into exactly `new`: members `new` lacks are
+/// removed (null), objects are patched member by member, anything else is replaced whole.
+pub fn merge_patch(old: &serde_json::Value, new: &serde_json::Value) -> serde_json::Value {
+    use serde_json::Value;
+    match (old, new) {
+        (Value::Object(old), Value::Object(new)) => {
+            let mut patch = serde_json::Map::new();
+            for (key, value) in new {
+                let member = match old.get(key) {
+                    Some(before) => merge_patch(before, value),
+                    None => value.clone(),
+                };
+                patch.insert(key.clone(), member);
+            }
+            for key in old.keys().filter(|k| !new.contains_key(*k)) {
+                patch.insert(key.clone(), Value::Null);
+            }
+            Value::Object(patch)
+        }
+        _ => new.clone(),
     }
 }
 
@@ -92,6 +112,81 @@ pub async fn observe_secret_meta(ctx: &Context, obj: &IamAccessKey) -> Result<(S
     Ok((observation, stale))
 }
 
+/// What the policies say about a resource.
+pub enum Verdict {
+    Allowed(Limits),
+    /// Allowed, but the user does not exist (only ever said of a user the policies allow).
+    UserMissing(Limits),
+    /// No policy rule allows the resource.
+    Denied(String),
+    /// The policies allow it, but its user is outside the operator's `--iam-user-path-prefix`.
+    OutsidePrefix(String),
+}
+
+/// The policies' verdict on the resource, and the IAM user if it had to be read for it. A user
+/// no rule allows is `Denied` with the same message whether it exists or not, and wherever it
+/// is: its existence and path are told only to namespaces the policies allow to manage it.
+pub async fn decide(ctx: &Context, obj: &IamAccessKey) -> Result<(Verdict, Option<IamUser>), Error> {
+    let policies = ctx.tenancy.policies();
+    let ns = obj.namespace().unwrap_or_default();
+    let labels = ctx.tenancy.namespace_labels(&ns);
+    let namespace = NamespaceFacts { name: &ns, labels: &labels };
+    let user = obj.spec.user_name.as_str();
+    let mut info: Option<IamUser> = None;
+    let mut decision = authorize(&policies, &namespace, &UserFacts { name: user, details: None });
+    if decision == Decision::NeedUserDetails {
+        match ctx.iam.get_user(user).await {
+            Ok(read) => {
+                ctx.remember_user_path(user, &read.path);
+                decision = authorize(
+                    &policies,
+                    &namespace,
+                    &UserFacts { name: user, details: Some((&read.path, &read.tags)) },
+                );
+                info = Some(read);
+            }
+            // A user that cannot be read matches no rule on path or tags: the decision (and its
+            // message) is the one for an existing user those rules do not match.
+            Err(e) if e.is_not_found() || matches!(e, IamError::AccessDenied { .. }) => {
+                debug!(user, error = %e, "IAM user unreadable: no rule on path or tags can match it");
+                let none = std::collections::BTreeMap::new();
+                decision = authorize(&policies, &namespace, &UserFacts { name: user, details: Some(("", &none)) });
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let limits = match decision {
+        Decision::Allowed(limits) => limits,
+        Decision::Denied(message) => return Ok((Verdict::Denied(message), info)),
+        Decision::NeedUserDetails => return Err(Error::Invalid("policy decision needs user details twice".into())),
+    };
+    // The operator's own fence (--iam-user-path-prefix), for users the policies allow. A user's
+    // path rarely changes: a recent sighting spares a GetUser per resync.
+    let prefix = ctx.settings.iam_user_path_prefix.as_str();
+    let known_inside = |path: &str| path.starts_with(prefix);
+    if prefix != "/" && info.is_none() && !ctx.recent_user_path(user).is_some_and(|p| known_inside(&p)) {
+        match ctx.iam.get_user(user).await {
+            Ok(read) => {
+                ctx.remember_user_path(user, &read.path);
+                info = Some(read);
+            }
+            Err(e) if e.is_not_found() => return Ok((Verdict::UserMissing(limits), None)),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    if prefix != "/"
+        && let Some(read) = &info
+        && !known_inside(&read.path)
+    {
+        let message = format!(
+            "IAM user {user:?} is under path {:?}, outside {prefix:?}, the only path this operator manages (--iam-user-path-prefix)",
+            read.path
+        );
+        return Ok((Verdict::OutsidePrefix(message), info));
+    }
+    Ok((Verdict::Allowed(limits), info))
+}
+
 struct Run<'a> {
     obj: &'a IamAccessKey,
     ctx: &'a Context,
@@ -106,6 +201,8 @@ struct Run<'a> {
     user: UserObservation,
     user_info: Option<IamUser>,
     limits: Limits,
+    /// What the policies overrule of the resource's settings (`None`: not decided yet).
+    overrides: Option<Vec<String>>,
     secret: SecretObservation,
     secret_layout_stale: bool,
 }
@@ -127,6 +224,7 @@ impl<'a> Run<'a> {
             user: UserObservation::Missing,
             user_info: None,
             limits: Limits::default(),
+            overrides: None,
             secret: SecretObservation::Missing,
             secret_layout_stale: false,
         }
@@ -138,46 +236,31 @@ impl<'a> Run<'a> {
 
     /// Tenancy first: nothing is written to IAM for a resource no policy allows.
     async fn authorize(&mut self) -> Result<(), Error> {
-        let policies = self.ctx.tenancy.policies();
-        let ns = self.obj.namespace().unwrap_or_default();
-        let labels = self.ctx.tenancy.namespace_labels(&ns);
-        let namespace = NamespaceFacts { name: &ns, labels: &labels };
-        let user = self.user_name().to_owned();
-        let mut decision = authorize(&policies, &namespace, &UserFacts { name: &user, details: None });
-        // Denied by the operator's own path prefix rather than by the policies: not a revocation.
-        let mut outside_prefix = false;
-        let prefix = self.ctx.settings.iam_user_path_prefix.as_str();
-        // A user's path rarely changes: a recent sighting spares a GetUser per resync.
-        let path_known_inside = self.ctx.recent_user_path(&user).is_some_and(|p| p.starts_with(prefix));
-        let check_path = prefix != "/" && matches!(decision, Decision::Allowed(_)) && !path_known_inside;
-        if decision == Decision::NeedUserDetails || check_path {
-            let info = match self.ctx.iam.get_user(&user).await {
-                Ok(info) => info,
-                Err(e) if e.is_not_found() => return Err(self.blocked(Blocked::UserNotFound)),
-                Err(e) => return Err(e.into()),
-            };
-            self.ctx.remember_user_path(&user, &info.path);
-            let details = Some((info.path.as_str(), &info.tags));
-            decision = authorize(&policies, &namespace, &UserFacts { name: &user, details });
-            if !info.path.starts_with(prefix) {
-                outside_prefix = true;
-                decision = Decision::Denied(format!(
-                    "IAM user {user:?} is under path {:?}, outside {prefix:?}, the only path this operator manages (--iam-user-path-prefix)",
-                    info.path
-                ));
-            }
-            self.user_info = Some(info);
-        }
-        match decision {
-            Decision::Allowed(limits) => {
+        let (verdict, info) = decide(self.ctx, self.obj).await?;
+        self.user_info = info;
+        match verdict {
+            Verdict::Allowed(limits) => {
                 self.record_grant(&limits).await;
+                self.overrides = Some(limits.overrides(&self.obj.spec, is_paused(self.obj)));
                 limits.check(&self.obj.spec).map_err(Error::PolicyViolation)?;
                 self.limits = limits;
                 Ok(())
             }
-            Decision::Denied(message) if !outside_prefix => Err(self.revoke(message).await),
-            Decision::Denied(message) => Err(Error::NotAuthorized(message)),
-            Decision::NeedUserDetails => Err(Error::Invalid("policy decision needs user details twice".into())),
+            Verdict::UserMissing(limits) => {
+                self.overrides = Some(limits.overrides(&self.obj.spec, is_paused(self.obj)));
+                self.limits = limits;
+                Err(self.blocked(Blocked::UserNotFound))
+            }
+            // No rule allows it (any more): if one did, its grant was revoked.
+            Verdict::Denied(message) => {
+                self.overrides = Some(vec![]);
+                Err(self.revoke(message).await)
+            }
+            // Denied by the operator's own path prefix rather than by the policies: not a revocation.
+            Verdict::OutsidePrefix(message) => {
+                self.overrides = Some(vec![]);
+                Err(Error::NotAuthorized(message))
+            }
         }
     }
 
@@ -318,6 +401,14 @@ impl<'a> Run<'a> {
                     self.note(EventType::Warning, "KeyDeletedOutside", note).await;
                 }
             }
+            Step::DisownKey { access_key_id } => {
+                self.status.keys.retain(|k| k.access_key_id != access_key_id);
+                self.save_status().await?;
+                let note = format!(
+                    "status listed access key {access_key_id}, which IAM does not tag as this resource's: it is no longer tracked and is left untouched"
+                );
+                self.note(EventType::Warning, "KeyNotOwned", note).await;
+            }
             Step::MakeRoom { access_key_id } => {
                 self.delete_key(&access_key_id, true).await?;
                 self.status.keys.retain(|k| k.access_key_id != access_key_id);
@@ -454,9 +545,10 @@ impl<'a> Run<'a> {
     fn blocked(&self, blocked: Blocked) -> Error {
         let user = self.user_name();
         let message = match &blocked {
-            Blocked::Paused => {
-                format!("paused by annotation {PAUSED_ANNOTATION}=true: no IAM or Secret writes")
-            }
+            Blocked::Paused => format!(
+                "paused by annotation {PAUSED_ANNOTATION}=true (allowed by IamAccessKeyPolicy {}): no IAM or Secret writes, deletion included",
+                self.limits.policies.join(", ")
+            ),
             Blocked::UserNotFound => {
                 format!(
                     "IAM user {user} does not exist: create it (the operator never creates users); retrying with backoff"
@@ -522,6 +614,16 @@ impl<'a> Run<'a> {
             Some(info) => info.arn.clone(),
             None => self.ctx.iam.get_user(&user).await?.arn,
         };
+        // A key this create leaves untagged (a crash before the tag) is recognised by a creation
+        // date close to pendingCreate.since: renew an old record (by the real clock, not the
+        // reconcile's) before creating.
+        let now = whole_seconds(Timestamp::now());
+        if let Some(pending) = self.status.pending_create.as_mut()
+            && !crate::plan::create_window_open(pending.since.0, now)
+        {
+            pending.since = Time(now);
+            self.save_status().await?;
+        }
         let NewKey { key, secret } = self.ctx.iam.create_access_key(&user).await?;
         let id = key.access_key_id.clone();
         failpoint!("after-create-key");
@@ -626,15 +728,16 @@ impl<'a> Run<'a> {
         // The resourceVersion makes the write conditional: if anyone else (a second operator
         // instance, say) changed the resource since we read it, the write fails and the
         // reconcile starts over from a fresh read instead of overwriting their status.
+        // A merge patch from what is stored to exactly our status: a field someone else wrote
+        // (a forged pendingCreate, say) is removed, where server-side apply would keep it.
+        let to_value = |s: &IamAccessKeyStatus| serde_json::to_value(s).unwrap_or_default();
+        let stored = self.saved.as_ref().map(to_value).unwrap_or_else(|| serde_json::json!({}));
         let patch = serde_json::json!({
-            "apiVersion": "iam.keyop.dev/v1alpha1",
-            "kind": "IamAccessKey",
             "metadata": {"resourceVersion": self.resource_version},
-            "status": self.status,
+            "status": merge_patch(&stored, &to_value(&self.status)),
         });
-        let written = api
-            .patch_status(&self.obj.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch))
-            .await?;
+        let params = PatchParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() };
+        let written = api.patch_status(&self.obj.name_any(), &params, &Patch::Merge(&patch)).await?;
         self.resource_version = written.metadata.resource_version;
         self.ctx.metrics.kube_write("IamAccessKey", "status");
         self.saved = Some(self.status.clone());
@@ -660,12 +763,22 @@ impl<'a> Run<'a> {
             ));
         }
         set_ready(&mut self.status, self.obj, true, "Ready", message);
+        self.record_overrides().await;
         self.save_status().await
+    }
+
+    /// The PolicyOverride condition (and a Warning event when it changes), once decided.
+    async fn record_overrides(&mut self) {
+        let Some(overrides) = self.overrides.clone() else { return };
+        if set_policy_override(&mut self.status, self.obj, &overrides) && !overrides.is_empty() {
+            self.note(EventType::Warning, POLICY_OVERRIDE, overrides.join("; ")).await;
+        }
     }
 
     async fn fail(&mut self, err: &Error) {
         let previous = self.status.conditions.iter().find(|c| c.type_ == "Ready").cloned();
         set_ready(&mut self.status, self.obj, false, err.reason(), err.to_string());
+        self.record_overrides().await;
         let repeated =
             previous.is_some_and(|p| p.status == "False" && p.reason == err.reason() && p.message == err.to_string());
         if let Err(e) = self.save_status().await {
@@ -708,6 +821,42 @@ impl<'a> Run<'a> {
 #[cfg(test)]
 mod tests {
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+    use serde_json::json;
+
+    /// Status is the operator's alone: a write removes what anyone else added to it.
+    #[test]
+    fn the_status_patch_removes_fields_the_operator_did_not_write() {
+        let stored = json!({
+            "keys": [{"accessKeyId": "A"}, {"accessKeyId": "FORGED"}],
+            "pendingCreate": {"since": "2020-01-01T00:00:00Z", "existingKeyIds": []},
+            "rotation": {"serial": 1, "requestedAt": "forged"},
+        });
+        let ours = json!({"keys": [{"accessKeyId": "A"}], "rotation": {"serial": 1}});
+        let patch = super::merge_patch(&stored, &ours);
+        assert_eq!(
+            patch,
+            json!({"keys": [{"accessKeyId": "A"}], "pendingCreate": null, "rotation": {"serial": 1, "requestedAt": null}})
+        );
+        // Applying it (RFC 7396) gives exactly ours.
+        let mut applied = stored.clone();
+        json_merge(&mut applied, &patch);
+        assert_eq!(applied, ours);
+    }
+
+    fn json_merge(target: &mut serde_json::Value, patch: &serde_json::Value) {
+        match (target.as_object_mut(), patch.as_object()) {
+            (Some(t), Some(p)) => {
+                for (k, v) in p {
+                    if v.is_null() {
+                        t.remove(k);
+                    } else {
+                        json_merge(t.entry(k.clone()).or_insert(serde_json::Value::Null), v);
+                    }
+                }
+            }
+            _ => *target = patch.clone(),
+        }
+    }
 
     /// A last-use reading compares equal to the same reading after a round trip through the
     /// API server: otherwise every read writes status.

@@ -11,29 +11,69 @@ use kube::{
 use tracing::debug;
 
 use super::{
-    Context,
-    apply::{is_paused, observe_secret_meta, observe_user},
+    Context, PAUSED_ANNOTATION,
+    apply::{Verdict, decide, is_paused, observe_secret_meta, observe_user},
     secret::secret_name,
 };
 use crate::{
-    crd::IamAccessKey,
+    crd::{DeletionPolicy, IamAccessKey},
     error::Error,
     failpoint,
-    plan::{Blocked, CleanupObservation, CleanupStep, Ledger, Owner, SecretObservation, UserObservation, plan_cleanup},
+    plan::{
+        Blocked, CleanupObservation, CleanupStep, Ledger, Owner, SecretObservation, UserObservation,
+        may_have_written_to_iam, plan_cleanup,
+    },
+    policy::Limits,
 };
 
 const MAX_STEPS: usize = 16;
 
 pub async fn cleanup(obj: &Arc<IamAccessKey>, ctx: &Context) -> Result<Action, Error> {
-    if is_paused(obj) {
-        let message = "paused: deletion waits until the iam.keyop.dev/paused annotation is removed".to_string();
-        return Err(Error::Blocked { blocked: Blocked::Paused, message });
-    }
     let ns = obj.namespace().unwrap_or_default();
+    let status = obj.status.clone().unwrap_or_default();
+    // A resource that never got as far as recording a create (never allowed, a user outside
+    // the operator's path, a missing user) has nothing in IAM: let it go without an IAM call.
+    if !may_have_written_to_iam(&status) {
+        debug!("nothing of this resource can be in IAM: released without IAM calls");
+        ctx.forget(obj);
+        ctx.metrics.resources.forget(&ns, &obj.name_any());
+        return Ok(Action::await_change());
+    }
+    // Pause and Retain hold only where every policy rule that allows the resource allows them;
+    // the untagged remains of an interrupted create are deleted only for a resource the
+    // policies allow (status alone must never aim the operator at another user's keys).
+    let paused = is_paused(obj);
+    let mut deletion_policy = obj.spec.deletion_policy;
+    let mut ledger = Ledger::from_status(&status);
+    if paused || deletion_policy == DeletionPolicy::Retain || ledger.pending_create.is_some() {
+        let limits = match decide(ctx, obj).await?.0 {
+            Verdict::Allowed(limits) | Verdict::UserMissing(limits) => Some(limits),
+            Verdict::Denied(_) | Verdict::OutsidePrefix(_) => None,
+        };
+        let allows = |check: fn(&Limits) -> bool| limits.as_ref().is_some_and(check);
+        if paused {
+            if allows(Limits::pause_allowed) {
+                let message = format!("paused: deletion waits until the {PAUSED_ANNOTATION} annotation is removed");
+                return Err(Error::Blocked { blocked: Blocked::Paused, message });
+            }
+            let note = format!(
+                "the {PAUSED_ANNOTATION} annotation does not hold this deletion: no IamAccessKeyPolicy allows pausing this resource (allowPause)"
+            );
+            ctx.event(obj, EventType::Warning, "PauseIgnored", note).await;
+        }
+        if deletion_policy == DeletionPolicy::Retain && !allows(Limits::retain_allowed) {
+            deletion_policy = DeletionPolicy::Delete;
+            let note = "deletionPolicy Retain is not allowed for this resource by the IamAccessKeyPolicy rules (allowRetain): its access keys are deleted".to_string();
+            ctx.event(obj, EventType::Warning, "RetainNotAllowed", note).await;
+        }
+        if limits.is_none() {
+            ledger.pending_create = None;
+            ledger.pending_since = None;
+        }
+    }
     let owner = Owner::new(&ctx.settings.cluster_name, &ns, &obj.name_any());
     let previous_owner = ctx.settings.previous_cluster_name.as_deref().map(|c| Owner::new(c, &ns, &obj.name_any()));
     let user_name = obj.spec.user_name.as_str();
-    let ledger = Ledger::from_status(&obj.status.clone().unwrap_or_default());
     let mut user = observe_user(ctx, user_name).await?;
     let (mut secret, _) = observe_secret_meta(ctx, obj).await?;
     let mut deleted = vec![];
@@ -41,7 +81,7 @@ pub async fn cleanup(obj: &Arc<IamAccessKey>, ctx: &Context) -> Result<Action, E
         let step = plan_cleanup(&CleanupObservation {
             owner: &owner,
             previous_owner: previous_owner.as_ref(),
-            policy: obj.spec.deletion_policy,
+            policy: deletion_policy,
             ledger: &ledger,
             user: &user,
             secret: &secret,

@@ -42,7 +42,7 @@ pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
 pub const MANAGED_BY_VALUE: &str = "iam-key-operator";
 pub const ACCESS_KEY_ID_ANNOTATION: &str = "iam.keyop.dev/access-key-id";
 pub const ROTATE_REQUESTED_AT_ANNOTATION: &str = "iam.keyop.dev/rotate-requested-at";
-pub const PAUSED_ANNOTATION: &str = "iam.keyop.dev/paused";
+pub const PAUSED_ANNOTATION: &str = crate::policy::PAUSED_ANNOTATION;
 
 /// Operator-wide settings (from flags).
 #[derive(Clone, Debug)]

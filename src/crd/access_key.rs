@@ -98,7 +98,9 @@ pub struct IamAccessKeySpec {
     pub restart_targets: Vec<RestartTarget>,
 
     /// What happens to the IAM access keys when this resource is deleted: `Delete` them (default)
-    /// or `Retain` them in IAM (the Secret is deleted either way).
+    /// or `Retain` them in IAM (the Secret is deleted either way). `Retain` holds only where the
+    /// IamAccessKeyPolicy rules that allow this resource allow it (`allowRetain`); otherwise the
+    /// keys are deleted, and the condition PolicyOverride says so beforehand.
     #[serde(default)]
     pub deletion_policy: DeletionPolicy,
 }
@@ -333,7 +335,8 @@ pub struct IamAccessKeyStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub keys: Vec<OwnedKey>,
     /// Set while a key is being created: the IDs that existed before, so a key left behind by an
-    /// interrupted create can be recognised and removed after a restart.
+    /// interrupted create (untagged, created near `since` and not among them) can be recognised
+    /// and removed after a restart.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pending_create: Option<PendingCreate>,
     /// Number of keys on the user that this resource does not own (never changed by it).
@@ -353,7 +356,8 @@ pub struct IamAccessKeyStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
     /// `Ready`, with a reason when it is not (UserNotFound, NotAuthorized, KeyLimitExceeded,
-    /// SecretConflict, IamUnavailable, Throttled, UserClaimed, Paused, ...).
+    /// SecretConflict, IamUnavailable, Throttled, UserClaimed, Paused, ...); `PolicyOverride`
+    /// when a policy overrules the resource's pause annotation or `deletionPolicy: Retain`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,

@@ -41,6 +41,7 @@ pub struct IamAccessKeyPolicySpec {
 #[x_kube(validation = Rule::new("has(self.namespaces) || has(self.namespaceSelector)").message("a rule needs namespaces or namespaceSelector"))]
 #[x_kube(validation = Rule::new("has(self.userNames) || has(self.userPathPrefix) || has(self.userTag)").message("a rule needs userNames, userPathPrefix or userTag"))]
 #[x_kube(validation = not_shorter_than("minRotationInterval", "maxKeyAge", "spec.rules[].maxKeyAge must not be shorter than the same rule's minRotationInterval: keys would have to rotate more often than the rule allows"))]
+#[x_kube(validation = Rule::new("!has(self.allowPause) || !self.allowPause || (!has(self.maxKeyAge) && !has(self.deactivateUnusedAfter))").message("spec.rules[].allowPause cannot be combined with maxKeyAge or deactivateUnusedAfter: a paused resource is not reconciled, so those limits would not hold").field_path(".allowPause"))]
 pub struct PolicyRule {
     /// Namespace names or globs (`team-*`): 1-63 lowercase letters, digits, `-`, `*` and `?`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -85,6 +86,23 @@ pub struct PolicyRule {
     /// records the choice in `status.grant`, so it applies after the rule is gone.
     #[serde(default)]
     pub on_revoke: OnRevoke,
+    /// Whether the resources this rule allows may pause themselves with the annotation
+    /// `iam.keyop.dev/paused: "true"`, which stops every IAM and Secret write for them, their
+    /// deletion included. Default false: the annotation is ignored (condition PolicyOverride
+    /// says so). Cannot be combined with maxKeyAge or deactivateUnusedAfter. When several rules
+    /// allow a resource, all of them must allow pausing.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub allow_pause: bool,
+    /// Whether the resources this rule allows may set `deletionPolicy: Retain`, which keeps their
+    /// IAM keys when they are deleted. Default false: their keys are deleted with them (condition
+    /// PolicyOverride says so beforehand). When several rules allow a resource, all of them must
+    /// allow it.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub allow_retain: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 /// What a revoked grant does to the keys it allowed.

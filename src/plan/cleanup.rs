@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use super::{Ledger, OWNER_TAG, Owner, SecretObservation, UserObservation};
+use super::{Ledger, OWNER_TAG, Owner, SecretObservation, UserObservation, left_by_interrupted_create};
 use crate::crd::DeletionPolicy;
 
 pub struct CleanupObservation<'a> {
@@ -44,20 +44,19 @@ pub fn plan_cleanup(obs: &CleanupObservation) -> CleanupStep {
         let Some(tags) = tags else {
             return CleanupStep::ReadUser;
         };
+        // Only IAM proves a key ours: our tag, or (untagged) a creation date inside a create of
+        // ours. Being listed in status proves nothing (status may have been forged).
         let owners: Vec<&Owner> = std::iter::once(obs.owner).chain(obs.previous_owner).collect();
         let ours = |id: &str| tags.get(id).is_some_and(|v| owners.iter().any(|o| *v == o.key_tag_value()));
         let tracked = |id: &str| obs.ledger.keys.iter().any(|k| k.access_key_id == id);
-        let leftover = |id: &str| {
-            !tags.contains_key(id)
-                && obs.ledger.pending_create.as_ref().is_some_and(|before| !before.iter().any(|b| b == id))
-        };
         for key in keys {
             let id = key.access_key_id.as_str();
+            let leftover = !tags.contains_key(id) && left_by_interrupted_create(key, obs.ledger);
             let in_use = tracked(id) || secret_key_id.as_deref() == Some(id);
             let delete = match obs.policy {
-                DeletionPolicy::Delete => ours(id) || tracked(id) || leftover(id),
+                DeletionPolicy::Delete => ours(id) || leftover,
                 // Kept keys are the ones someone may hold; the rest have no usable secret.
-                DeletionPolicy::Retain => (ours(id) && !in_use) || leftover(id),
+                DeletionPolicy::Retain => (ours(id) && !in_use) || leftover,
             };
             if delete {
                 return CleanupStep::DeleteKey { access_key_id: id.to_owned() };

@@ -36,6 +36,13 @@ pub const OWNER_TAG: &str = "iam.keyop.dev/owner";
 pub const KEY_TAG_PREFIX: &str = "iam-key-operator:";
 /// IAM allows two access keys per user, Inactive ones included.
 pub const MAX_KEYS_PER_USER: usize = 2;
+/// How far the operator's clock may be from AWS's. AWS refuses requests signed more than 5
+/// minutes off its own clock, so an operator whose calls work is within this of it.
+pub const CLOCK_SKEW: SignedDuration = SignedDuration::from_mins(5);
+/// `CreateAccessKey` is sent at most this long after `status.pendingCreate.since` (by the
+/// operator's clock): an older record is renewed first. So a key left untagged by an
+/// interrupted create was created within this window (plus the clock skew) of `since`.
+pub const CREATE_WINDOW: SignedDuration = SignedDuration::from_mins(1);
 
 impl Ledger {
     pub fn from_status(status: &IamAccessKeyStatus) -> Self {
@@ -43,6 +50,7 @@ impl Ledger {
         Ledger {
             keys: status.keys.clone(),
             pending_create: status.pending_create.as_ref().map(|p| p.existing_key_ids.clone()),
+            pending_since: status.pending_create.as_ref().map(|p| p.since.0),
             key_status: status.key_status,
             rotated_serial: rotation.serial,
             rotate_requested_at: rotation.requested_at,
@@ -101,6 +109,8 @@ pub struct Ledger {
     pub keys: Vec<OwnedKey>,
     /// Key IDs the user had when a create started (`None`: no create in progress).
     pub pending_create: Option<Vec<String>>,
+    /// When that create started (`pendingCreate.since`).
+    pub pending_since: Option<Timestamp>,
     /// The current key's status as last recorded (what the operator set or saw).
     pub key_status: Option<KeyStatus>,
     pub rotated_serial: i64,
@@ -216,6 +226,11 @@ pub enum Step {
         access_key_id: String,
         expected: bool,
     },
+    /// A key status lists that IAM does not tag as this resource's: status cannot prove
+    /// ownership (it may have been written by someone else). Stop tracking it; never touch it.
+    DisownKey {
+        access_key_id: String,
+    },
     /// Free a slot for a new key by deleting our retired (Inactive-phase) key.
     MakeRoom {
         access_key_id: String,
@@ -284,16 +299,56 @@ enum Ownership {
     Foreign,
 }
 
+/// Only IAM can prove that a key is ours: our tag on it, or (untagged) a creation date inside
+/// a create of ours. Status alone never does: whoever can write status could list any key.
 fn ownership(key: &IamKey, obs: &Observation, tags: &BTreeMap<String, String>) -> Ownership {
-    let tracked = obs.ledger.keys.iter().any(|k| k.access_key_id == key.access_key_id);
     match tags.get(&key.access_key_id) {
         Some(v) if *v == obs.owner.key_tag_value() => Ownership::Ours,
         Some(_) => Ownership::Foreign,
-        None if tracked => Ownership::Ours,
-        None => match &obs.ledger.pending_create {
-            Some(before) if !before.contains(&key.access_key_id) => Ownership::OursUntagged,
-            _ => Ownership::Foreign,
-        },
+        None if left_by_interrupted_create(key, obs.ledger) => Ownership::OursUntagged,
+        None => Ownership::Foreign,
+    }
+}
+
+/// Whether an untagged key is the remains of this resource's interrupted create: not among
+/// the keys the user had when the create started, and created from `pendingCreate.since` to
+/// `CREATE_WINDOW` after it, give or take `CLOCK_SKEW`. A key created outside that window is
+/// not ours, whatever status says (a forged `since` far in the past proves nothing).
+pub fn left_by_interrupted_create(key: &IamKey, ledger: &Ledger) -> bool {
+    let (Some(before), Some(since)) = (&ledger.pending_create, ledger.pending_since) else {
+        return false;
+    };
+    let earliest = since.checked_sub(CLOCK_SKEW).unwrap_or(Timestamp::MIN);
+    let latest = after(since, CREATE_WINDOW + CLOCK_SKEW);
+    !before.contains(&key.access_key_id) && earliest <= key.create_date && key.create_date <= latest
+}
+
+/// Whether a create recorded at `since` may still be sent at `now` (both by the operator's
+/// clock); otherwise the record is renewed first (see `CREATE_WINDOW`).
+pub fn create_window_open(since: Timestamp, now: Timestamp) -> bool {
+    since <= now && now <= after(since, CREATE_WINDOW)
+}
+
+/// Whether the operator may have written anything to IAM for a resource with this status: a
+/// key tracked or ever installed, or a create started. Every IAM write for a resource comes
+/// after one of these is recorded, so a resource without any is deleted without IAM calls.
+pub fn may_have_written_to_iam(status: &IamAccessKeyStatus) -> bool {
+    !status.keys.is_empty() || status.pending_create.is_some() || status.rotation.is_some()
+}
+
+impl Step {
+    /// Steps that change or delete an existing key: planned only on proof from IAM (its tags)
+    /// that the key is this resource's.
+    fn changes_a_key(&self) -> bool {
+        match self {
+            Step::DeleteOrphan { .. }
+            | Step::MakeRoom { .. }
+            | Step::DeleteRetired { .. }
+            | Step::DeactivateUnused { .. }
+            | Step::SetKeyStatus { .. }
+            | Step::RetireKey { .. } => true,
+            _ => false,
+        }
     }
 }
 
@@ -337,7 +392,12 @@ pub fn plan_next_step(obs: &Observation) -> Step {
         {
             return Step::ReadUser;
         }
-        None => return plan_owned_keys(obs, keys, None),
+        // Converged: status explains IAM. Reading the tags is needed only to prove ownership
+        // before a key is changed.
+        None => {
+            let step = plan_owned_keys(obs, keys, None);
+            return if step.changes_a_key() { Step::ReadUser } else { step };
+        }
     };
     if let Some(previous) = obs.previous_owner {
         let renamed = taken_over(obs.owner, previous, tags);
@@ -347,6 +407,21 @@ pub fn plan_next_step(obs: &Observation) -> Step {
     }
 
     match tags.get(OWNER_TAG) {
+        // Nothing is written to IAM before status records that a key may come: a resource
+        // whose status records none is deleted without IAM calls.
+        None if obs.ledger.keys.is_empty() && obs.ledger.pending_create.is_none() => {
+            let ours_left = keys.iter().any(|k| tags.get(&k.access_key_id) == Some(&obs.owner.key_tag_value()));
+            return if keys.len() < MAX_KEYS_PER_USER {
+                Step::StartCreate { existing_key_ids: keys.iter().map(|k| k.access_key_id.clone()).collect() }
+            } else if ours_left {
+                // Keys of an earlier resource of this name fill the slots: claim, then delete them.
+                Step::ClaimUser
+            } else {
+                Step::Blocked(Blocked::KeyLimitExceeded {
+                    blocking: keys.iter().map(|k| k.access_key_id.clone()).collect(),
+                })
+            };
+        }
         None => return Step::ClaimUser,
         Some(by) if *by != obs.owner.0 => {
             return Step::Blocked(Blocked::UserClaimed { by: by.clone() });
@@ -380,17 +455,28 @@ fn plan_owned_keys(obs: &Observation, keys: &[IamKey], tags: Option<&BTreeMap<St
     let is_tracked = |id: &str| ledger.keys.iter().any(|k| k.access_key_id == id);
     let in_iam = |id: &str| keys.iter().find(|k| k.access_key_id == id);
 
-    // 1. Crash leftovers: adopt what the Secret holds, delete what nobody can use.
+    // 1. Crash leftovers. A key status lists that IAM does not show as ours is no longer tracked
+    // (and never touched). Then what nobody can use is deleted, and only then is the key the
+    // Secret holds adopted: adopting ends the pending create, whose record the untagged remains
+    // of that create need to be recognised.
     if let Some(tags) = tags {
-        for key in keys {
-            let own = ownership(key, obs, tags);
-            if own == Ownership::Foreign || is_tracked(&key.access_key_id) {
-                continue;
-            }
-            if own == Ownership::Ours && secret_key_id == Some(key.access_key_id.as_str()) {
-                return Step::AdoptSecretKey { key: key.clone() };
-            }
+        let untracked = || {
+            keys.iter()
+                .filter(|k| !is_tracked(&k.access_key_id))
+                .map(|k| (k, ownership(k, obs, tags)))
+                .filter(|(_, own)| *own != Ownership::Foreign)
+        };
+        let in_secret = |key: &IamKey| secret_key_id == Some(key.access_key_id.as_str());
+        if let Some(key) =
+            keys.iter().find(|k| is_tracked(&k.access_key_id) && ownership(k, obs, tags) != Ownership::Ours)
+        {
+            return Step::DisownKey { access_key_id: key.access_key_id.clone() };
+        }
+        if let Some((key, own)) = untracked().find(|(k, own)| !(*own == Ownership::Ours && in_secret(k))) {
             return Step::DeleteOrphan { access_key_id: key.access_key_id.clone(), tagged: own == Ownership::Ours };
+        }
+        if let Some((key, _)) = untracked().next() {
+            return Step::AdoptSecretKey { key: key.clone() };
         }
     }
 

@@ -34,8 +34,16 @@
 //! A resource may instead end blocked only as allowed: `KeyLimitExceeded` when foreign keys fill
 //! the slots, `KeyUnused` for a current key a policy found unused.
 //!
+//! Tenants who may write status forge it (`TenantForgesStatus`): a pending create from long ago
+//! or a day ahead with no existing keys, a person's key listed as retired, draining or current,
+//! or the keys wiped. The safety invariants hold regardless (the operator acts only on keys IAM
+//! shows as its own); a forgery may cost the resource its own untagged crash remains (they are
+//! then counted as foreign: a leak, never a wrong delete).
+//!
 //! Not generated (documented limitation, docs/decisions.md): a person adding an *untagged* key
-//! while a create of ours is pending or running — it is taken for the remains of that create.
+//! while a create of ours is running, or within its window (`CREATE_WINDOW` and `CLOCK_SKEW`
+//! around `pendingCreate.since`) — it is taken for the remains of that create; for the same
+//! reason, a forged `since` is never close to the creation of a person's untagged key.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -132,6 +140,20 @@ enum Event {
     ClientReloadsSecret,
     /// STS keeps refusing the next new key until the verify timeout.
     VerifyFailsOnce,
+    /// Someone with write access to status rewrites it (never while a reconcile runs).
+    TenantForgesStatus(Forgery),
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Forgery {
+    /// `pendingCreate` with no existing keys, `since` long before any key was created.
+    PendingLongAgo,
+    /// `pendingCreate` with no existing keys, `since` a day ahead.
+    PendingAhead,
+    /// `status.keys` lists a person's key (the first one) in this phase, its deadlines passed.
+    ListsForeignKey(KeyPhase),
+    /// `status.keys` emptied.
+    KeysWiped,
 }
 
 #[derive(Clone, Debug)]
@@ -165,6 +187,17 @@ fn failpoint() -> impl Strategy<Value = Failpoint> {
     ]
 }
 
+fn forgery() -> impl Strategy<Value = Forgery> {
+    prop_oneof![
+        Just(Forgery::PendingLongAgo),
+        Just(Forgery::PendingAhead),
+        Just(Forgery::ListsForeignKey(KeyPhase::Inactive)),
+        Just(Forgery::ListsForeignKey(KeyPhase::Draining)),
+        Just(Forgery::ListsForeignKey(KeyPhase::Current)),
+        Just(Forgery::KeysWiped),
+    ]
+}
+
 fn event() -> impl Strategy<Value = Event> {
     prop_oneof![
         10 => Just(Event::Step),
@@ -186,6 +219,7 @@ fn event() -> impl Strategy<Value = Event> {
         2 => Just(Event::ClientUsesItsKey),
         1 => Just(Event::ClientReloadsSecret),
         1 => Just(Event::VerifyFailsOnce),
+        2 => forgery().prop_map(Event::TenantForgesStatus),
     ]
 }
 
@@ -323,6 +357,7 @@ fn step_name(step: &Step) -> &'static str {
         Step::DeleteOrphan { .. } => "DeleteOrphan",
         Step::AdoptSecretKey { .. } => "AdoptSecretKey",
         Step::ForgetKey { .. } => "ForgetKey",
+        Step::DisownKey { .. } => "DisownKey",
         Step::UntagStale { .. } => "UntagStale",
         Step::MakeRoom { .. } => "MakeRoom",
         Step::StartCreate { .. } => "StartCreate",
@@ -378,7 +413,6 @@ impl Sim {
                 policies: vec!["team-policy".into()],
                 max_key_age: MAX_KEY_AGES[h.policy.0].map(Duration::from_secs),
                 deactivate_unused_after: UNUSED_AFTERS[h.policy.1].map(Duration::from_secs),
-                min_rotation_interval: None,
                 ..Default::default()
             },
             policy_reads_user: h.policy.2,
@@ -539,8 +573,13 @@ impl Sim {
             Event::PersonAddsKey { tagged, active } => {
                 // Documented limitation (docs/decisions.md): an untagged key created while a
                 // create of ours is in progress is taken for the remains of that create. People
-                // therefore only add untagged keys while no create is pending or running.
-                if !tagged && (self.status.pending_create.is_some() || self.run.is_some()) {
+                // therefore only add untagged keys while no create is running, nor one pending
+                // whose window (around `since`) includes now.
+                let in_window = self.status.pending_create.as_ref().is_some_and(|p| {
+                    let key = IamKey { access_key_id: String::new(), status: KeyStatus::Active, create_date: self.now };
+                    left_by_interrupted_create(&key, &Ledger::from_status(&self.status)) || p.since.0 > self.now
+                });
+                if !tagged && (in_window || self.run.is_some()) {
                     return self.check_world();
                 }
                 if let Ok(mut key) = self.create_access_key() {
@@ -576,8 +615,73 @@ impl Sim {
             Event::ClientUsesItsKey => self.client_uses_its_key(),
             Event::ClientReloadsSecret => self.client_key = self.secret_key().map(str::to_owned),
             Event::VerifyFailsOnce => self.verify_fails = true,
+            Event::TenantForgesStatus(forgery) => self.forge(forgery),
         }
         self.check_world();
+    }
+
+    /// A status write by someone other than the operator.
+    fn forge(&mut self, forgery: Forgery) {
+        if self.run.is_some() {
+            return;
+        }
+        let day = secs(86_400);
+        match forgery {
+            Forgery::PendingLongAgo | Forgery::PendingAhead => {
+                // Long ago: before anything in this world was created. A forged `since` close
+                // to the creation of a person's untagged key would have it taken for our remains
+                // (documented limitation).
+                let since = match forgery {
+                    Forgery::PendingLongAgo => Timestamp::from_second(START).unwrap() - secs(30 * 86_400),
+                    _ => self.now + day,
+                };
+                // Our own untagged crash remains are no longer recognised: from now on they are
+                // as foreign as a person's key (a leak the forgery causes, never a wrong delete).
+                let ledger = Ledger::from_status(&self.status);
+                let lost: Vec<(String, KeyStatus)> = self
+                    .keys
+                    .iter()
+                    .filter(|k| !self.tags.contains_key(&k.id) && !self.foreign.contains_key(&k.id))
+                    .filter(|k| !ledger.keys.iter().any(|o| o.access_key_id == k.id))
+                    .map(|k| (k.id.clone(), k.status))
+                    .collect();
+                self.foreign.extend(lost);
+                self.status.pending_create = Some(PendingCreate { since: Time(since), existing_key_ids: vec![] });
+            }
+            Forgery::ListsForeignKey(phase) => {
+                let Some(id) = self.foreign.keys().next().cloned() else { return };
+                if self
+                    .status
+                    .keys
+                    .iter()
+                    .any(|k| k.access_key_id == id || (phase == KeyPhase::Current && k.phase == phase))
+                {
+                    return;
+                }
+                let past = Time(self.now - secs(1));
+                self.status.keys.push(OwnedKey {
+                    access_key_id: id,
+                    phase,
+                    create_date: Time(self.now - day),
+                    deactivate_at: (phase == KeyPhase::Draining).then(|| past.clone()),
+                    delete_at: (phase == KeyPhase::Inactive).then(|| past.clone()),
+                    replaced_at: (phase == KeyPhase::Draining).then(|| Time(self.now - day)),
+                    last_used_at: None,
+                    usage_checked_at: None,
+                });
+            }
+            Forgery::KeysWiped => {
+                // The key in the Secret is adopted again, which records every rotation asked for
+                // as served: wiping status cancels the tenant's own pending requests.
+                self.status.keys.clear();
+                for why in self.must_be_replaced.values_mut() {
+                    why.remove("requested");
+                    why.remove("serial");
+                }
+                self.must_be_replaced.retain(|_, why| !why.is_empty());
+            }
+        }
+        self.resource_version += 1;
     }
 
     fn remember_current_must_be_replaced(&mut self, why: &'static str) {
@@ -748,7 +852,7 @@ impl Sim {
                 install_current(&mut run.status, &run.spec, run.requested_at.clone(), key, run.now);
                 self.save_status(run)?;
             }
-            Step::ForgetKey { access_key_id, .. } => {
+            Step::ForgetKey { access_key_id, .. } | Step::DisownKey { access_key_id } => {
                 run.status.keys.retain(|k| k.access_key_id != access_key_id);
                 self.save_status(run)?;
             }
@@ -844,6 +948,14 @@ impl Sim {
 
     /// Create -> tag -> verify -> publish -> record, with apply.rs's failpoints.
     fn create_key(&mut self, run: &mut Run, reason: NewKeyReason) -> Result<(), Stop> {
+        // The reconcile's clock may be far behind (the world waited while it ran): an old
+        // pendingCreate is renewed by the real clock before creating.
+        if let Some(pending) = run.status.pending_create.as_mut()
+            && !create_window_open(pending.since.0, self.now)
+        {
+            pending.since = Time(self.now);
+            self.save_status(run)?;
+        }
         let key = self.create_access_key().map_err(Stop::Failed)?;
         let id = key.id.clone();
         self.created_by_operator.insert(id.clone());
@@ -1110,10 +1222,14 @@ impl Sim {
                     // The current key is Inactive (by the policy, or by a person — then the
                     // policy does not revert it) and IAM shows no use for deactivateUnusedAfter:
                     // a person must rotate.
+                    // A use in the very second of the operator's last reading is not seen by it
+                    // (as in `deactivates_only_unused_keys`).
                     let limit = self.limits.deactivate_unused_after.map(|d| d.as_signed());
+                    let seen_by_the_reading = |t: Timestamp| self.last_used_read_at.is_none_or(|read| t < read);
                     let unused = self.iam_key(&access_key_id).is_some_and(|k| {
+                        let last = k.last_used.unwrap_or(k.create_date);
                         k.status == KeyStatus::Inactive
-                            && limit.is_some_and(|l| after(k.last_used.unwrap_or(k.create_date), l) <= self.now)
+                            && limit.is_some_and(|l| after(last, l) <= self.now || !seen_by_the_reading(last))
                     });
                     if !unused || current_of(&self.status).is_none_or(|c| c.access_key_id != access_key_id) {
                         return Err(format!("key_unused_only_for_an_unused_inactive_current_key: {access_key_id}"));
@@ -1326,6 +1442,7 @@ fn random_histories_reach_every_step_and_crash_point() {
         "DeleteOrphan",
         "AdoptSecretKey",
         "ForgetKey",
+        "DisownKey",
         "MakeRoom",
         "StartCreate",
         "ClearPending",
@@ -1377,7 +1494,9 @@ fn secret_lost_while_a_key_drains_retires_it_instead_of_blocking_forever() {
         key_status: Some(KeyStatus::Active),
         ..Default::default()
     };
-    let user = UserObservation::Found { keys: vec![key("K1"), key("K2")], tags: None };
+    let mut tags = BTreeMap::from([(OWNER_TAG.to_string(), owner.0.clone())]);
+    tags.extend(["K1", "K2"].map(|k| (k.to_string(), owner.key_tag_value())));
+    let user = UserObservation::Found { keys: vec![key("K1"), key("K2")], tags: Some(tags) };
     let limits = Limits::default();
     let plan = |now| {
         plan_next_step(&Observation {

@@ -4,6 +4,8 @@ use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use proptest::prelude::*;
 
+use jiff::SignedDuration;
+
 use super::*;
 use crate::crd::{DeletionPolicy, IamAccessKeySpec, RotationSpec};
 
@@ -109,15 +111,34 @@ fn converged() -> World {
 }
 
 #[test]
-fn new_resource_reads_tags_claims_then_records_a_pending_create_before_creating() {
+fn new_resource_reads_tags_records_a_pending_create_then_claims_and_creates() {
     let mut w = World::new(vec![], None);
     assert_eq!(w.plan(), Step::ReadUser);
+    // Status records that a key may come before anything is written to IAM (the claim).
     w.user = UserObservation::Found { keys: vec![], tags: Some(BTreeMap::new()) };
+    assert_eq!(w.plan(), Step::StartCreate { existing_key_ids: vec![] });
+    pending(&mut w, &[], 100);
     assert_eq!(w.plan(), Step::ClaimUser);
     w.user = UserObservation::Found { keys: vec![], tags: Some(claimed_with(&[])) };
-    assert_eq!(w.plan(), Step::StartCreate { existing_key_ids: vec![] });
-    w.ledger.pending_create = Some(vec![]);
     assert_eq!(w.plan(), Step::CreateKey { reason: NewKeyReason::Initial });
+}
+
+#[test]
+fn a_new_resource_facing_two_foreign_keys_writes_nothing_not_even_the_claim() {
+    let keys = vec![iam_key("F1", KeyStatus::Active), iam_key("F2", KeyStatus::Active)];
+    let w = World::new(keys, Some(BTreeMap::new()));
+    let blocking = vec!["F1".to_string(), "F2".to_string()];
+    assert_eq!(w.plan(), Step::Blocked(Blocked::KeyLimitExceeded { blocking }));
+}
+
+/// `status.pendingCreate`: the keys the user had, and `since` (seconds after `t(0)`).
+fn pending(w: &mut World, before: &[&str], since: i64) {
+    w.ledger.pending_create = Some(before.iter().map(|s| s.to_string()).collect());
+    w.ledger.pending_since = Some(t(since));
+}
+
+fn key_created(id: &str, at: Timestamp) -> IamKey {
+    IamKey { access_key_id: id.into(), status: KeyStatus::Active, create_date: at }
 }
 
 #[test]
@@ -162,10 +183,162 @@ fn converged_resource_needs_no_tags_and_waits_for_the_next_due_time() {
 fn untagged_key_created_during_an_interrupted_create_is_deleted_but_older_foreign_keys_are_not() {
     let mut w =
         World::new(vec![iam_key("F", KeyStatus::Active), iam_key("LOST", KeyStatus::Active)], Some(claimed_with(&[])));
-    w.ledger.pending_create = Some(vec!["F".into()]);
+    pending(&mut w, &["F"], 0);
     assert_eq!(w.plan(), Step::DeleteOrphan { access_key_id: "LOST".into(), tagged: false });
     w.user = UserObservation::Found { keys: vec![iam_key("F", KeyStatus::Active)], tags: Some(claimed_with(&[])) };
     assert_eq!(w.plan(), Step::CreateKey { reason: NewKeyReason::Initial });
+}
+
+#[test]
+fn an_untagged_key_is_the_remains_of_a_create_only_inside_its_window() {
+    let since = t(1000);
+    let mut ledger =
+        Ledger { pending_create: Some(vec!["BEFORE".into()]), pending_since: Some(since), ..Default::default() };
+    let at = |d: SignedDuration| since.checked_add(d).unwrap();
+    let leftover =
+        |ledger: &Ledger, id: &str, created: Timestamp| left_by_interrupted_create(&key_created(id, created), ledger);
+    // The clock skew AWS tolerates, on either side of the window.
+    assert!(leftover(&ledger, "K", at(-CLOCK_SKEW)));
+    assert!(leftover(&ledger, "K", since));
+    assert!(leftover(&ledger, "K", at(CREATE_WINDOW + CLOCK_SKEW)));
+    assert!(!leftover(&ledger, "K", at(-CLOCK_SKEW - SignedDuration::from_secs(1))), "created before the create began");
+    assert!(
+        !leftover(&ledger, "K", at(CREATE_WINDOW + CLOCK_SKEW + SignedDuration::from_secs(1))),
+        "created after the create must have happened"
+    );
+    assert!(!leftover(&ledger, "BEFORE", since), "the user had it before");
+    ledger.pending_since = None;
+    assert!(!leftover(&ledger, "K", since), "no since, no proof");
+    ledger.pending_create = None;
+    assert!(!leftover(&ledger, "K", since), "no create in progress");
+}
+
+#[test]
+fn a_create_recorded_long_ago_is_renewed_before_the_key_is_created() {
+    assert!(create_window_open(t(0), t(0)));
+    assert!(create_window_open(t(0), t(60)));
+    assert!(!create_window_open(t(0), t(61)), "older than CREATE_WINDOW");
+    assert!(!create_window_open(t(10), t(0)), "recorded in the future");
+}
+
+// Forged status: whoever can write status (a tenant granted iamaccesskeys/status, say) must not
+// be able to aim the operator at a key that IAM does not show as this resource's.
+
+#[test]
+fn forged_pending_create_from_long_ago_with_no_existing_keys_deletes_nothing() {
+    // A person's untagged key, created an hour before the forged write; `since` a day back.
+    let mut w = World::new(vec![key_created("PERSON", t(-3600))], Some(claimed_with(&[])));
+    w.ledger.keys = vec![];
+    pending(&mut w, &[], -86_400);
+    let step = w.plan();
+    assert!(!matches!(step, Step::DeleteOrphan { .. }), "{step:?}");
+    // A new `since` now: the key predates it by more than the clock skew.
+    pending(&mut w, &[], 100);
+    let step = w.plan();
+    assert!(!matches!(step, Step::DeleteOrphan { .. }), "{step:?}");
+    // Nor on deletion.
+    let o = owner();
+    let user = UserObservation::Found { keys: vec![key_created("PERSON", t(-3600))], tags: Some(claimed_with(&[])) };
+    for since in [-86_400, 100] {
+        pending(&mut w, &[], since);
+        let cleanup = plan_cleanup(&CleanupObservation {
+            owner: &o,
+            previous_owner: None,
+            policy: DeletionPolicy::Delete,
+            ledger: &w.ledger,
+            user: &user,
+            secret: &SecretObservation::Missing,
+        });
+        assert!(!matches!(cleanup, CleanupStep::DeleteKey { .. }), "{cleanup:?}");
+    }
+}
+
+#[test]
+fn forged_pending_create_in_the_future_deletes_nothing() {
+    let mut w = World::new(vec![iam_key("PERSON", KeyStatus::Active)], Some(claimed_with(&[])));
+    pending(&mut w, &[], 86_400);
+    let step = w.plan();
+    assert!(!matches!(step, Step::DeleteOrphan { .. }), "{step:?}");
+}
+
+#[test]
+fn a_key_status_lists_without_our_tag_is_disowned_never_deleted_or_changed() {
+    // Status (forged) lists a person's untagged key as retired long ago, and another resource's
+    // key as draining past its grace period.
+    let mut w = converged();
+    let keys = vec![iam_key("A", KeyStatus::Active), iam_key("THEIRS", KeyStatus::Active)];
+    let mut retired = owned("THEIRS", KeyPhase::Inactive);
+    retired.delete_at = Some(Time(t(1)));
+    w.ledger.keys.push(retired);
+    // Status explains IAM: no tags are read, but no key is changed without them.
+    w.user = UserObservation::Found { keys: keys.clone(), tags: None };
+    assert_eq!(w.plan(), Step::ReadUser);
+    w.user = UserObservation::Found { keys: keys.clone(), tags: Some(claimed_with(&["A"])) };
+    assert_eq!(w.plan(), Step::DisownKey { access_key_id: "THEIRS".into() });
+    let mut tags = claimed_with(&["A"]);
+    tags.insert("THEIRS".into(), "iam-key-operator:c/other/app".into());
+    w.ledger.keys[1].phase = KeyPhase::Draining;
+    w.ledger.keys[1].deactivate_at = Some(Time(t(1)));
+    w.user = UserObservation::Found { keys, tags: Some(tags) };
+    assert_eq!(w.plan(), Step::DisownKey { access_key_id: "THEIRS".into() });
+}
+
+#[test]
+fn a_forged_current_key_is_never_set_to_the_spec_status() {
+    // Status lists a person's key as the current one; the spec asks for Inactive.
+    let mut w = World::new(vec![iam_key("PERSON", KeyStatus::Active)], None);
+    w.ledger.keys = vec![owned("PERSON", KeyPhase::Current)];
+    w.ledger.key_status = Some(KeyStatus::Active);
+    w.secret = SecretObservation::Ours { access_key_id: Some("PERSON".into()) };
+    w.spec.key_status = KeyStatus::Inactive;
+    assert_eq!(w.plan(), Step::ReadUser, "no SetKeyStatus without proof");
+    w.user = UserObservation::Found { keys: vec![iam_key("PERSON", KeyStatus::Active)], tags: Some(claimed_with(&[])) };
+    assert_eq!(w.plan(), Step::DisownKey { access_key_id: "PERSON".into() });
+}
+
+#[test]
+fn cleanup_deletes_only_keys_iam_shows_as_ours_whatever_status_lists() {
+    let o = owner();
+    // Status lists a person's untagged key and another resource's tagged key.
+    let ledger = Ledger {
+        keys: vec![owned("PERSON", KeyPhase::Current), owned("THEIRS", KeyPhase::Draining)],
+        ..Default::default()
+    };
+    let mut tags = claimed_with(&[]);
+    tags.insert("THEIRS".into(), "iam-key-operator:c/other/app".into());
+    let user = UserObservation::Found {
+        keys: vec![iam_key("PERSON", KeyStatus::Active), iam_key("THEIRS", KeyStatus::Active)],
+        tags: Some(tags),
+    };
+    for policy in [DeletionPolicy::Delete, DeletionPolicy::Retain] {
+        let step = plan_cleanup(&CleanupObservation {
+            owner: &o,
+            previous_owner: None,
+            policy,
+            ledger: &ledger,
+            user: &user,
+            secret: &SecretObservation::Ours { access_key_id: Some("PERSON".into()) },
+        });
+        // Only our claim is removed; then the Secret (ours) goes.
+        assert_eq!(step, CleanupStep::Untag { tag_keys: vec![OWNER_TAG.into()] }, "{policy:?}");
+    }
+}
+
+#[test]
+fn only_a_recorded_create_or_key_means_iam_may_hold_something_of_the_resource() {
+    use crate::crd::{IamAccessKeyStatus, PendingCreate, RotationRecord};
+    let mut status = IamAccessKeyStatus::default();
+    assert!(!may_have_written_to_iam(&status), "never allowed, or never got as far as a create");
+    status.conditions = vec![];
+    status.pending_create = Some(PendingCreate { since: Time(t(0)), existing_key_ids: vec![] });
+    assert!(may_have_written_to_iam(&status));
+    status.pending_create = None;
+    status.keys = vec![owned("A", KeyPhase::Current)];
+    assert!(may_have_written_to_iam(&status));
+    // Its keys deleted in IAM and forgotten: the claim may still be on the user.
+    status.keys.clear();
+    status.rotation = Some(RotationRecord::default());
+    assert!(may_have_written_to_iam(&status));
 }
 
 #[test]
@@ -191,7 +364,10 @@ fn secret_deleted_issues_a_new_key_and_current_drains() {
 #[test]
 fn console_deactivation_is_drift_and_is_reverted_but_a_spec_change_is_not_drift() {
     let mut w = converged();
+    // Status explains IAM, yet a key is changed only once its tag proves it ours.
     w.user = UserObservation::Found { keys: vec![iam_key("A", KeyStatus::Inactive)], tags: None };
+    assert_eq!(w.plan(), Step::ReadUser);
+    w.user = UserObservation::Found { keys: vec![iam_key("A", KeyStatus::Inactive)], tags: Some(claimed_with(&["A"])) };
     let step = Step::SetKeyStatus { access_key_id: "A".into(), status: KeyStatus::Active, drift: true };
     assert_eq!(w.plan(), step);
     let mut w = converged();
@@ -246,6 +422,10 @@ fn draining_key_is_retired_after_grace_then_deleted_after_the_window() {
     w.ledger.keys.push(old.clone());
     assert_eq!(w.plan(), Step::Done { wake_at: Some(t(200)) });
     w.now = t(200);
+    // The tags prove the key ours before it is changed.
+    assert_eq!(w.plan(), Step::ReadUser);
+    let keys = vec![iam_key("A", KeyStatus::Active), iam_key("OLD", KeyStatus::Active)];
+    w.user = UserObservation::Found { keys, tags: Some(claimed_with(&["A", "OLD"])) };
     assert_eq!(w.plan(), Step::RetireKey { access_key_id: "OLD".into(), already_inactive: false, still_in_use: false });
     old.phase = KeyPhase::Inactive;
     w.ledger.keys[1] = old;
@@ -303,11 +483,14 @@ fn cleanup_deletes_our_keys_untags_then_deletes_the_secret_and_never_touches_for
     assert_eq!(run(DeletionPolicy::Delete, only_foreign, untagged), CleanupStep::DeleteSecret);
 }
 
-// Random worlds: whatever IAM, status and the Secret look like, the planner never acts on a
-// key it does not own, never deletes or retires the current key, and never creates a third key.
+// Random worlds: whatever IAM, status and the Secret look like (status forged included: it may
+// list any key, record any pending create), the planner never changes or deletes a key IAM does
+// not show as this resource's, never deletes or retires the current key, and never creates a
+// third key; on deletion, it deletes only keys IAM shows as ours.
 fn arb_world() -> impl Strategy<Value = World> {
     let ids = ["A", "B", "C", "D"];
-    let key = (0..4usize, any::<bool>(), 0..3u8);
+    // (id, active, tag: none / ours / another resource's, created: long before / at / long after `since`)
+    let key = (0..4usize, any::<bool>(), 0..3u8, 0..3u8);
     (
         proptest::collection::vec(key, 0..=2),
         proptest::collection::vec((0..4usize, 0..3u8, 0..400i64), 0..=3),
@@ -316,28 +499,36 @@ fn arb_world() -> impl Strategy<Value = World> {
         0..4usize,
         0..400i64,
         0..3i64,
+        (any::<bool>(), proptest::collection::vec(0..4usize, 0..=2)),
         any::<bool>(),
     )
-        .prop_map(move |(iam, ledger, claimed, secret_kind, secret_id, now, serial, pending)| {
+        .prop_map(move |(iam, ledger, claimed, secret_kind, secret_id, now, serial, pending, tags_read)| {
             let mut keys: Vec<IamKey> = vec![];
             let mut tag_map = BTreeMap::new();
             let o = owner();
             if claimed {
                 tag_map.insert(OWNER_TAG.to_string(), o.0.clone());
             }
-            for (i, active, tag) in iam {
+            let since = t(200);
+            for (i, active, tag, created) in iam {
                 let id = ids[i];
                 if keys.iter().any(|k| k.access_key_id == id) {
                     continue;
                 }
-                keys.push(iam_key(id, if active { KeyStatus::Active } else { KeyStatus::Inactive }));
+                let status = if active { KeyStatus::Active } else { KeyStatus::Inactive };
+                let offset = [-86_400, 10, 86_400][created as usize];
+                keys.push(IamKey {
+                    access_key_id: id.into(),
+                    status,
+                    create_date: after(since, SignedDuration::from_secs(offset)),
+                });
                 match tag {
                     0 => {}
                     1 => drop(tag_map.insert(id.to_string(), o.key_tag_value())),
                     _ => drop(tag_map.insert(id.to_string(), "iam-key-operator:x/y/z".into())),
                 }
             }
-            let mut w = World::new(keys, Some(tag_map));
+            let mut w = World::new(keys, tags_read.then_some(tag_map));
             for (i, phase, at) in ledger {
                 let id = ids[i];
                 if w.ledger.keys.iter().any(|k| k.access_key_id == id) {
@@ -359,37 +550,66 @@ fn arb_world() -> impl Strategy<Value = World> {
             };
             w.now = t(now);
             w.spec.rotation = Some(RotationSpec { serial, ..Default::default() });
-            if pending {
-                w.ledger.pending_create = Some(vec![]);
+            if let (true, before) = pending {
+                w.ledger.pending_create = Some(before.into_iter().map(|i| ids[i].to_string()).collect());
+                w.ledger.pending_since = Some(since);
             }
             w
         })
 }
 
+/// Whether IAM shows the key as this resource's: our tag, or untagged and created inside the
+/// recorded create. Without the tags, nothing is proven.
+fn proven_ours(w: &World, id: &str) -> bool {
+    let UserObservation::Found { keys, tags: Some(tags) } = &w.user else { return false };
+    let Some(key) = keys.iter().find(|k| k.access_key_id == id) else { return false };
+    match tags.get(id) {
+        Some(v) => *v == owner().key_tag_value(),
+        None => left_by_interrupted_create(key, &w.ledger),
+    }
+}
+
 proptest! {
     #[test]
-    fn planner_never_touches_foreign_or_current_keys_nor_exceeds_two(w in arb_world()) {
-        let UserObservation::Found { keys, tags: Some(tags) } = &w.user else { unreachable!() };
-        let o = owner();
-        let foreign = |id: &str| {
-            let tracked = w.ledger.keys.iter().any(|k| k.access_key_id == id);
-            match tags.get(id) {
-                Some(v) => *v != o.key_tag_value() && !tracked,
-                None => !tracked && w.ledger.pending_create.is_none(),
-            }
-        };
+    fn planner_never_touches_keys_iam_does_not_show_as_ours_nor_exceeds_two(w in arb_world()) {
+        let UserObservation::Found { keys, .. } = &w.user else { unreachable!() };
         let current = w.ledger.keys.iter().find(|k| k.phase == KeyPhase::Current).map(|k| k.access_key_id.clone());
-        match w.plan() {
+        let step = w.plan();
+        match &step {
             Step::DeleteOrphan { access_key_id: id, .. } | Step::MakeRoom { access_key_id: id }
             | Step::DeleteRetired { access_key_id: id } | Step::RetireKey { access_key_id: id, .. } => {
-                prop_assert!(!foreign(&id), "acted on foreign key {id}");
-                prop_assert_ne!(Some(id), current);
+                prop_assert!(proven_ours(&w, id), "{step:?} on a key IAM does not show as ours");
+                prop_assert_ne!(Some(id), current.as_ref());
             }
-            Step::SetKeyStatus { access_key_id: id, .. } => {
-                prop_assert!(!foreign(&id));
-                prop_assert_eq!(Some(id), current);
+            Step::SetKeyStatus { access_key_id: id, .. } | Step::DeactivateUnused { access_key_id: id, .. } => {
+                prop_assert!(proven_ours(&w, id), "{step:?} on a key IAM does not show as ours");
+                prop_assert_eq!(Some(id), current.as_ref());
             }
             Step::CreateKey { .. } | Step::StartCreate { .. } => prop_assert!(keys.len() < MAX_KEYS_PER_USER),
+            // A key status lists is kept only with our tag on it (an untagged one inside a
+            // create is then deleted as that create's remains).
+            Step::DisownKey { access_key_id: id } => {
+                let UserObservation::Found { tags: Some(tags), .. } = &w.user else { unreachable!() };
+                prop_assert_ne!(tags.get(id.as_str()), Some(&owner().key_tag_value()));
+            }
+            _ => {}
+        }
+    }
+
+    #[test]
+    fn cleanup_deletes_and_retains_only_keys_iam_shows_as_ours(w in arb_world(), retain in any::<bool>()) {
+        let o = owner();
+        let policy = if retain { DeletionPolicy::Retain } else { DeletionPolicy::Delete };
+        let step = plan_cleanup(&CleanupObservation {
+            owner: &o, previous_owner: None, policy, ledger: &w.ledger, user: &w.user, secret: &w.secret,
+        });
+        match &step {
+            CleanupStep::DeleteKey { access_key_id: id } => prop_assert!(proven_ours(&w, id), "{step:?}"),
+            CleanupStep::MarkRetained { access_key_ids } => {
+                for id in access_key_ids {
+                    prop_assert!(proven_ours(&w, id), "{step:?}");
+                }
+            }
             _ => {}
         }
     }
@@ -409,7 +629,7 @@ fn draining_world(wait_for_unused: bool) -> World {
     let mut w = converged();
     w.user = UserObservation::Found {
         keys: vec![iam_key("A", KeyStatus::Active), iam_key("OLD", KeyStatus::Active)],
-        tags: None,
+        tags: Some(claimed_with(&["A", "OLD"])),
     };
     let mut old = owned("OLD", KeyPhase::Draining);
     old.replaced_at = Some(Time(t(100)));
@@ -482,7 +702,7 @@ fn policy_max_key_age_forces_a_rotation_before_the_schedule() {
     assert_eq!(w.plan(), Step::Done { wake_at: Some(t(300)) });
     w.now = t(300);
     assert_eq!(w.plan(), Step::StartCreate { existing_key_ids: vec!["A".into()] });
-    w.ledger.pending_create = Some(vec!["A".into()]);
+    pending(&mut w, &["A"], 300);
     assert_eq!(w.plan(), Step::CreateKey { reason: NewKeyReason::MaxKeyAge });
 }
 

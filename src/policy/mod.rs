@@ -16,7 +16,10 @@ use std::{collections::BTreeMap, sync::Arc};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use kube::ResourceExt;
 
-use crate::crd::{Duration, IamAccessKeyPolicy, IamAccessKeySpec, OnRevoke, PolicyRule};
+use crate::crd::{DeletionPolicy, Duration, IamAccessKeyPolicy, IamAccessKeySpec, OnRevoke, PolicyRule};
+
+/// The annotation that pauses a resource (where a policy allows it).
+pub const PAUSED_ANNOTATION: &str = "iam.keyop.dev/paused";
 
 /// The namespace a resource lives in.
 pub struct NamespaceFacts<'a> {
@@ -41,6 +44,12 @@ pub struct Limits {
     pub min_rotation_interval: Option<(Duration, String)>,
     /// The rule the resource records as its grant.
     pub granting_rule: Option<GrantingRule>,
+    /// Policies with a matching rule that does not allow pausing (`allowPause`); empty: the
+    /// resource may pause.
+    pub pause_refused_by: Vec<String>,
+    /// Policies with a matching rule that does not allow `deletionPolicy: Retain`
+    /// (`allowRetain`); empty: the resource may retain its keys.
+    pub retain_refused_by: Vec<String>,
 }
 
 /// The rule whose grant a resource records: of the matching rules, the one with the strictest
@@ -73,6 +82,58 @@ impl Limits {
             _ => Ok(()),
         }
     }
+
+    /// Whether the paused annotation holds: every matching rule allows pausing, and no limit
+    /// (which a paused resource would escape) applies.
+    pub fn pause_allowed(&self) -> bool {
+        self.pause_refused_by.is_empty() && self.max_key_age.is_none() && self.deactivate_unused_after.is_none()
+    }
+
+    pub fn retain_allowed(&self) -> bool {
+        self.retain_refused_by.is_empty()
+    }
+
+    /// The deletion policy that applies: `Retain` only where every matching rule allows it.
+    pub fn deletion_policy(&self, spec: &IamAccessKeySpec) -> DeletionPolicy {
+        match spec.deletion_policy {
+            DeletionPolicy::Retain if self.retain_allowed() => DeletionPolicy::Retain,
+            _ => DeletionPolicy::Delete,
+        }
+    }
+
+    /// What of the resource's own settings the policies overrule, each with the policy that does
+    /// and the fix (empty: nothing).
+    pub fn overrides(&self, spec: &IamAccessKeySpec, paused: bool) -> Vec<String> {
+        let mut out = Vec::new();
+        if paused && !self.pause_allowed() {
+            let refused_by = if self.pause_refused_by.is_empty() { &self.policies } else { &self.pause_refused_by };
+            out.push(format!(
+                "the annotation {PAUSED_ANNOTATION}=true is ignored: IamAccessKeyPolicy {} does not allow pausing \
+                 (spec.rules[].allowPause), so this resource is still reconciled and its deletion still removes its keys; \
+                 remove the annotation, or ask a platform admin for allowPause in every rule that allows this resource",
+                names(refused_by)
+            ));
+        }
+        if spec.deletion_policy == DeletionPolicy::Retain && !self.retain_allowed() {
+            out.push(format!(
+                "deletionPolicy Retain is not allowed by IamAccessKeyPolicy {} (spec.rules[].allowRetain): the access keys \
+                 will be deleted with this resource; set deletionPolicy: Delete, or ask a platform admin for allowRetain",
+                names(&self.retain_refused_by)
+            ));
+        }
+        out
+    }
+}
+
+/// `"a"`, or `"a", "b"`.
+fn names(policies: &[String]) -> String {
+    policies.iter().map(|p| format!("{p:?}")).collect::<Vec<_>>().join(", ")
+}
+
+fn note_policy(list: &mut Vec<String>, policy: String) {
+    if !list.contains(&policy) {
+        list.push(policy);
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -93,8 +154,14 @@ pub fn authorize(policies: &[Arc<IamAccessKeyPolicy>], ns: &NamespaceFacts, user
             }
             match user_matches(rule, ns.name, user) {
                 Some(true) => {
-                    if !limits.policies.contains(&policy.name_any()) {
-                        limits.policies.push(policy.name_any());
+                    note_policy(&mut limits.policies, policy.name_any());
+                    // A rule with limits cannot allow pausing (the schema refuses it too).
+                    let limited = rule.max_key_age.is_some() || rule.deactivate_unused_after.is_some();
+                    if !rule.allow_pause || limited {
+                        note_policy(&mut limits.pause_refused_by, policy.name_any());
+                    }
+                    if !rule.allow_retain {
+                        note_policy(&mut limits.retain_refused_by, policy.name_any());
                     }
                     limits.max_key_age = strictest(limits.max_key_age, rule.max_key_age);
                     limits.deactivate_unused_after =

@@ -118,3 +118,77 @@ fn glob_semantics() {
         assert_eq!(glob_matches(p, t), ok, "{p} vs {t}");
     }
 }
+
+fn limits(decision: Decision) -> Limits {
+    let Decision::Allowed(limits) = decision else { panic!("not allowed: {decision:?}") };
+    limits
+}
+
+fn spec(deletion_policy: &str) -> IamAccessKeySpec {
+    serde_json::from_value(json!({"userName": "u", "deletionPolicy": deletion_policy})).unwrap()
+}
+
+#[test]
+fn pause_and_retain_are_refused_unless_the_rule_allows_them() {
+    let p = [policy("plain", json!([{"namespaces": ["a"], "userNames": ["u"]}]))];
+    let l = limits(decide(&p, "a", &[], "u", None));
+    assert!(!l.pause_allowed() && !l.retain_allowed(), "secure default: neither");
+    assert_eq!(l.deletion_policy(&spec("Retain")), DeletionPolicy::Delete);
+    let overrides = l.overrides(&spec("Retain"), true);
+    assert_eq!(overrides.len(), 2, "{overrides:?}");
+    assert!(overrides[0].contains("iam.keyop.dev/paused") && overrides[0].contains("\"plain\""), "{overrides:?}");
+    assert!(overrides[0].contains("allowPause"), "names the fix: {overrides:?}");
+    assert!(overrides[1].contains("Retain") && overrides[1].contains("allowRetain"), "{overrides:?}");
+    assert!(l.overrides(&spec("Delete"), false).is_empty(), "nothing asked, nothing overruled");
+
+    let p = [policy(
+        "lenient",
+        json!([{"namespaces": ["a"], "userNames": ["u"], "allowPause": true, "allowRetain": true}]),
+    )];
+    let l = limits(decide(&p, "a", &[], "u", None));
+    assert!(l.pause_allowed() && l.retain_allowed());
+    assert_eq!(l.deletion_policy(&spec("Retain")), DeletionPolicy::Retain);
+    assert!(l.overrides(&spec("Retain"), true).is_empty());
+}
+
+#[test]
+fn every_matching_rule_must_allow_pause_and_retain_and_the_message_names_the_one_that_does_not() {
+    let p = [
+        policy("lenient", json!([{"namespaces": ["a"], "userNames": ["u"], "allowPause": true, "allowRetain": true}])),
+        policy("strict", json!([{"namespaces": ["*"], "userNames": ["*"]}])),
+    ];
+    let l = limits(decide(&p, "a", &[], "u", None));
+    assert_eq!(l.pause_refused_by, ["strict"]);
+    assert_eq!(l.retain_refused_by, ["strict"]);
+    let overrides = l.overrides(&spec("Retain"), true);
+    assert!(overrides.iter().all(|o| o.contains("\"strict\"") && !o.contains("lenient")), "{overrides:?}");
+}
+
+#[test]
+fn a_limit_never_lets_a_pause_hold() {
+    // The schema refuses allowPause next to a limit; a stored rule that has both still refuses.
+    let p = [policy("p", json!([{"namespaces": ["a"], "userNames": ["u"], "allowPause": true, "maxKeyAge": "90d"}]))];
+    let l = limits(decide(&p, "a", &[], "u", None));
+    assert!(!l.pause_allowed());
+    // A limit from another rule: the pause the first allows does not hold either.
+    let p = [
+        policy("pausable", json!([{"namespaces": ["a"], "userNames": ["u"], "allowPause": true}])),
+        policy(
+            "aged",
+            json!([{"namespaces": ["a"], "userPathPrefix": "/"}, {"namespaces": ["a"], "userNames": ["u"], "deactivateUnusedAfter": "30d"}]),
+        ),
+    ];
+    let l = limits(decide(&p, "a", &[], "u", Some(("/", &[]))));
+    assert!(!l.pause_allowed());
+    assert!(l.overrides(&spec("Delete"), true)[0].contains("\"aged\""));
+}
+
+#[test]
+fn a_user_no_rule_allows_is_refused_with_one_message_whatever_iam_says_of_it() {
+    let p = [policy("p", json!([{"namespaces": ["a"], "userPathPrefix": "/k8s/{namespace}/"}]))];
+    // Outside the path, and unreadable (the controller decides with no path and no tags).
+    let outside = decide(&p, "a", &[], "admin", Some(("/admins/", &[("team", "x")])));
+    let unreadable = decide(&p, "a", &[], "admin", Some(("", &[])));
+    assert!(matches!(&outside, Decision::Denied(_)));
+    assert_eq!(outside, unreadable);
+}

@@ -42,8 +42,17 @@ impl Fixture {
     /// Like `new`, with the IAM user under `path` (the chart manages users under /k8s/).
     pub async fn with_user_path(prefix: &str, path: &str) -> Fixture {
         let f = Self::bare(prefix, path).await;
-        f.allow(&format!("allow-{}", f.ns), json!({"namespaces": [f.ns], "userNames": [format!("{}*", f.user)]})).await;
+        f.allow_own_user(json!({})).await;
         f
+    }
+
+    /// Replace the fixture's policy: its rule (this namespace, users named like the fixture's)
+    /// with `extra` fields, e.g. `{"allowRetain": true}` or `{"allowPause": true}`. The default
+    /// rule allows neither (the secure default).
+    pub async fn allow_own_user(&self, extra: serde_json::Value) {
+        let mut rule = json!({"namespaces": [self.ns], "userNames": [format!("{}*", self.user)]});
+        rule.as_object_mut().expect("rule").extend(extra.as_object().expect("extra fields").clone());
+        self.allow(&format!("allow-{}", self.ns), rule).await;
     }
 
     /// A fresh namespace and IAM user; no policy allows anything yet.
@@ -97,6 +106,18 @@ impl Fixture {
         }))
         .expect("valid IamAccessKey");
         self.keys_api().create(&PostParams::default(), &obj).await.expect("create IamAccessKey")
+    }
+
+    /// Notes of the events about `name` with this reason.
+    pub async fn events(&self, name: &str, reason: &str) -> Vec<String> {
+        let api: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(self.client.clone(), &self.ns);
+        let list = api.list(&Default::default()).await.expect("list events");
+        list.items
+            .into_iter()
+            .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
+            .filter(|e| e.reason.as_deref() == Some(reason))
+            .filter_map(|e| e.note)
+            .collect()
     }
 
     pub async fn delete(&self, name: &str) {
@@ -197,7 +218,12 @@ impl Fixture {
 
 /// `(status, reason, message)` of the Ready condition.
 pub fn ready(obj: &IamAccessKey) -> Option<(String, String, String)> {
-    let c = obj.status.as_ref()?.conditions.iter().find(|c| c.type_ == "Ready")?;
+    condition(obj, "Ready")
+}
+
+/// `(status, reason, message)` of a condition.
+pub fn condition(obj: &IamAccessKey, type_: &str) -> Option<(String, String, String)> {
+    let c = obj.status.as_ref()?.conditions.iter().find(|c| c.type_ == type_)?;
     Some((c.status.clone(), c.reason.clone(), c.message.clone()))
 }
 
@@ -395,6 +421,18 @@ impl Drop for Operator {
 }
 
 pub const IAM_WRITES: &[&str] = &["CreateAccessKey", "UpdateAccessKey", "DeleteAccessKey", "TagUser", "UntagUser"];
+/// Every IAM and STS call the operator makes.
+pub const IAM_ALL: &[&str] = &[
+    "GetUser",
+    "ListAccessKeys",
+    "CreateAccessKey",
+    "UpdateAccessKey",
+    "DeleteAccessKey",
+    "TagUser",
+    "UntagUser",
+    "GetAccessKeyLastUsed",
+    "GetCallerIdentity",
+];
 
 fn sum_metric(text: &str, name: &str, filter: impl Fn(&str) -> bool) -> u64 {
     text.lines()
