@@ -1237,6 +1237,10 @@ metrics:
     readers:
       - {kind: ServiceAccount, name: prometheus-k8s, namespace: monitoring}
       - {kind: User, name: jane@example.com}
+admissionPolicy:
+  enabled: true
+  validationActions: [Warn, Audit]
+  namespaceSelector: {matchLabels: {chart-options-test: never-matches}}
 "#,
     )
     .expect("values");
@@ -1253,6 +1257,11 @@ metrics:
     let docs = documents(&String::from_utf8_lossy(&out.stdout));
     assert!(kinds(&docs).contains("NetworkPolicy"));
     assert!(find(&docs, "ConfigMap", "opts-iam-key-operator-dashboard").is_some());
+    // The API server compiles the admission policy's CEL on the dry run too (tests/admission.rs
+    // exercises it).
+    assert!(
+        kinds(&docs).contains("ValidatingAdmissionPolicy") && kinds(&docs).contains("ValidatingAdmissionPolicyBinding")
+    );
     assert!(find(&docs, "ClusterRoleBinding", "opts-iam-key-operator-metrics-reader").is_some());
     let rendered = env.dir().join(format!("rendered-{ns}.yaml"));
     let all: Vec<String> = docs.iter().map(|d| serde_yaml::to_string(d).expect("yaml")).collect();
