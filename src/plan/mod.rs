@@ -340,15 +340,15 @@ impl Step {
     /// Steps that change or delete an existing key: planned only on proof from IAM (its tags)
     /// that the key is this resource's.
     fn changes_a_key(&self) -> bool {
-        match self {
+        matches!(
+            self,
             Step::DeleteOrphan { .. }
-            | Step::MakeRoom { .. }
-            | Step::DeleteRetired { .. }
-            | Step::DeactivateUnused { .. }
-            | Step::SetKeyStatus { .. }
-            | Step::RetireKey { .. } => true,
-            _ => false,
-        }
+                | Step::MakeRoom { .. }
+                | Step::DeleteRetired { .. }
+                | Step::DeactivateUnused { .. }
+                | Step::SetKeyStatus { .. }
+                | Step::RetireKey { .. }
+        )
     }
 }
 
