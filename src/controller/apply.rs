@@ -25,7 +25,7 @@ use crate::{
     plan::{
         Blocked, Ledger, NewKeyReason, Observation, Owner, SecretObservation, Step, UserObservation, plan_next_step,
     },
-    policy::{Decision, Limits, NamespaceFacts, UserFacts, authorize},
+    policy::{Decision, Limits, NamespaceFacts, Overrides, UserFacts, authorize},
 };
 
 mod revoke;
@@ -202,7 +202,7 @@ struct Run<'a> {
     user_info: Option<IamUser>,
     limits: Limits,
     /// What the policies overrule of the resource's settings (`None`: not decided yet).
-    overrides: Option<Vec<String>>,
+    overrides: Option<Overrides>,
     secret: SecretObservation,
     secret_layout_stale: bool,
 }
@@ -253,12 +253,12 @@ impl<'a> Run<'a> {
             }
             // No rule allows it (any more): if one did, its grant was revoked.
             Verdict::Denied(message) => {
-                self.overrides = Some(vec![]);
+                self.overrides = Some(Overrides::default());
                 Err(self.revoke(message).await)
             }
             // Denied by the operator's own path prefix rather than by the policies: not a revocation.
             Verdict::OutsidePrefix(message) => {
-                self.overrides = Some(vec![]);
+                self.overrides = Some(Overrides::default());
                 Err(Error::NotAuthorized(message))
             }
         }
@@ -771,7 +771,7 @@ impl<'a> Run<'a> {
     async fn record_overrides(&mut self) {
         let Some(overrides) = self.overrides.clone() else { return };
         if set_policy_override(&mut self.status, self.obj, &overrides) && !overrides.is_empty() {
-            self.note(EventType::Warning, POLICY_OVERRIDE, overrides.join("; ")).await;
+            self.note(EventType::Warning, POLICY_OVERRIDE, overrides.message()).await;
         }
     }
 

@@ -7,7 +7,7 @@ use crate::{
     crd::{IamAccessKey, IamAccessKeyStatus, KeyPhase},
     iam::IamKey,
     plan::rotation_due_at,
-    policy::Limits,
+    policy::{Limits, Overrides},
 };
 
 /// Refresh the summary fields (current key, next rotation, foreign keys) from the ledger and IAM.
@@ -53,23 +53,25 @@ pub fn set_ready(status: &mut IamAccessKeyStatus, obj: &IamAccessKey, ready: boo
 /// Condition type (and event reason) saying what of a resource's settings the policies overrule.
 pub const POLICY_OVERRIDE: &str = "PolicyOverride";
 
-/// Set the `PolicyOverride` condition (`True`, reason `NotAllowedByPolicy`, each overruled
-/// setting in the message), or remove it when nothing is overruled. Whether it changed.
-pub fn set_policy_override(status: &mut IamAccessKeyStatus, obj: &IamAccessKey, overrides: &[String]) -> bool {
+/// Set the `PolicyOverride` condition (`True`, reason `PauseNotAllowed` or `RetainNotAllowed`,
+/// each overruled setting in the message), or remove it when nothing is overruled. Whether it
+/// changed.
+pub fn set_policy_override(status: &mut IamAccessKeyStatus, obj: &IamAccessKey, overrides: &Overrides) -> bool {
     let previous = status.conditions.iter().find(|c| c.type_ == POLICY_OVERRIDE).cloned();
-    if overrides.is_empty() {
+    let Some(reason) = overrides.reason() else {
         status.conditions.retain(|c| c.type_ != POLICY_OVERRIDE);
         return previous.is_some();
-    }
-    let message = overrides.join("; ");
-    if previous.as_ref().is_some_and(|p| p.message == message && p.observed_generation == obj.metadata.generation) {
+    };
+    let message = overrides.message();
+    let same = |p: &Condition| p.message == message && p.reason == reason;
+    if previous.as_ref().is_some_and(|p| same(p) && p.observed_generation == obj.metadata.generation) {
         return false;
     }
-    let changed = previous.as_ref().is_none_or(|p| p.message != message);
+    let changed = previous.as_ref().is_none_or(|p| !same(p));
     let condition = Condition {
         type_: POLICY_OVERRIDE.into(),
         status: "True".into(),
-        reason: "NotAllowedByPolicy".into(),
+        reason: reason.into(),
         message,
         observed_generation: obj.metadata.generation,
         last_transition_time: previous.map_or_else(|| Time(Timestamp::now()), |p| p.last_transition_time),

@@ -1223,9 +1223,12 @@ impl Sim {
                     // policy does not revert it) and IAM shows no use for deactivateUnusedAfter:
                     // a person must rotate.
                     // A use in the very second of the operator's last reading is not seen by it
-                    // (as in `deactivates_only_unused_keys`).
+                    // (as in `deactivates_only_unused_keys`); after a restart, the reading is the
+                    // one status records.
                     let limit = self.limits.deactivate_unused_after.map(|d| d.as_signed());
-                    let seen_by_the_reading = |t: Timestamp| self.last_used_read_at.is_none_or(|read| t < read);
+                    let recorded = self.status.last_used.as_ref().filter(|u| u.access_key_id == access_key_id);
+                    let read_at = self.last_used_read_at.max(recorded.map(|u| u.checked_at.0));
+                    let seen_by_the_reading = |t: Timestamp| read_at.is_none_or(|read| t < read);
                     let unused = self.iam_key(&access_key_id).is_some_and(|k| {
                         let last = k.last_used.unwrap_or(k.create_date);
                         k.status == KeyStatus::Inactive

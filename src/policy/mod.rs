@@ -102,26 +102,57 @@ impl Limits {
     }
 
     /// What of the resource's own settings the policies overrule, each with the policy that does
-    /// and the fix (empty: nothing).
-    pub fn overrides(&self, spec: &IamAccessKeySpec, paused: bool) -> Vec<String> {
-        let mut out = Vec::new();
-        if paused && !self.pause_allowed() {
+    /// and the fix.
+    pub fn overrides(&self, spec: &IamAccessKeySpec, paused: bool) -> Overrides {
+        let pause = (paused && !self.pause_allowed()).then(|| {
             let refused_by = if self.pause_refused_by.is_empty() { &self.policies } else { &self.pause_refused_by };
-            out.push(format!(
+            format!(
                 "the annotation {PAUSED_ANNOTATION}=true is ignored: IamAccessKeyPolicy {} does not allow pausing \
                  (spec.rules[].allowPause), so this resource is still reconciled and its deletion still removes its keys; \
                  remove the annotation, or ask a platform admin for allowPause in every rule that allows this resource",
                 names(refused_by)
-            ));
-        }
-        if spec.deletion_policy == DeletionPolicy::Retain && !self.retain_allowed() {
-            out.push(format!(
+            )
+        });
+        let retain = (spec.deletion_policy == DeletionPolicy::Retain && !self.retain_allowed()).then(|| {
+            format!(
                 "deletionPolicy Retain is not allowed by IamAccessKeyPolicy {} (spec.rules[].allowRetain): the access keys \
                  will be deleted with this resource; set deletionPolicy: Delete, or ask a platform admin for allowRetain",
                 names(&self.retain_refused_by)
-            ));
+            )
+        });
+        Overrides { pause, retain }
+    }
+}
+
+/// What the policies overrule of a resource's settings: each a message naming the policy and
+/// the fix.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Overrides {
+    /// The paused annotation is ignored.
+    pub pause: Option<String>,
+    /// `deletionPolicy: Retain` is treated as `Delete`.
+    pub retain: Option<String>,
+}
+
+impl Overrides {
+    pub fn is_empty(&self) -> bool {
+        self.pause.is_none() && self.retain.is_none()
+    }
+
+    /// The condition's reason: `PauseNotAllowed` whenever the pause is ignored (tools that read
+    /// the annotation, such as the Argo CD health check, look for it), else `RetainNotAllowed`.
+    pub fn reason(&self) -> Option<&'static str> {
+        if self.pause.is_some() {
+            Some("PauseNotAllowed")
+        } else if self.retain.is_some() {
+            Some("RetainNotAllowed")
+        } else {
+            None
         }
-        out
+    }
+
+    pub fn message(&self) -> String {
+        self.pause.iter().chain(&self.retain).cloned().collect::<Vec<_>>().join("; ")
     }
 }
 

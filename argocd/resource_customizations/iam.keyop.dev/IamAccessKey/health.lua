@@ -4,7 +4,9 @@
 --   Progressing  not reconciled yet, spec change not yet acted on, a key being created, a rotation
 --                in its overlap (a Draining key), deletion in progress, or a retryable error
 --   Degraded     Ready=False for a reason that needs a person (the condition's message says what)
---   Suspended    paused with the annotation iam.keyop.dev/paused: "true"
+--   Suspended    paused with the annotation iam.keyop.dev/paused: "true" (unless the operator
+--                reports that no policy allows the pause: condition PolicyOverride,
+--                reason PauseNotAllowed; then it is reconciled and judged as usual)
 local hs = {}
 
 -- Ready=False reasons the operator retries by itself (with backoff): Progressing. Every other
@@ -20,12 +22,12 @@ local retryable = {
   FinalizerError = true,
 }
 
-local function readyCondition(status)
+local function findCondition(status, type)
   if status == nil or status.conditions == nil then
     return nil
   end
   for _, condition in ipairs(status.conditions) do
-    if condition.type == "Ready" then
+    if condition.type == type then
       return condition
     end
   end
@@ -42,9 +44,11 @@ end
 local metadata = obj.metadata or {}
 local annotations = metadata.annotations or {}
 local status = obj.status
-local ready = readyCondition(status)
+local ready = findCondition(status, "Ready")
+local override = findCondition(status, "PolicyOverride")
+local pauseIgnored = override ~= nil and override.reason == "PauseNotAllowed"
 
-if annotations["iam.keyop.dev/paused"] == "true" or (ready ~= nil and ready.reason == "Paused") then
+if (annotations["iam.keyop.dev/paused"] == "true" and not pauseIgnored) or (ready ~= nil and ready.reason == "Paused") then
   hs.status = "Suspended"
   hs.message = "Paused by the annotation iam.keyop.dev/paused: no IAM or Secret changes until it is removed"
   return hs
