@@ -61,8 +61,9 @@ pub async fn cleanup(obj: &Arc<IamAccessKey>, ctx: &Context) -> Result<Action, E
             );
             ctx.event(obj, EventType::Warning, "PauseIgnored", note).await;
         }
-        if deletion_policy == DeletionPolicy::Retain && !allows(Limits::retain_allowed) {
-            deletion_policy = DeletionPolicy::Delete;
+        let applies = limits.as_ref().map_or(DeletionPolicy::Delete, |l| l.deletion_policy(&obj.spec));
+        if deletion_policy != applies {
+            deletion_policy = applies;
             let note = "deletionPolicy Retain is not allowed for this resource by the IamAccessKeyPolicy rules (allowRetain): its access keys are deleted".to_string();
             ctx.event(obj, EventType::Warning, "RetainNotAllowed", note).await;
         }
