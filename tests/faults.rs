@@ -565,21 +565,6 @@ async fn a_failed_untag_after_a_key_deletion_leaves_no_tag_behind() {
 
 /// An environment of this test's own (its API server gets killed); never dropped (the child
 /// processes end with the test process).
-async fn private_env() -> &'static TestEnv {
-    let opts = testenv::Options::default().crds_dir(testenv::repo_root().join("crds")).controller_manager(false);
-    let env = TestEnv::start_async(opts).await.expect("private testenv");
-    Box::leak(Box::new(env))
-}
-
-async fn private_fixture(env: &'static TestEnv, prefix: &str) -> Fixture {
-    let client = env.kube_client().await.expect("client");
-    let ns = env.fresh_namespace(prefix).await.expect("namespace");
-    let user = env.fresh_iam_user(prefix).await.expect("user");
-    let f = Fixture { env, client, ns, user };
-    f.allow(&format!("allow-{}", f.ns), json!({"namespaces": [f.ns], "userNames": [format!("{}*", f.user)]})).await;
-    f
-}
-
 /// A kube-apiserver started by this test with the command line of the one it killed.
 struct Restarted(std::process::Child);
 
@@ -632,8 +617,8 @@ async fn wait_apiserver_ready(env: &TestEnv, timeout: Duration) {
 #[tokio::test]
 async fn api_server_restart_watches_recover_and_nothing_is_created_twice() {
     const DOWN: Duration = Duration::from_secs(10);
-    let env = private_env().await;
-    let f = private_fixture(env, "apirestart").await;
+    let f = Fixture::private("apirestart").await;
+    let env = f.env;
     let users = make_users(&f, 6).await;
     let all = names("r", 0..6);
     let proxy = FaultProxy::start(env).await;

@@ -60,8 +60,22 @@ impl Fixture {
         Self::bare(prefix, "/").await
     }
 
+    /// Like `new`, in an environment of its own (no controller-manager): for tests that kill the
+    /// API server, or that count what the operator does and must not see other tests' policies
+    /// (every policy change makes every operator look at its resources again).
+    pub async fn private(prefix: &str) -> Fixture {
+        let opts = testenv::Options::default().crds_dir(testenv::repo_root().join("crds")).controller_manager(false);
+        let env: &'static TestEnv = Box::leak(Box::new(TestEnv::start_async(opts).await.expect("private testenv")));
+        let f = Self::bare_in(env, prefix, "/").await;
+        f.allow_own_user(json!({})).await;
+        f
+    }
+
     async fn bare(prefix: &str, path: &str) -> Fixture {
-        let env = testenv::shared();
+        Self::bare_in(testenv::shared(), prefix, path).await
+    }
+
+    async fn bare_in(env: &'static TestEnv, prefix: &str, path: &str) -> Fixture {
         let client = env.kube_client().await.expect("kube client");
         let ns = env.fresh_namespace(prefix).await.expect("namespace");
         let user = env.fresh_iam_user_with_path(prefix, path).await.expect("IAM user");
