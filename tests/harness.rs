@@ -304,8 +304,8 @@ fn a_killed_test_process_leaves_no_process_behind() {
     helper.child.wait().unwrap();
     // PR_SET_PDEATHSIG: the kernel kills them; init reaps them.
     assert_eq!(wait_gone(&helper.pids, Duration::from_secs(10)), Vec::<u32>::new());
-    // Its directory is left behind, and the next start (of any environment) removes it.
-    assert!(helper.dir.exists());
+    // Its directory is left behind, and the next start of any environment removes it: that may be
+    // another test of this binary starting one meanwhile, so only the end state is certain.
     testenv::sweep_stale_dirs();
     assert!(!helper.dir.exists(), "{} still exists", helper.dir.display());
 }
