@@ -177,22 +177,10 @@ impl ResourceGauges {
             ConditionLabels { namespace: namespace.into(), name: name.into(), reason: s.ready_reason.clone() };
         self.condition.get_or_create(&condition).set(1);
         self.keys.get_or_create(&labels).set(s.keys as i64);
-        match s.key_age_seconds {
-            Some(age) => drop(self.key_age.get_or_create(&labels).set(age)),
-            None => drop(self.key_age.remove(&labels)),
-        }
-        match s.last_used_timestamp {
-            Some(t) => drop(self.last_used.get_or_create(&labels).set(t)),
-            None => drop(self.last_used.remove(&labels)),
-        }
-        match s.key_created_timestamp {
-            Some(t) => drop(self.key_created.get_or_create(&labels).set(t)),
-            None => drop(self.key_created.remove(&labels)),
-        }
-        match s.next_rotation_timestamp {
-            Some(t) => drop(self.next_rotation.get_or_create(&labels).set(t)),
-            None => drop(self.next_rotation.remove(&labels)),
-        }
+        set_or_remove(&self.key_age, &labels, s.key_age_seconds);
+        set_or_remove(&self.last_used, &labels, s.last_used_timestamp);
+        set_or_remove(&self.key_created, &labels, s.key_created_timestamp);
+        set_or_remove(&self.next_rotation, &labels, s.next_rotation_timestamp);
         self.rotation_overdue.get_or_create(&labels).set(i64::from(s.rotation_overdue));
     }
 
@@ -207,6 +195,14 @@ impl ResourceGauges {
         self.key_created.remove(&labels);
         self.next_rotation.remove(&labels);
         self.rotation_overdue.remove(&labels);
+    }
+}
+
+/// A per-resource gauge holds a value, or has no series at all when there is none.
+fn set_or_remove(family: &Family<ResourceLabels, Gauge<f64, AtomicU64>>, labels: &ResourceLabels, value: Option<f64>) {
+    match value {
+        Some(v) => drop(family.get_or_create(labels).set(v)),
+        None => drop(family.remove(labels)),
     }
 }
 
