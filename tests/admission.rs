@@ -19,7 +19,7 @@ use std::{
 
 use iam_key_operator::crd::IamAccessKey;
 use serde_json::{Value, json};
-use support::{Fixture, Operator, identity};
+use support::{Fixture, Operator, identity, kubectl_ok, text};
 use testenv::TestEnv;
 
 const RELEASE: &str = "iko";
@@ -28,10 +28,6 @@ const SELECTOR: (&str, &str) = ("iko-test/admission", "on");
 const FINALIZER: &str = "iam.keyop.dev/cleanup";
 const PAUSED: &str = "iam.keyop.dev/paused";
 const PAUSE_LABEL: &str = "iam.keyop.dev/pause-allowed";
-
-fn text(out: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
-}
 
 fn render(env: &TestEnv, args: &[&str]) -> Output {
     let chart = testenv::repo_root().join("charts/iam-key-operator");
@@ -51,12 +47,6 @@ fn documents(out: &Output) -> Vec<Value> {
 
 fn admission_objects(docs: &[Value]) -> Vec<&Value> {
     docs.iter().filter(|d| d["kind"].as_str().is_some_and(|k| k.starts_with("ValidatingAdmissionPolicy"))).collect()
-}
-
-fn kubectl_ok(env: &TestEnv, args: &[&str]) -> String {
-    let out = env.kubectl(args);
-    assert!(out.status.success(), "kubectl {args:?}:\n{}", text(&out));
-    String::from_utf8_lossy(&out.stdout).to_string()
 }
 
 fn apply_json(env: &TestEnv, name: &str, doc: &Value) {

@@ -21,7 +21,7 @@ use k8s_openapi::api::{apps::v1::Deployment, coordination::v1::Lease, events::v1
 use kube::{Api, api::PostParams};
 use serde::Deserialize as _;
 use serde_yaml::Value as Yaml;
-use support::{Fixture, ready, tail};
+use support::{Fixture, kubectl_ok, ready, tail, text};
 use testenv::TestEnv;
 
 const CHART: &str = "charts/iam-key-operator";
@@ -33,10 +33,6 @@ fn root() -> PathBuf {
 
 fn chart_dir() -> PathBuf {
     root().join(CHART)
-}
-
-fn text(out: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
 }
 
 /// `helm template` of the chart; panics with helm's message when it fails.
@@ -656,12 +652,6 @@ fn helm_install(env: &TestEnv, release: &str, ns: &str, args: &[&str]) {
     assert!(out.status.success(), "helm install {release}:\n{}", text(&out));
     assert_no_pod_security_warning("the chart's Deployment", &out);
     assert!(text(&out).contains("STATUS: deployed"), "{}", text(&out));
-}
-
-fn kubectl_ok(env: &TestEnv, args: &[&str]) -> String {
-    let out = env.kubectl(args);
-    assert!(out.status.success(), "kubectl {args:?}:\n{}", text(&out));
-    String::from_utf8_lossy(&out.stdout).to_string()
 }
 
 /// A TokenRequest token of the ServiceAccount (audience: the API server).

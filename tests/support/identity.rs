@@ -93,20 +93,14 @@ fn install(env: &TestEnv, source: &'static str, ns: &str, rendered: &str, servic
     let created = env.kubectl(["create", "namespace", ns]);
     let stderr = String::from_utf8_lossy(&created.stderr);
     assert!(created.status.success() || stderr.contains("AlreadyExists"), "kubectl create namespace {ns}:\n{stderr}");
-    kubectl(env, &["apply", "--namespace", ns, "-f", file.to_str().expect("utf-8")], |_| ());
+    super::kubectl_ok(env, &["apply", "--namespace", ns, "-f", file.to_str().expect("utf-8")]);
     let kubeconfig = service_account_kubeconfig(env, ns, service_account);
     Identity { source, namespace: ns.to_string(), service_account: service_account.to_string(), kubeconfig }
 }
 
-fn kubectl<T>(env: &TestEnv, args: &[&str], then: impl FnOnce(String) -> T) -> T {
-    let out = env.kubectl(args);
-    assert!(out.status.success(), "kubectl {args:?} failed:\n{}", String::from_utf8_lossy(&out.stderr));
-    then(String::from_utf8(out.stdout).expect("utf-8"))
-}
-
 /// A kubeconfig that authenticates as `ns/sa` with a token from the TokenRequest API.
 pub fn service_account_kubeconfig(env: &TestEnv, ns: &str, sa: &str) -> PathBuf {
-    let token = kubectl(env, &["create", "token", sa, "--namespace", ns, "--duration", "48h"], |t| t);
+    let token = super::kubectl_ok(env, &["create", "token", sa, "--namespace", ns, "--duration", "48h"]);
     let ca = env.dir().join("ca.pem");
     std::fs::write(&ca, env.ca_pem()).expect("write CA");
     let path = env.dir().join(format!("kubeconfig-{ns}-{sa}.json"));

@@ -456,6 +456,18 @@ fn sum_metric(text: &str, name: &str, filter: impl Fn(&str) -> bool) -> u64 {
         .sum::<f64>() as u64
 }
 
+/// A finished command's stdout and stderr, for messages.
+pub fn text(out: &std::process::Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+}
+
+/// kubectl (as admin) against the environment; panics with its output unless it succeeds.
+pub fn kubectl_ok(env: &TestEnv, args: &[&str]) -> String {
+    let out = env.kubectl(args);
+    assert!(out.status.success(), "kubectl {args:?}:\n{}", text(&out));
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
 pub fn tail(s: &str, n: usize) -> String {
     let lines: Vec<&str> = s.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
