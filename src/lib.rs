@@ -7,6 +7,7 @@ pub mod crd;
 pub mod error;
 pub mod failpoint;
 pub mod iam;
+pub mod keys;
 pub mod leader;
 pub mod metrics;
 pub mod plan;

@@ -3,7 +3,7 @@
 use std::{sync::Arc, time::Duration};
 
 use jiff::Timestamp;
-use k8s_openapi::{api::core::v1::Secret, apimachinery::pkg::apis::meta::v1::Time};
+use k8s_openapi::api::core::v1::Secret;
 use kube::{
     Api, ResourceExt,
     api::{Patch, PatchParams, PostParams},
@@ -12,26 +12,24 @@ use kube::{
 use tracing::debug;
 
 use super::{
-    ACCESS_KEY_ID_ANNOTATION, Context, FIELD_MANAGER, PAUSED_ANNOTATION, ROTATE_REQUESTED_AT_ANNOTATION,
-    secret::{build_secret, layout_stale, observe_secret, secret_in, secret_name},
-    status::{POLICY_OVERRIDE, derive_summary, set_policy_override, set_ready},
+    Context, FIELD_MANAGER, PAUSED_ANNOTATION, ROTATE_REQUESTED_AT_ANNOTATION,
+    secret::{build_secret, layout_stale, observe_secret, secret_name},
+    status::{POLICY_OVERRIDE, set_policy_override, set_ready},
 };
 use crate::{
-    crd::{IamAccessKey, IamAccessKeyStatus, KeyPhase, KeyStatus, LastUsed, PendingCreate, RotationSpec},
+    crd::{IamAccessKey, IamAccessKeyStatus, KeyPhase},
     error::Error,
-    failpoint,
-    iam::{IamError, IamKey, IamUser, NewKey},
-    metrics::{ReasonLabels, ResourceSnapshot},
+    iam::{IamError, IamUser},
+    metrics::ResourceSnapshot,
     plan::{
-        Blocked, Ledger, NewKeyReason, Observation, Owner, SecretObservation, Step, UserObservation, plan_next_step,
+        Blocked, Ledger, Observation, Owner, SecretObservation, Step, UserObservation, plan_next_step,
+        record::{self, STEP_BUDGET},
     },
     policy::{Decision, Limits, NamespaceFacts, Overrides, UserFacts, authorize},
 };
 
 mod revoke;
-
-/// Upper bound of steps in one reconcile; a fresh resource needs about eight.
-const MAX_STEPS: usize = 24;
+mod steps;
 
 pub async fn apply(obj: &Arc<IamAccessKey>, ctx: &Context) -> Result<Action, Error> {
     let mut run = Run::new(obj, ctx);
@@ -83,12 +81,6 @@ pub fn merge_patch(old: &serde_json::Value, new: &serde_json::Value) -> serde_js
         }
         _ => new.clone(),
     }
-}
-
-/// IAM reports sub-second dates; status holds whole seconds (as the API server serializes
-/// them), and only a reading in status' precision compares equal to what status holds.
-pub fn whole_seconds(t: Timestamp) -> Timestamp {
-    Timestamp::from_second(t.as_second()).unwrap_or(t)
 }
 
 pub fn is_paused(obj: &IamAccessKey) -> bool {
@@ -214,7 +206,7 @@ impl<'a> Run<'a> {
             obj,
             ctx,
             // Whole seconds: the API server stores timestamps that way, so comparisons hold.
-            now: whole_seconds(Timestamp::now()),
+            now: record::whole_seconds(Timestamp::now()),
             owner: Owner::new(&ctx.settings.cluster_name, &ns, &obj.name_any()),
             previous_owner: ctx.settings.previous_cluster_name.as_deref().map(|c| Owner::new(c, &ns, &obj.name_any())),
             secret_name: secret_name(obj),
@@ -281,27 +273,9 @@ impl<'a> Run<'a> {
         used.date.as_ref().map(|t| t.0)
     }
 
-    fn iam_keys_mut(&mut self) -> Option<&mut Vec<IamKey>> {
-        match &mut self.user {
-            UserObservation::Found { keys, .. } => Some(keys),
-            UserObservation::Missing => None,
-        }
-    }
-
-    fn tags_mut(&mut self) -> Option<&mut std::collections::BTreeMap<String, String>> {
-        match &mut self.user {
-            UserObservation::Found { tags: Some(tags), .. } => Some(tags),
-            _ => None,
-        }
-    }
-
-    fn rotation(&self) -> RotationSpec {
-        self.obj.spec.rotation.clone().unwrap_or_default()
-    }
-
     /// Execute planner steps until it says `Done`; returns when to wake up next.
     async fn converge(&mut self) -> Result<Option<Timestamp>, Error> {
-        for _ in 0..MAX_STEPS {
+        for _ in 0..STEP_BUDGET {
             let ledger = Ledger::from_status(&self.status);
             let rotate_requested_at = self.obj.annotations().get(ROTATE_REQUESTED_AT_ANNOTATION).cloned();
             let (last_used_due, last_used_read_at) = self.ctx.last_use_reads(self.obj, self.now);
@@ -331,215 +305,34 @@ impl<'a> Run<'a> {
     }
 
     async fn execute(&mut self, step: Step) -> Result<(), Error> {
-        let iam = &self.ctx.iam;
-        let user = self.obj.spec.user_name.clone();
         match step {
-            Step::Done { .. } => {}
-            Step::Blocked(blocked) => return Err(self.blocked(blocked)),
-            Step::ReadUser => {
-                let info = iam.get_user(&user).await?;
-                if let UserObservation::Found { tags, .. } = &mut self.user {
-                    *tags = Some(info.tags.clone());
-                }
-                self.user_info = Some(info);
-            }
-            Step::ClaimUser => {
-                if self.owner.key_tag_value().len() > 256 {
-                    return Err(Error::Invalid(format!(
-                        "ownership tag value {:?} is longer than IAM's 256 characters: shorten the namespace, name or --cluster-name",
-                        self.owner.key_tag_value()
-                    )));
-                }
-                iam.tag_user(&user, &[(crate::plan::OWNER_TAG.into(), self.owner.0.clone())]).await?;
-                let owner = self.owner.0.clone();
-                if let Some(tags) = self.tags_mut() {
-                    tags.insert(crate::plan::OWNER_TAG.into(), owner);
-                }
-                self.note(EventType::Normal, "UserClaimed", format!("claimed IAM user {user}")).await;
-            }
-            Step::TakeOverTags { tags } => {
-                iam.tag_user(&user, &tags).await?;
-                if let Some(held) = self.tags_mut() {
-                    held.extend(tags.iter().cloned());
-                }
-                let previous = self.ctx.settings.previous_cluster_name.as_deref().unwrap_or_default();
-                let note = format!(
-                    "took over {} tag(s) of IAM user {user} written under the previous cluster name {previous:?}",
-                    tags.len()
-                );
-                self.note(EventType::Normal, "OwnershipRenamed", note).await;
-            }
-            Step::DeleteOrphan { access_key_id, tagged } => {
-                self.delete_key(&access_key_id, tagged).await?;
-                let why = "left behind by an interrupted create; its secret was never published";
-                self.note(EventType::Normal, "OrphanKeyDeleted", format!("deleted access key {access_key_id}: {why}"))
-                    .await;
-            }
-            Step::AdoptSecretKey { key } => {
-                let id = key.access_key_id.clone();
-                self.install_current(key);
-                self.save_status().await?;
-                self.note(
-                    EventType::Normal,
-                    "KeyAdopted",
-                    format!("recorded access key {id} found in Secret {}", self.secret_name),
-                )
-                .await;
-            }
-            Step::UntagStale { tag_keys } => {
-                iam.untag_user(&user, &tag_keys).await?;
-                if let Some(tags) = self.tags_mut() {
-                    tags.retain(|k, _| !tag_keys.contains(k));
-                }
-            }
-            Step::ForgetKey { access_key_id, expected } => {
-                self.status.keys.retain(|k| k.access_key_id != access_key_id);
-                self.save_status().await?;
-                if !expected {
-                    let note =
-                        format!("access key {access_key_id} was deleted outside the operator; it is no longer tracked");
-                    self.note(EventType::Warning, "KeyDeletedOutside", note).await;
-                }
-            }
-            Step::DisownKey { access_key_id } => {
-                self.status.keys.retain(|k| k.access_key_id != access_key_id);
-                self.save_status().await?;
-                let note = format!(
-                    "status listed access key {access_key_id}, which IAM does not tag as this resource's: it is no longer tracked and is left untouched"
-                );
-                self.note(EventType::Warning, "KeyNotOwned", note).await;
-            }
-            Step::MakeRoom { access_key_id } => {
-                self.delete_key(&access_key_id, true).await?;
-                self.status.keys.retain(|k| k.access_key_id != access_key_id);
-                self.save_status().await?;
-                let note = format!("deleted retired access key {access_key_id} early to make room for a new key");
-                self.note(EventType::Normal, "KeyDeleted", note).await;
-            }
-            Step::StartCreate { existing_key_ids } => {
-                self.status.pending_create = Some(PendingCreate { since: Time(self.now), existing_key_ids });
-                self.save_status().await?;
-            }
-            Step::ClearPending => {
-                self.status.pending_create = None;
-                self.save_status().await?;
-            }
-            Step::CreateKey { reason } => self.create_key(reason).await?,
-            Step::DeactivateUnused { access_key_id, since } => {
-                iam.update_access_key(&user, &access_key_id, KeyStatus::Inactive).await?;
-                self.set_iam_status(&access_key_id, KeyStatus::Inactive);
-                self.status.key_status = Some(KeyStatus::Inactive);
-                self.save_status().await?;
-                let note = format!(
-                    "access key {access_key_id} deactivated: unused since {since}, longer than deactivateUnusedAfter of policy {}",
-                    self.limits.policies.join(", ")
-                );
-                self.note(EventType::Warning, "DeactivatedUnused", note).await;
-            }
+            Step::Done { .. } => Ok(()),
+            Step::Blocked(blocked) => Err(self.blocked(blocked)),
+            Step::ReadUser => self.read_user().await,
+            Step::ClaimUser => self.claim_user().await,
+            Step::TakeOverTags { tags } => self.take_over_tags(tags).await,
+            Step::DeleteOrphan { access_key_id, tagged } => self.delete_orphan(&access_key_id, tagged).await,
+            Step::AdoptSecretKey { key } => self.adopt_secret_key(key).await,
+            Step::UntagStale { tag_keys } => self.untag_stale(&tag_keys).await,
+            Step::ForgetKey { access_key_id, expected } => self.forget_key(&access_key_id, expected).await,
+            Step::DisownKey { access_key_id } => self.disown_key(&access_key_id).await,
+            Step::MakeRoom { access_key_id } => self.make_room(&access_key_id).await,
+            Step::StartCreate { existing_key_ids } => self.start_create(existing_key_ids).await,
+            Step::ClearPending => self.clear_pending().await,
+            Step::CreateKey { reason } => self.create_key(reason).await,
+            Step::DeactivateUnused { access_key_id, since } => self.deactivate_unused(&access_key_id, since).await,
             Step::SetKeyStatus { access_key_id, status, drift } => {
-                iam.update_access_key(&user, &access_key_id, status).await?;
-                self.set_iam_status(&access_key_id, status);
-                self.status.key_status = Some(status);
-                self.save_status().await?;
-                let (kind, reason, note) = if drift {
-                    let note = format!(
-                        "access key {access_key_id} was changed outside the operator; set back to {}",
-                        status.as_str()
-                    );
-                    (EventType::Warning, "DriftCorrected", note)
-                } else {
-                    let reason = if status == KeyStatus::Active { "KeyActivated" } else { "KeyDeactivated" };
-                    (EventType::Normal, reason, format!("access key {access_key_id} set to {}", status.as_str()))
-                };
-                self.note(kind, reason, note).await;
+                self.set_key_status(&access_key_id, status, drift).await
             }
+            Step::RewriteSecret { access_key_id } => self.rewrite_secret(&access_key_id).await,
+            Step::RestartTargets { access_key_id } => self.restart_targets(access_key_id).await,
+            Step::CheckKeyUsage { access_key_id } => self.check_key_usage(&access_key_id).await,
             Step::RetireKey { access_key_id, already_inactive, still_in_use } => {
-                if !already_inactive {
-                    iam.update_access_key(&user, &access_key_id, KeyStatus::Inactive).await?;
-                    self.set_iam_status(&access_key_id, KeyStatus::Inactive);
-                }
-                // The rollback window starts when the key really goes Inactive.
-                let delete_at = crate::plan::after(self.now, self.rotation().retain_inactive.as_signed());
-                for k in self.status.keys.iter_mut().filter(|k| k.access_key_id == access_key_id) {
-                    k.phase = KeyPhase::Inactive;
-                    k.delete_at = Some(Time(delete_at));
-                }
-                self.save_status().await?;
-                if still_in_use {
-                    let note = format!(
-                        "previous access key {access_key_id} deactivated although IAM shows it still in use: rotation.maxWait is over"
-                    );
-                    self.note(EventType::Warning, "RetiredWhileInUse", note).await;
-                } else {
-                    let note = format!("previous access key {access_key_id} deactivated after its grace period");
-                    self.note(EventType::Normal, "KeyDeactivated", note).await;
-                }
+                self.retire_key(&access_key_id, already_inactive, still_in_use).await
             }
-            Step::CheckKeyUsage { access_key_id } => {
-                let used = iam.access_key_last_used(&access_key_id).await?;
-                for k in self.status.keys.iter_mut().filter(|k| k.access_key_id == access_key_id) {
-                    k.last_used_at = used.date.map(whole_seconds).map(Time);
-                    k.usage_checked_at = Some(Time(self.now));
-                }
-                self.save_status().await?;
-            }
-            Step::RewriteSecret { access_key_id } => {
-                let api: Api<Secret> =
-                    Api::namespaced(self.ctx.client.clone(), &self.obj.namespace().unwrap_or_default());
-                let held = api.get(&self.secret_name).await?; // the one read of secret data
-                let id_held = held.metadata.annotations.as_ref().and_then(|a| a.get(ACCESS_KEY_ID_ANNOTATION));
-                match secret_in(&held) {
-                    Some(secret) if id_held == Some(&access_key_id) => {
-                        self.publish(&access_key_id, &secret).await?;
-                        self.secret_layout_stale = false;
-                        // A new key is announced by KeyCreated; this is the same key, new layout.
-                        let note = format!(
-                            "rewrote Secret {} with access key {access_key_id} in the layout the spec asks for",
-                            self.secret_name
-                        );
-                        self.note(EventType::Normal, "SecretWritten", note).await;
-                    }
-                    // Unreadable: treat its key as lost, which issues a new one through the grace steps.
-                    _ => self.secret = SecretObservation::Ours { access_key_id: None },
-                }
-            }
-            Step::RestartTargets { access_key_id } => {
-                super::restart::restart_targets(self.ctx, self.obj, &access_key_id).await?;
-                self.status.restarted_for = Some(access_key_id);
-                self.save_status().await?;
-            }
-            Step::DeleteRetired { access_key_id } => {
-                self.delete_key(&access_key_id, true).await?;
-                self.status.keys.retain(|k| k.access_key_id != access_key_id);
-                self.save_status().await?;
-                let note = format!("previous access key {access_key_id} deleted after its rollback window");
-                self.note(EventType::Normal, "KeyDeleted", note).await;
-            }
-            Step::RefreshLastUsed { access_key_id } => {
-                let used = iam.access_key_last_used(&access_key_id).await?;
-                let record = LastUsed {
-                    date: used.date.map(whole_seconds).map(Time),
-                    service_name: used.service_name,
-                    region: used.region,
-                    checked_at: Time(self.now),
-                    access_key_id,
-                };
-                // Only a change is written: reading last use must not make status churn.
-                let changed = self
-                    .status
-                    .last_used
-                    .as_ref()
-                    .is_none_or(|old| LastUsed { checked_at: old.checked_at.clone(), ..record.clone() } != *old);
-                // Recorded before the read counts as fresh: a decision on "unused since" must
-                // never rest on a reading that status does not hold.
-                if changed {
-                    self.status.last_used = Some(record);
-                    self.save_status().await?;
-                }
-                self.ctx.record_last_use_read(self.obj, self.now);
-            }
+            Step::DeleteRetired { access_key_id } => self.delete_retired(&access_key_id).await,
+            Step::RefreshLastUsed { access_key_id } => self.refresh_last_used(access_key_id).await,
         }
-        Ok(())
     }
 
     fn blocked(&self, blocked: Blocked) -> Error {
@@ -585,84 +378,8 @@ impl<'a> Run<'a> {
         if untag {
             self.ctx.iam.untag_user(&user, &[access_key_id.to_owned()]).await?;
         }
-        if let Some(keys) = self.iam_keys_mut() {
-            keys.retain(|k| k.access_key_id != access_key_id);
-        }
-        if let Some(tags) = self.tags_mut() {
-            tags.remove(access_key_id);
-        }
-        Ok(())
-    }
-
-    fn set_iam_status(&mut self, access_key_id: &str, status: KeyStatus) {
-        if let Some(keys) = self.iam_keys_mut() {
-            keys.iter_mut().filter(|k| k.access_key_id == access_key_id).for_each(|k| k.status = status);
-        }
-    }
-
-    /// Record `key` as the current key; the previous current key starts draining.
-    fn install_current(&mut self, key: IamKey) {
-        let requested_at = self.obj.annotations().get(ROTATE_REQUESTED_AT_ANNOTATION).cloned();
-        crate::plan::install_current(&mut self.status, &self.obj.spec, requested_at, key, self.now);
-    }
-
-    /// Create -> tag -> verify -> publish -> record. The secret exists only in this function's
-    /// memory; a crash anywhere leaves something the planner recognises and cleans up.
-    async fn create_key(&mut self, reason: NewKeyReason) -> Result<(), Error> {
-        let user = self.user_name().to_owned();
-        let user_arn = match &self.user_info {
-            Some(info) => info.arn.clone(),
-            None => self.ctx.iam.get_user(&user).await?.arn,
-        };
-        // A key this create leaves untagged (a crash before the tag) is recognised by a creation
-        // date close to pendingCreate.since: renew an old record (by the real clock, not the
-        // reconcile's) before creating.
-        let now = whole_seconds(Timestamp::now());
-        if let Some(pending) = self.status.pending_create.as_mut()
-            && !crate::plan::create_window_open(pending.since.0, now)
-        {
-            pending.since = Time(now);
-            self.save_status().await?;
-        }
-        let NewKey { key, secret } = self.ctx.iam.create_access_key(&user).await?;
-        let id = key.access_key_id.clone();
-        failpoint!("after-create-key");
-        self.ctx.iam.tag_user(&user, &[(id.clone(), self.owner.key_tag_value())]).await?;
-        failpoint!("after-tag");
-        if let Some(keys) = self.iam_keys_mut() {
-            keys.push(key.clone());
-        }
-        let tag_value = self.owner.key_tag_value();
-        if let Some(tags) = self.tags_mut() {
-            tags.insert(id.clone(), tag_value);
-        }
-        if let Err(e) = self.verify(&id, &secret, &user_arn).await {
-            // Never publish a key that does not work; nobody else has its secret.
-            self.delete_key(&id, true).await?;
-            return Err(e);
-        }
-        if let Err(e) = self.publish(&id, &secret).await {
-            // A key whose Secret could not be written is a key nobody can use: delete it now.
-            // Should that fail too, it is an orphan the next reconcile deletes before anything else.
-            if let Err(cleanup) = self.delete_key(&id, true).await {
-                tracing::warn!(access_key_id = %id, error = %cleanup, "could not delete the unpublished key yet");
-            }
-            return Err(e);
-        }
-        failpoint!("after-secret");
-        self.secret = SecretObservation::Ours { access_key_id: Some(id.clone()) };
-        self.install_current(key);
-        if let Some(r) = self.status.rotation.as_mut() {
-            r.last_reason = Some(reason.as_str().into());
-        }
-        self.ctx.metrics.resources.rotations.get_or_create(&ReasonLabels { reason: reason.as_str().into() }).inc();
-        failpoint!("before-status");
-        // Recorded with the Ready condition by the reconcile's last status write, one write
-        // instead of two; a crash before it leaves the key in the Secret, which is adopted.
-        self.ctx.defer_last_use_read(self.obj, self.now);
-        let note =
-            format!("created access key {id} ({}) and published it in Secret {}", reason.as_str(), self.secret_name);
-        self.note(EventType::Normal, "KeyCreated", note).await;
+        self.user.key_deleted(access_key_id);
+        self.user.untagged(&[access_key_id.to_owned()]);
         Ok(())
     }
 
@@ -715,11 +432,21 @@ impl<'a> Run<'a> {
         Ok(())
     }
 
+    /// Without a look at IAM (paused, IAM down) the summary keeps what it said before.
+    fn derive_summary(&mut self) {
+        let generation = self.obj.metadata.generation;
+        record::derive_summary(
+            &mut self.status,
+            &self.obj.spec,
+            generation,
+            &self.user,
+            &self.secret_name,
+            &self.limits,
+        );
+    }
+
     async fn save_status(&mut self) -> Result<(), Error> {
-        // Without a look at IAM (paused, IAM down) the summary keeps what it said before.
-        if let UserObservation::Found { keys, .. } = &self.user {
-            derive_summary(self.obj, &mut self.status, keys, &self.secret_name, &self.limits);
-        }
+        self.derive_summary();
         if self.saved.as_ref() == Some(&self.status) {
             return Ok(());
         }
@@ -752,9 +479,7 @@ impl<'a> Run<'a> {
             }
             _ => "no access key".into(),
         };
-        if let UserObservation::Found { keys, .. } = &self.user {
-            derive_summary(self.obj, &mut self.status, keys, &self.secret_name, &self.limits);
-        }
+        self.derive_summary();
         if self.status.foreign_keys > 0 {
             message.push_str(&format!(
                 "; {} other access key(s) on IAM user {} are not managed by this resource and are left untouched",
@@ -863,7 +588,7 @@ mod tests {
     #[test]
     fn a_sub_second_reading_survives_the_api_servers_precision() {
         let reading: jiff::Timestamp = "2026-11-28T10:11:12.345678Z".parse().unwrap();
-        let recorded = Time(super::whole_seconds(reading));
+        let recorded = Time(crate::plan::record::whole_seconds(reading));
         let stored: Time = serde_json::from_value(serde_json::to_value(&recorded).unwrap()).unwrap();
         assert_eq!(stored, recorded);
         let untruncated: Time = serde_json::from_value(serde_json::to_value(Time(reading)).unwrap()).unwrap();

@@ -17,7 +17,7 @@ use std::{
 };
 
 use futures::StreamExt;
-use jiff::Timestamp;
+use jiff::{SignedDuration, Timestamp};
 use k8s_openapi::api::core::v1::Secret;
 use kube::{
     Api, Client, Resource, ResourceExt,
@@ -34,7 +34,7 @@ use kube::{
 use rand::Rng;
 use tracing::{Instrument, info, info_span, warn};
 
-use crate::{crd::IamAccessKey, error::Error, iam::IamApi, metrics::Metrics};
+use crate::{crd::IamAccessKey, error::Error, iam::IamApi, metrics::Metrics, plan::record::LastUseSchedule};
 
 pub const FINALIZER: &str = "iam.keyop.dev/cleanup";
 pub const FIELD_MANAGER: &str = "iam-key-operator";
@@ -79,23 +79,12 @@ pub struct Context {
     failures: Mutex<HashMap<ObjectRef<IamAccessKey>, u32>>,
     /// When each resource's last use was read and is next due (by UID). Kept in memory so that
     /// reading last-use data does not have to write status when nothing changed.
-    last_use_reads: Mutex<HashMap<String, LastUseReads>>,
+    last_use_reads: Mutex<HashMap<String, LastUseSchedule>>,
     /// IAM paths of users, as last read, and when.
     user_paths: Mutex<HashMap<String, (String, std::time::Instant)>>,
     /// The access key id this process last wrote to each Secret (namespace, name): the watch
     /// event of our own write is not a reason to reconcile again.
     published: Mutex<HashMap<(String, String), String>>,
-}
-
-#[derive(Clone, Copy)]
-struct LastUseReads {
-    /// From then on, any reconcile takes the read along.
-    eligible: Timestamp,
-    /// When a reconcile comes for the read if none came since `eligible` (a little later, so
-    /// that the resync, due as late or later, usually does it).
-    due: Timestamp,
-    /// `None`: not read since this process started.
-    read_at: Option<Timestamp>,
 }
 
 impl Context {
@@ -145,36 +134,33 @@ impl Context {
     fn last_use_reads(&self, obj: &IamAccessKey, now: Timestamp) -> (Option<Timestamp>, Option<Timestamp>) {
         let Some(uid) = obj.uid() else { return (None, None) };
         let mut reads = self.last_use_reads.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(r) = reads.get(&uid) {
-            return (Some(if now >= r.eligible { now } else { r.due }), r.read_at);
-        }
-        // First sight since start: spread the reads over one interval instead of reading every
-        // key at once after a restart (a decision on disuse reads first regardless).
-        let refresh = self.settings.last_used_refresh.as_secs_f64().max(1.0);
-        let due = after(now, Duration::from_secs_f64(rand::rng().random_range(0.0..refresh)));
-        reads.insert(uid, LastUseReads { eligible: due, due, read_at: None });
-        (Some(due), None)
+        let schedule = reads.entry(uid).or_insert_with(|| {
+            LastUseSchedule::first_sight(now, self.last_used_refresh(), rand::rng().random_range(0.0..1.0))
+        });
+        (Some(schedule.due_at(now)), schedule.read_at)
     }
 
     fn record_last_use_read(&self, obj: &IamAccessKey, now: Timestamp) {
         self.schedule_last_use_read(obj, now, Some(now));
     }
 
-    /// A key created just now has no use to read yet (its verification is the only one): the
-    /// first read comes one refresh later. Not a reading: decisions on disuse still read first.
+    /// After a create: the first read comes one refresh later. Not a reading: decisions on
+    /// disuse still read first.
     fn defer_last_use_read(&self, obj: &IamAccessKey, now: Timestamp) {
         self.schedule_last_use_read(obj, now, None);
     }
 
-    /// The next read: any reconcile from one refresh on takes it along; the resync (also at
-    /// least one period later) usually is that reconcile, so a converged key costs one
-    /// reconcile, one ListAccessKeys and one GetAccessKeyLastUsed per period, never more.
     fn schedule_last_use_read(&self, obj: &IamAccessKey, now: Timestamp, read_at: Option<Timestamp>) {
         if let Some(uid) = obj.uid() {
-            let refresh = self.settings.last_used_refresh;
-            let reads = LastUseReads { eligible: after(now, refresh), due: after(now, later(refresh)), read_at };
-            self.last_use_reads.lock().unwrap_or_else(|e| e.into_inner()).insert(uid, reads);
+            let lateness = rand::rng().random_range(0.0..1.0);
+            let next = LastUseSchedule::next(now, self.last_used_refresh(), lateness, read_at);
+            self.last_use_reads.lock().unwrap_or_else(|e| e.into_inner()).insert(uid, next);
         }
+    }
+
+    fn last_used_refresh(&self) -> SignedDuration {
+        let refresh = self.settings.last_used_refresh.max(Duration::from_secs(1));
+        SignedDuration::try_from(refresh).unwrap_or(SignedDuration::MAX)
     }
 
     fn remember_published(&self, namespace: &str, secret: &str, access_key_id: &str) {
@@ -225,10 +211,6 @@ fn jitter(d: Duration) -> Duration {
 /// its period.
 fn later(d: Duration) -> Duration {
     d.mul_f64(rand::rng().random_range(1.0..1.1))
-}
-
-fn after(t: Timestamp, d: Duration) -> Timestamp {
-    crate::plan::after(t, jiff::SignedDuration::try_from(d).unwrap_or(jiff::SignedDuration::MAX))
 }
 
 /// The watch delivers objects through `DeserializeGuard`, so one stored object the types cannot
@@ -308,7 +290,7 @@ fn reconcile_triggers(obj: &Watched) -> Option<u64> {
 
 /// Set the rotate-requested-at annotation to now (what `iam-key-operator rotate` does).
 pub async fn request_rotation(client: Client, namespace: &str, name: &str) -> Result<Timestamp, kube::Error> {
-    let now = apply::whole_seconds(Timestamp::now());
+    let now = crate::plan::record::whole_seconds(Timestamp::now());
     let api: Api<IamAccessKey> = Api::namespaced(client, namespace);
     let patch = serde_json::json!({"metadata": {"annotations": {ROTATE_REQUESTED_AT_ANNOTATION: now.to_string()}}});
     let params = kube::api::PatchParams { field_manager: Some("iam-key-operator-rotate".into()), ..Default::default() };

@@ -1,34 +1,12 @@
-//! Status bookkeeping: the ledger the planner reads, conditions, and fields derived from IAM.
+//! The conditions in status: `Ready` and `PolicyOverride`.
 
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
 use crate::{
-    crd::{IamAccessKey, IamAccessKeyStatus, KeyPhase},
-    iam::IamKey,
-    plan::rotation_due_at,
-    policy::{Limits, Overrides},
+    crd::{IamAccessKey, IamAccessKeyStatus},
+    policy::Overrides,
 };
-
-/// Refresh the summary fields (current key, next rotation, foreign keys) from the ledger and IAM.
-pub fn derive_summary(
-    obj: &IamAccessKey,
-    status: &mut IamAccessKeyStatus,
-    iam_keys: &[IamKey],
-    secret_name: &str,
-    limits: &Limits,
-) {
-    let current = status.keys.iter().find(|k| k.phase == KeyPhase::Current).cloned();
-    status.access_key_id = current.as_ref().map(|k| k.access_key_id.clone());
-    status.create_date = current.as_ref().map(|k| k.create_date.clone());
-    status.key_status =
-        current.as_ref().and_then(|c| iam_keys.iter().find(|k| k.access_key_id == c.access_key_id)).map(|k| k.status);
-    status.next_rotation_at = current.as_ref().and_then(|c| rotation_due_at(&obj.spec, limits, c)).map(Time);
-    status.secret_name = current.as_ref().map(|_| secret_name.to_owned());
-    let tracked = |id: &str| status.keys.iter().any(|k| k.access_key_id == id);
-    status.foreign_keys = iam_keys.iter().filter(|k| !tracked(&k.access_key_id)).count() as u32;
-    status.observed_generation = obj.metadata.generation;
-}
 
 /// Set the `Ready` condition; the transition time only moves when the status flips.
 pub fn set_ready(status: &mut IamAccessKeyStatus, obj: &IamAccessKey, ready: bool, reason: &str, message: String) {

@@ -10,13 +10,13 @@ mod rate;
 use std::{collections::BTreeMap, fmt};
 
 use async_trait::async_trait;
-use jiff::Timestamp;
 
 pub use aws::AwsIam;
 pub use error::IamError;
 pub use rate::RateLimiter;
 
 use crate::crd::KeyStatus;
+pub use crate::keys::{IamKey, KeyLastUsed};
 
 /// An IAM user as the operator needs to know it.
 #[derive(Clone, Debug, PartialEq)]
@@ -24,14 +24,6 @@ pub struct IamUser {
     pub arn: String,
     pub path: String,
     pub tags: BTreeMap<String, String>,
-}
-
-/// An access key as ListAccessKeys reports it (no secret).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct IamKey {
-    pub access_key_id: String,
-    pub status: KeyStatus,
-    pub create_date: Timestamp,
 }
 
 /// A key just created: the only moment its secret is known.
@@ -60,14 +52,6 @@ impl fmt::Debug for SecretAccessKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("SecretAccessKey(<redacted>)")
     }
-}
-
-/// Last use of a key, from GetAccessKeyLastUsed.
-#[derive(Clone, Debug, PartialEq, Eq, Default)]
-pub struct KeyLastUsed {
-    pub date: Option<Timestamp>,
-    pub service_name: Option<String>,
-    pub region: Option<String>,
 }
 
 /// Every IAM/STS call the operator makes. Each is one API request.

@@ -6,6 +6,7 @@
 //! the step, records it, observes again and asks for the next one until the plan says `Done`.
 
 mod cleanup;
+pub mod record;
 mod revoke;
 #[cfg(test)]
 mod simulation;
@@ -19,11 +20,9 @@ use jiff::{SignedDuration, Timestamp};
 pub use cleanup::{CleanupObservation, CleanupStep, plan_cleanup};
 pub use revoke::{RevokeStep, plan_revoke};
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-
 use crate::{
-    crd::{IamAccessKeySpec, IamAccessKeyStatus, KeyPhase, KeyStatus, OwnedKey, RotationRecord},
-    iam::IamKey,
+    crd::{IamAccessKeySpec, IamAccessKeyStatus, KeyPhase, KeyStatus, OwnedKey},
+    keys::IamKey,
     policy::Limits,
 };
 
@@ -718,42 +717,6 @@ fn plan_new_key(obs: &Observation, keys: &[IamKey], reason: NewKeyReason) -> Ste
         Some(before) if *before == existing => Step::CreateKey { reason },
         _ => Step::StartCreate { existing_key_ids: existing },
     }
-}
-
-/// Record `key`, just published, as the current key in `status`; the previous current key
-/// starts draining. `requested_at`: the rotate-requested-at annotation this rotation answers.
-pub fn install_current(
-    status: &mut IamAccessKeyStatus,
-    spec: &IamAccessKeySpec,
-    requested_at: Option<String>,
-    key: IamKey,
-    now: Timestamp,
-) {
-    let rotation = spec.rotation.clone().unwrap_or_default();
-    let deactivate_at = after(now, rotation.grace_period.as_signed());
-    for k in status.keys.iter_mut().filter(|k| k.phase == KeyPhase::Current) {
-        k.phase = KeyPhase::Draining;
-        k.replaced_at = Some(Time(now));
-        k.deactivate_at = Some(Time(deactivate_at));
-    }
-    status.keys.push(OwnedKey {
-        access_key_id: key.access_key_id,
-        phase: KeyPhase::Current,
-        create_date: Time(key.create_date),
-        deactivate_at: None,
-        delete_at: None,
-        replaced_at: None,
-        last_used_at: None,
-        usage_checked_at: None,
-    });
-    status.key_status = Some(key.status);
-    status.pending_create = None;
-    status.rotation = Some(RotationRecord {
-        serial: rotation.serial,
-        requested_at,
-        last_rotated_at: Some(Time(now)),
-        last_reason: status.rotation.as_ref().and_then(|r| r.last_reason.clone()),
-    });
 }
 
 /// `now + d`, saturating.

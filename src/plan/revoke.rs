@@ -61,7 +61,7 @@ mod tests {
     use super::*;
     use crate::{
         crd::{KeyPhase, OwnedKey},
-        iam::IamKey,
+        keys::IamKey,
         plan::{Ledger, OWNER_TAG, Owner, SecretObservation},
     };
 

@@ -107,15 +107,11 @@ impl Run<'_> {
             match step {
                 RevokeStep::Done => break,
                 RevokeStep::ReadUser | RevokeStep::Cleanup(CleanupStep::ReadUser) => {
-                    let info = self.ctx.iam.get_user(&user).await?;
-                    if let UserObservation::Found { tags, .. } = &mut self.user {
-                        *tags = Some(info.tags.clone());
-                    }
-                    self.user_info = Some(info);
+                    self.read_user().await?;
                 }
                 RevokeStep::Deactivate { access_key_id } => {
                     self.ctx.iam.update_access_key(&user, &access_key_id, KeyStatus::Inactive).await?;
-                    self.set_iam_status(&access_key_id, KeyStatus::Inactive);
+                    self.user.key_status_set(&access_key_id, KeyStatus::Inactive);
                     let note = format!(
                         "access key {access_key_id} set Inactive: no IamAccessKeyPolicy allows this resource any more (onRevoke: Deactivate)"
                     );
@@ -127,16 +123,12 @@ impl Run<'_> {
                         Err(e) if !e.is_not_found() => return Err(e.into()),
                         _ => {}
                     }
-                    if let Some(keys) = self.iam_keys_mut() {
-                        keys.retain(|k| k.access_key_id != access_key_id);
-                    }
+                    self.user.key_deleted(&access_key_id);
                     deleted.push(access_key_id);
                 }
                 RevokeStep::Cleanup(CleanupStep::Untag { tag_keys }) => {
                     self.ctx.iam.untag_user(&user, &tag_keys).await?;
-                    if let Some(tags) = self.tags_mut() {
-                        tags.retain(|k, _| !tag_keys.contains(k));
-                    }
+                    self.user.untagged(&tag_keys);
                 }
                 RevokeStep::Cleanup(CleanupStep::DeleteSecret) => {
                     let api: Api<Secret> =

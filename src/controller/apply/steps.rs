@@ -1,0 +1,282 @@
+//! One method per planner `Step`: the calls to IAM and the API server it takes, then its effect
+//! on status and on the observation, which `plan::record` defines (the simulation in the
+//! property tests records the same way).
+
+use jiff::Timestamp;
+use kube::{Api, ResourceExt, runtime::events::EventType};
+
+use super::Run;
+use crate::{
+    controller::{ACCESS_KEY_ID_ANNOTATION, ROTATE_REQUESTED_AT_ANNOTATION, secret::secret_in},
+    crd::KeyStatus,
+    error::Error,
+    failpoint,
+    iam::NewKey,
+    keys::IamKey,
+    metrics::ReasonLabels,
+    plan::{NewKeyReason, OWNER_TAG, SecretObservation, record},
+};
+
+impl Run<'_> {
+    pub(super) async fn read_user(&mut self) -> Result<(), Error> {
+        let info = self.ctx.iam.get_user(self.user_name()).await?;
+        self.user.tags_read(info.tags.clone());
+        self.user_info = Some(info);
+        Ok(())
+    }
+
+    pub(super) async fn claim_user(&mut self) -> Result<(), Error> {
+        let user = self.user_name().to_owned();
+        if self.owner.key_tag_value().len() > 256 {
+            return Err(Error::Invalid(format!(
+                "ownership tag value {:?} is longer than IAM's 256 characters: shorten the namespace, name or --cluster-name",
+                self.owner.key_tag_value()
+            )));
+        }
+        let claim = [(OWNER_TAG.to_owned(), self.owner.0.clone())];
+        self.ctx.iam.tag_user(&user, &claim).await?;
+        self.user.tagged(claim);
+        self.note(EventType::Normal, "UserClaimed", format!("claimed IAM user {user}")).await;
+        Ok(())
+    }
+
+    pub(super) async fn take_over_tags(&mut self, tags: Vec<(String, String)>) -> Result<(), Error> {
+        let user = self.user_name().to_owned();
+        self.ctx.iam.tag_user(&user, &tags).await?;
+        let count = tags.len();
+        self.user.tagged(tags);
+        let previous = self.ctx.settings.previous_cluster_name.as_deref().unwrap_or_default();
+        let note =
+            format!("took over {count} tag(s) of IAM user {user} written under the previous cluster name {previous:?}");
+        self.note(EventType::Normal, "OwnershipRenamed", note).await;
+        Ok(())
+    }
+
+    pub(super) async fn delete_orphan(&mut self, access_key_id: &str, tagged: bool) -> Result<(), Error> {
+        self.delete_key(access_key_id, tagged).await?;
+        let why = "left behind by an interrupted create; its secret was never published";
+        self.note(EventType::Normal, "OrphanKeyDeleted", format!("deleted access key {access_key_id}: {why}")).await;
+        Ok(())
+    }
+
+    pub(super) async fn adopt_secret_key(&mut self, key: IamKey) -> Result<(), Error> {
+        let id = key.access_key_id.clone();
+        let requested_at = self.requested_at();
+        record::install_current(&mut self.status, &self.obj.spec, requested_at, key, self.now);
+        self.save_status().await?;
+        let note = format!("recorded access key {id} found in Secret {}", self.secret_name);
+        self.note(EventType::Normal, "KeyAdopted", note).await;
+        Ok(())
+    }
+
+    pub(super) async fn untag_stale(&mut self, tag_keys: &[String]) -> Result<(), Error> {
+        self.ctx.iam.untag_user(self.user_name(), tag_keys).await?;
+        self.user.untagged(tag_keys);
+        Ok(())
+    }
+
+    pub(super) async fn forget_key(&mut self, access_key_id: &str, expected: bool) -> Result<(), Error> {
+        record::forget_key(&mut self.status, access_key_id);
+        self.save_status().await?;
+        if !expected {
+            let note = format!("access key {access_key_id} was deleted outside the operator; it is no longer tracked");
+            self.note(EventType::Warning, "KeyDeletedOutside", note).await;
+        }
+        Ok(())
+    }
+
+    pub(super) async fn disown_key(&mut self, access_key_id: &str) -> Result<(), Error> {
+        record::forget_key(&mut self.status, access_key_id);
+        self.save_status().await?;
+        let note = format!(
+            "status listed access key {access_key_id}, which IAM does not tag as this resource's: it is no longer tracked and is left untouched"
+        );
+        self.note(EventType::Warning, "KeyNotOwned", note).await;
+        Ok(())
+    }
+
+    pub(super) async fn make_room(&mut self, access_key_id: &str) -> Result<(), Error> {
+        self.delete_key(access_key_id, true).await?;
+        record::forget_key(&mut self.status, access_key_id);
+        self.save_status().await?;
+        let note = format!("deleted retired access key {access_key_id} early to make room for a new key");
+        self.note(EventType::Normal, "KeyDeleted", note).await;
+        Ok(())
+    }
+
+    pub(super) async fn start_create(&mut self, existing_key_ids: Vec<String>) -> Result<(), Error> {
+        record::start_create(&mut self.status, existing_key_ids, self.now);
+        self.save_status().await
+    }
+
+    pub(super) async fn clear_pending(&mut self) -> Result<(), Error> {
+        record::clear_pending(&mut self.status);
+        self.save_status().await
+    }
+
+    /// Create -> tag -> verify -> publish -> record. The secret exists only in this function's
+    /// memory; a crash anywhere leaves something the planner recognises and cleans up.
+    pub(super) async fn create_key(&mut self, reason: NewKeyReason) -> Result<(), Error> {
+        let user = self.user_name().to_owned();
+        let user_arn = match &self.user_info {
+            Some(info) => info.arn.clone(),
+            None => self.ctx.iam.get_user(&user).await?.arn,
+        };
+        // By the real clock, not the reconcile's: a long reconcile or a late restart renews the
+        // record first, so that a key this create leaves untagged falls inside its window.
+        if record::renew_pending_create(&mut self.status, record::whole_seconds(Timestamp::now())) {
+            self.save_status().await?;
+        }
+        let NewKey { key, secret } = self.ctx.iam.create_access_key(&user).await?;
+        let id = key.access_key_id.clone();
+        failpoint!("after-create-key");
+        self.ctx.iam.tag_user(&user, &[(id.clone(), self.owner.key_tag_value())]).await?;
+        failpoint!("after-tag");
+        self.user.key_created(key.clone(), self.owner.key_tag_value());
+        if let Err(e) = self.verify(&id, &secret, &user_arn).await {
+            // Never publish a key that does not work; nobody else has its secret.
+            self.delete_key(&id, true).await?;
+            return Err(e);
+        }
+        if let Err(e) = self.publish(&id, &secret).await {
+            // A key whose Secret could not be written is a key nobody can use: delete it now.
+            // Should that fail too, it is an orphan the next reconcile deletes before anything else.
+            if let Err(cleanup) = self.delete_key(&id, true).await {
+                tracing::warn!(access_key_id = %id, error = %cleanup, "could not delete the unpublished key yet");
+            }
+            return Err(e);
+        }
+        failpoint!("after-secret");
+        self.secret = SecretObservation::Ours { access_key_id: Some(id.clone()) };
+        let requested_at = self.requested_at();
+        record::record_created(&mut self.status, &self.obj.spec, requested_at, key, reason, self.now);
+        self.ctx.metrics.resources.rotations.get_or_create(&ReasonLabels { reason: reason.as_str().into() }).inc();
+        failpoint!("before-status");
+        // Recorded with the Ready condition by the reconcile's last status write, one write
+        // instead of two; a crash before it leaves the key in the Secret, which is adopted.
+        self.ctx.defer_last_use_read(self.obj, self.now);
+        let note =
+            format!("created access key {id} ({}) and published it in Secret {}", reason.as_str(), self.secret_name);
+        self.note(EventType::Normal, "KeyCreated", note).await;
+        Ok(())
+    }
+
+    pub(super) async fn deactivate_unused(&mut self, access_key_id: &str, since: Timestamp) -> Result<(), Error> {
+        self.update_key_status(access_key_id, KeyStatus::Inactive).await?;
+        let note = format!(
+            "access key {access_key_id} deactivated: unused since {since}, longer than deactivateUnusedAfter of policy {}",
+            self.limits.policies.join(", ")
+        );
+        self.note(EventType::Warning, "DeactivatedUnused", note).await;
+        Ok(())
+    }
+
+    pub(super) async fn set_key_status(
+        &mut self,
+        access_key_id: &str,
+        status: KeyStatus,
+        drift: bool,
+    ) -> Result<(), Error> {
+        self.update_key_status(access_key_id, status).await?;
+        let (kind, reason, note) = if drift {
+            let note =
+                format!("access key {access_key_id} was changed outside the operator; set back to {}", status.as_str());
+            (EventType::Warning, "DriftCorrected", note)
+        } else {
+            let reason = if status == KeyStatus::Active { "KeyActivated" } else { "KeyDeactivated" };
+            (EventType::Normal, reason, format!("access key {access_key_id} set to {}", status.as_str()))
+        };
+        self.note(kind, reason, note).await;
+        Ok(())
+    }
+
+    /// The current key's status in IAM, then in status.
+    async fn update_key_status(&mut self, access_key_id: &str, status: KeyStatus) -> Result<(), Error> {
+        self.ctx.iam.update_access_key(self.user_name(), access_key_id, status).await?;
+        self.user.key_status_set(access_key_id, status);
+        record::record_key_status(&mut self.status, status);
+        self.save_status().await
+    }
+
+    pub(super) async fn rewrite_secret(&mut self, access_key_id: &str) -> Result<(), Error> {
+        let api: Api<k8s_openapi::api::core::v1::Secret> =
+            Api::namespaced(self.ctx.client.clone(), &self.obj.namespace().unwrap_or_default());
+        let held = api.get(&self.secret_name).await?; // the one read of secret data
+        let id_held = held.metadata.annotations.as_ref().and_then(|a| a.get(ACCESS_KEY_ID_ANNOTATION));
+        match secret_in(&held) {
+            Some(secret) if id_held.is_some_and(|id| id == access_key_id) => {
+                self.publish(access_key_id, &secret).await?;
+                self.secret_layout_stale = false;
+                // A new key is announced by KeyCreated; this is the same key, new layout.
+                let note = format!(
+                    "rewrote Secret {} with access key {access_key_id} in the layout the spec asks for",
+                    self.secret_name
+                );
+                self.note(EventType::Normal, "SecretWritten", note).await;
+            }
+            // Unreadable: treat its key as lost, which issues a new one through the grace steps.
+            _ => self.secret = SecretObservation::Ours { access_key_id: None },
+        }
+        Ok(())
+    }
+
+    pub(super) async fn restart_targets(&mut self, access_key_id: String) -> Result<(), Error> {
+        crate::controller::restart::restart_targets(self.ctx, self.obj, &access_key_id).await?;
+        record::record_restart(&mut self.status, access_key_id);
+        self.save_status().await
+    }
+
+    pub(super) async fn check_key_usage(&mut self, access_key_id: &str) -> Result<(), Error> {
+        let used = self.ctx.iam.access_key_last_used(access_key_id).await?;
+        record::record_usage_check(&mut self.status, access_key_id, used.date, self.now);
+        self.save_status().await
+    }
+
+    pub(super) async fn retire_key(
+        &mut self,
+        access_key_id: &str,
+        already_inactive: bool,
+        still_in_use: bool,
+    ) -> Result<(), Error> {
+        if !already_inactive {
+            self.ctx.iam.update_access_key(self.user_name(), access_key_id, KeyStatus::Inactive).await?;
+            self.user.key_status_set(access_key_id, KeyStatus::Inactive);
+        }
+        record::retire_key(&mut self.status, &self.obj.spec, access_key_id, self.now);
+        self.save_status().await?;
+        if still_in_use {
+            let note = format!(
+                "previous access key {access_key_id} deactivated although IAM shows it still in use: rotation.maxWait is over"
+            );
+            self.note(EventType::Warning, "RetiredWhileInUse", note).await;
+        } else {
+            let note = format!("previous access key {access_key_id} deactivated after its grace period");
+            self.note(EventType::Normal, "KeyDeactivated", note).await;
+        }
+        Ok(())
+    }
+
+    pub(super) async fn delete_retired(&mut self, access_key_id: &str) -> Result<(), Error> {
+        self.delete_key(access_key_id, true).await?;
+        record::forget_key(&mut self.status, access_key_id);
+        self.save_status().await?;
+        let note = format!("previous access key {access_key_id} deleted after its rollback window");
+        self.note(EventType::Normal, "KeyDeleted", note).await;
+        Ok(())
+    }
+
+    pub(super) async fn refresh_last_used(&mut self, access_key_id: String) -> Result<(), Error> {
+        let used = self.ctx.iam.access_key_last_used(&access_key_id).await?;
+        // Recorded before the read counts as fresh: a decision on "unused since" must never
+        // rest on a reading that status does not hold.
+        if record::record_last_use(&mut self.status, access_key_id, used, self.now) {
+            self.save_status().await?;
+        }
+        self.ctx.record_last_use_read(self.obj, self.now);
+        Ok(())
+    }
+
+    fn requested_at(&self) -> Option<String> {
+        self.obj.annotations().get(ROTATE_REQUESTED_AT_ANNOTATION).cloned()
+    }
+}
