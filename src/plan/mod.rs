@@ -8,8 +8,8 @@
 mod cleanup;
 pub mod record;
 mod revoke;
-#[cfg(test)]
-mod simulation;
+#[cfg(any(test, feature = "simulation"))]
+pub mod simulation;
 #[cfg(test)]
 mod tests;
 

@@ -739,3 +739,65 @@ fn a_tag_left_by_a_deleted_key_is_removed_before_the_key_is_forgotten() {
     w.user = UserObservation::Found { keys: vec![iam_key("A", KeyStatus::Active)], tags: Some(claimed_with(&["A"])) };
     assert_eq!(w.plan(), Step::ForgetKey { access_key_id: "OLD".into(), expected: true });
 }
+
+// Counterexamples the simulation found, kept as plain tests.
+
+/// The Secret is lost while the previous key drains: the planner rightly waits for the end of
+/// the grace period (both slots are ours) — and then retires the draining key, rather than
+/// answering `KeyLimitExceeded` naming our own two keys, which would never free a slot.
+#[test]
+fn secret_lost_while_a_key_drains_retires_it_instead_of_blocking_forever() {
+    let keys = vec![iam_key("K1", KeyStatus::Active), iam_key("K2", KeyStatus::Active)];
+    let mut w = World::new(keys, Some(claimed_with(&["K1", "K2"])));
+    let mut draining = owned("K1", KeyPhase::Draining);
+    draining.deactivate_at = Some(Time(t(600)));
+    draining.replaced_at = Some(Time(t(0)));
+    w.ledger.keys = vec![draining, owned("K2", KeyPhase::Current)];
+    w.ledger.key_status = Some(KeyStatus::Active);
+    w.last_used_due = Some(t(3600));
+    // During the grace period: wait for it to end (both slots are ours, one frees up then).
+    w.now = t(1);
+    assert_eq!(w.plan(), Step::Done { wake_at: Some(t(600)) });
+    // At its end the draining key must be retired (then deleted after retainInactive, or
+    // deleted early by MakeRoom), not reported as a key limit nobody can resolve.
+    w.now = t(600);
+    let retire = Step::RetireKey { access_key_id: "K1".into(), already_inactive: false, still_in_use: false };
+    assert_eq!(w.plan(), retire);
+}
+
+/// A policy's `deactivateUnusedAfter` decides only on a reading taken after the limit passed:
+/// the last reading, however old, may miss a use (here a client used the key since), and after
+/// a restart the next read is spread up to `--last-used-refresh` ahead, so "not due" does not
+/// mean "fresh" either.
+#[test]
+fn deactivate_unused_reads_last_use_again_before_deactivating() {
+    let mut w = World::new(vec![iam_key("K1", KeyStatus::Active)], None);
+    w.ledger.keys = vec![owned("K1", KeyPhase::Current)];
+    w.ledger.key_status = Some(KeyStatus::Active);
+    w.secret = SecretObservation::Ours { access_key_id: Some("K1".into()) };
+    w.limits.deactivate_unused_after = Some(crate::crd::Duration::from_secs(86_400));
+    w.now = t(86_400);
+    w.last_used_due = Some(t(86_400));
+    assert_eq!(w.plan(), Step::RefreshLastUsed { access_key_id: "K1".into() });
+}
+
+/// A rotation that is due but waits for a draining key (a key adopted past `maxKeyAge`, an
+/// `interval` shorter than `gracePeriod`, `waitForUnused` holding the previous key) wakes up when
+/// that key retires, not at the past due time: the controller would requeue at once, a hot loop.
+#[test]
+fn a_rotation_held_back_by_a_draining_key_does_not_wake_in_the_past() {
+    let keys = vec![iam_key("K1", KeyStatus::Active), iam_key("K2", KeyStatus::Active)];
+    let mut w = World::new(keys, None);
+    w.spec.rotation =
+        Some(RotationSpec { interval: Some(crate::crd::Duration::from_secs(3600)), ..Default::default() });
+    let mut draining = owned("K1", KeyPhase::Draining);
+    draining.deactivate_at = Some(Time(t(4000)));
+    draining.replaced_at = Some(Time(t(0)));
+    w.ledger.keys = vec![draining, owned("K2", KeyPhase::Current)];
+    w.ledger.key_status = Some(KeyStatus::Active);
+    w.secret = SecretObservation::Ours { access_key_id: Some("K2".into()) };
+    w.now = t(3700);
+    w.last_used_due = Some(t(7200));
+    // The scheduled rotation (due at t(3600)) waits for K1, which retires at t(4000).
+    assert_eq!(w.plan(), Step::Done { wake_at: Some(t(4000)) });
+}
