@@ -65,6 +65,10 @@ bench: tools ## Benchmarks against the floor (not in make test, ~40 min); rewrit
 	$(CARGO) build --release --locked
 	$(CARGO) run --release --locked -p bench -- --all --report --fresh
 
+.PHONY: timeline
+timeline: ## Redraw the rotation timeline in docs/rotation.md and docs/rotation-timeline.svg from the planner
+	$(CARGO) run --quiet --locked -p bench -- --timeline
+
 .PHONY: argocd-cm
 argocd-cm: ## Regenerate argocd/argocd-cm.yaml from the Lua scripts
 	IKO_BLESS=1 $(CARGO) test --locked --features failpoints --test argocd argocd_cm

@@ -5,6 +5,7 @@
 //! ```text
 //! cargo build --release && cargo run --release -p bench -- --all --report   # what make bench does
 //! cargo run --release -p bench -- --convergence --floor --n 200              # one part, small
+//! cargo run -p bench -- --timeline      # redraw the rotation timeline in docs/ (no environment)
 //! ```
 
 mod cluster;
@@ -15,6 +16,7 @@ mod prom;
 mod report;
 mod results;
 mod svg;
+mod timeline;
 
 use std::{
     collections::{BTreeMap, HashSet},
@@ -124,6 +126,10 @@ struct Args {
     /// Results file (default: target/bench/results.json).
     #[arg(long)]
     results: Option<PathBuf>,
+    /// Only redraw the rotation timeline in docs/rotation.md and docs/rotation-timeline.svg from
+    /// the planner's simulation (no environment needed).
+    #[arg(long)]
+    timeline: bool,
 }
 
 struct Bench {
@@ -147,6 +153,10 @@ fn main() {
 }
 
 async fn run(mut args: Args) {
+    if args.timeline {
+        timeline::write_docs(&testenv::repo_root());
+        return;
+    }
     if args.all {
         args.floor = true;
         args.convergence = true;

@@ -1,4 +1,5 @@
-//! Line charts as plain SVG (no fonts or libraries needed to make them; any browser shows them).
+//! Charts as plain SVG (no fonts or libraries needed to make them; any browser shows them): line
+//! charts for the benchmarks, timelines (Gantt charts over minutes) for the rotation docs.
 
 use std::fmt::Write as _;
 
@@ -186,6 +187,186 @@ pub fn thin(points: &[(f64, f64)], max: usize) -> Vec<(f64, f64)> {
     if out.last() != points.last() {
         out.push(*points.last().unwrap());
     }
+    out
+}
+
+/// A style of bar: its colour, the colour of its label, and its label (long, or short where the
+/// long one does not fit).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BarStyle {
+    pub fill: &'static str,
+    pub ink: &'static str,
+    pub long: &'static str,
+    pub short: &'static str,
+}
+
+/// One row of a timeline: its bars `(from, to, style)` in minutes, and where it ended.
+pub struct Row {
+    pub label: String,
+    pub bars: Vec<(i64, i64, BarStyle)>,
+    /// The minute the row's subject was deleted, if it was.
+    pub deleted_at: Option<i64>,
+}
+
+/// A timeline over minutes: rows of bars, and marks (dashed lines, labelled or not) for events.
+pub struct Timeline {
+    pub title: String,
+    /// The minutes shown.
+    pub view: (i64, i64),
+    pub rows: Vec<Row>,
+    pub marks: Vec<(i64, String)>,
+}
+
+/// `hh:mm` of a minute.
+pub fn hhmm(m: i64) -> String {
+    format!("{:02}:{:02}", m / 60, m % 60)
+}
+
+/// Width of a label in 12px sans-serif, roughly.
+fn text_width(s: &str) -> f64 {
+    s.chars().count() as f64 * 6.4
+}
+
+/// Timelines one under the other, then a legend (two entries a line) and a footnote.
+/// `generated_by` goes into a comment at the top.
+pub fn render_timelines(
+    timelines: &[Timeline],
+    legend: &[(BarStyle, &str)],
+    footnote: &str,
+    generated_by: &str,
+) -> String {
+    const W: f64 = 980.0;
+    const LEFT: f64 = 110.0;
+    const RIGHT: f64 = 30.0;
+    const LANE: f64 = 26.0;
+    let mut out = String::new();
+    let mut body = String::new();
+    let mut y = 10.0;
+    for tl in timelines {
+        let (v0, v1) = tl.view;
+        let x = |m: i64| LEFT + (m.clamp(v0, v1) - v0) as f64 / (v1 - v0) as f64 * (W - LEFT - RIGHT);
+        body.push_str(&format!(
+            "<text x=\"{LEFT}\" y=\"{:.1}\" font-weight=\"bold\" font-size=\"14\">{}</text>\n",
+            y + 16.0,
+            esc(&tl.title)
+        ));
+        let lanes_top = y + 28.0;
+        let marks_top = lanes_top + tl.rows.len() as f64 * (LANE + 8.0) + 4.0;
+        // Marks, with labels stacked so they do not overlap.
+        let mut label_rows: Vec<f64> = vec![];
+        let mut labels = String::new();
+        for (m, label) in &tl.marks {
+            let mx = x(*m);
+            body.push_str(&format!(
+                "<line x1=\"{mx:.1}\" y1=\"{lanes_top:.1}\" x2=\"{mx:.1}\" y2=\"{:.1}\" stroke=\"#455a64\" stroke-dasharray=\"3,3\"/>\n",
+                marks_top + 4.0
+            ));
+            body.push_str(&format!(
+                "<circle cx=\"{mx:.1}\" cy=\"{:.1}\" r=\"3.5\" fill=\"#455a64\"/>\n",
+                marks_top + 4.0
+            ));
+            if label.is_empty() {
+                continue;
+            }
+            let row = label_rows.iter().position(|end| *end < mx - 4.0).unwrap_or_else(|| {
+                label_rows.push(f64::MIN);
+                label_rows.len() - 1
+            });
+            label_rows[row] = mx + text_width(label);
+            labels.push_str(&format!(
+                "<text x=\"{:.1}\" y=\"{:.1}\" font-size=\"12\" fill=\"#263238\">{}</text>\n",
+                mx + 3.0,
+                marks_top + 20.0 + row as f64 * 15.0,
+                esc(label)
+            ));
+        }
+        let axis_y = marks_top + 26.0 + label_rows.len() as f64 * 15.0;
+        for (i, row) in tl.rows.iter().enumerate() {
+            let ly = lanes_top + i as f64 * (LANE + 8.0);
+            body.push_str(&format!(
+                "<text x=\"{:.1}\" y=\"{:.1}\" font-size=\"13\" text-anchor=\"end\">{}</text>\n",
+                LEFT - 8.0,
+                ly + 17.0,
+                esc(&row.label)
+            ));
+            for &(from, to, style) in &row.bars {
+                if to <= v0 || from >= v1 {
+                    continue;
+                }
+                let (x0, x1) = (x(from), x(to));
+                body.push_str(&format!(
+                    "<rect x=\"{x0:.1}\" y=\"{ly:.1}\" width=\"{:.1}\" height=\"{LANE}\" rx=\"3\" fill=\"{}\"/>\n",
+                    x1 - x0,
+                    style.fill
+                ));
+                let label = [style.long, style.short].into_iter().find(|l| text_width(l) + 10.0 < x1 - x0);
+                if let Some(label) = label {
+                    body.push_str(&format!(
+                        "<text x=\"{:.1}\" y=\"{:.1}\" font-size=\"12\" fill=\"{}\">{}</text>\n",
+                        x0 + 6.0,
+                        ly + 17.0,
+                        style.ink,
+                        esc(label)
+                    ));
+                }
+            }
+            if let Some(d) = row.deleted_at {
+                body.push_str(&format!(
+                    "<text x=\"{:.1}\" y=\"{:.1}\" font-size=\"12\" fill=\"#b71c1c\">✕ deleted</text>\n",
+                    x(d) + 4.0,
+                    ly + 17.0
+                ));
+            }
+        }
+        body.push_str(&labels);
+        body.push_str(&format!(
+            "<line x1=\"{LEFT}\" y1=\"{axis_y:.1}\" x2=\"{:.1}\" y2=\"{axis_y:.1}\" stroke=\"#90a4ae\"/>\n",
+            W - RIGHT
+        ));
+        let mut m = v0 + (15 - v0.rem_euclid(15)) % 15;
+        while m <= v1 {
+            body.push_str(&format!(
+                "<line x1=\"{0:.1}\" y1=\"{1:.1}\" x2=\"{0:.1}\" y2=\"{2:.1}\" stroke=\"#90a4ae\"/>\n\
+                 <text x=\"{0:.1}\" y=\"{3:.1}\" font-size=\"11\" text-anchor=\"middle\" fill=\"#546e7a\">{4}</text>\n",
+                x(m),
+                axis_y,
+                axis_y + 4.0,
+                axis_y + 16.0,
+                hhmm(m)
+            ));
+            m += 15;
+        }
+        y = axis_y + 34.0;
+    }
+    for (i, (style, text)) in legend.iter().enumerate() {
+        let lx = LEFT + (i % 2) as f64 * 330.0;
+        if i > 0 && i % 2 == 0 {
+            y += 20.0;
+        }
+        body.push_str(&format!(
+            "<rect x=\"{lx:.1}\" y=\"{:.1}\" width=\"14\" height=\"14\" rx=\"2\" fill=\"{}\"/>\n\
+             <text x=\"{:.1}\" y=\"{:.1}\" font-size=\"12\" fill=\"#263238\">{}</text>\n",
+            y - 12.0,
+            style.fill,
+            lx + 19.0,
+            y,
+            esc(text)
+        ));
+    }
+    body.push_str(&format!(
+        "<text x=\"{LEFT}\" y=\"{:.1}\" font-size=\"11\" fill=\"#78909c\">{}</text>\n",
+        y + 20.0,
+        esc(footnote)
+    ));
+    y += 32.0;
+    out.push_str(&format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{W}\" height=\"{y:.0}\" viewBox=\"0 0 {W} {y:.0}\" \
+         font-family=\"Helvetica, Arial, sans-serif\">\n\
+         <!-- Generated by {generated_by}. Do not edit. -->\n\
+         <rect width=\"100%\" height=\"100%\" fill=\"#ffffff\"/>\n"
+    ));
+    out.push_str(&body);
+    out.push_str("</svg>\n");
     out
 }
 
