@@ -484,115 +484,225 @@ fn cleanup_deletes_our_keys_untags_then_deletes_the_secret_and_never_touches_for
 }
 
 // Random worlds: whatever IAM, status and the Secret look like (status forged included: it may
-// list any key, record any pending create), the planner never changes or deletes a key IAM does
-// not show as this resource's, never deletes or retires the current key, and never creates a
-// third key; on deletion, it deletes only keys IAM shows as ours.
+// list any key, record any pending create, with or without keys), and whatever tags the user
+// carries (ours, another resource's, a person's, retained ones, tags of keys that are gone), the
+// planner never changes or deletes a key IAM does not show as this resource's, never deletes or
+// retires the current key, never creates a third key, and never touches a tag it did not write;
+// on deletion, it deletes only keys IAM shows as ours. Each kind of step has its rule.
 fn arb_world() -> impl Strategy<Value = World> {
     let ids = ["A", "B", "C", "D"];
-    // (id, active, tag: none / ours / another resource's, created: long before / at / long after `since`)
-    let key = (0..4usize, any::<bool>(), 0..3u8, 0..3u8);
+    // Creation dates around `since`: far before, just inside and just outside the create's
+    // window (5m of clock skew before, 1m + 5m after), far after.
+    let offsets = [-86_400, -301, -300, 10, 360, 361, 86_400];
+    // (id, active, tag kind (see `tag_value`), created at offsets[..])
+    let key = (0..4usize, any::<bool>(), 0..6u8, 0..offsets.len());
+    // Tags of keys that are not on the user: (id, tag kind); and a tag unrelated to keys.
+    let other_tags = (proptest::collection::vec((0..4usize, 0..6u8), 0..=2), any::<bool>());
     (
         proptest::collection::vec(key, 0..=2),
         proptest::collection::vec((0..4usize, 0..3u8, 0..400i64), 0..=3),
-        any::<bool>(),
+        0..3u8,
         0..3u8,
         0..4usize,
         0..400i64,
         0..3i64,
         (any::<bool>(), proptest::collection::vec(0..4usize, 0..=2)),
         any::<bool>(),
+        other_tags,
     )
-        .prop_map(move |(iam, ledger, claimed, secret_kind, secret_id, now, serial, pending, tags_read)| {
-            let mut keys: Vec<IamKey> = vec![];
-            let mut tag_map = BTreeMap::new();
-            let o = owner();
-            if claimed {
-                tag_map.insert(OWNER_TAG.to_string(), o.0.clone());
-            }
-            let since = t(200);
-            for (i, active, tag, created) in iam {
-                let id = ids[i];
-                if keys.iter().any(|k| k.access_key_id == id) {
-                    continue;
-                }
-                let status = if active { KeyStatus::Active } else { KeyStatus::Inactive };
-                let offset = [-86_400, 10, 86_400][created as usize];
-                keys.push(IamKey {
-                    access_key_id: id.into(),
-                    status,
-                    create_date: after(since, SignedDuration::from_secs(offset)),
-                });
-                match tag {
+        .prop_map(
+            move |(iam, ledger, claim, secret_kind, secret_id, now, serial, pending, tags_read, (gone_tags, team))| {
+                let mut keys: Vec<IamKey> = vec![];
+                let mut tag_map = BTreeMap::new();
+                let o = owner();
+                match claim {
                     0 => {}
-                    1 => drop(tag_map.insert(id.to_string(), o.key_tag_value())),
-                    _ => drop(tag_map.insert(id.to_string(), "iam-key-operator:x/y/z".into())),
+                    1 => drop(tag_map.insert(OWNER_TAG.to_string(), o.0.clone())),
+                    _ => drop(tag_map.insert(OWNER_TAG.to_string(), "c/ns/other".to_string())),
                 }
-            }
-            let mut w = World::new(keys, tags_read.then_some(tag_map));
-            for (i, phase, at) in ledger {
-                let id = ids[i];
-                if w.ledger.keys.iter().any(|k| k.access_key_id == id) {
-                    continue;
+                if team {
+                    tag_map.insert("team".to_string(), "billing".to_string());
                 }
-                let phase = [KeyPhase::Current, KeyPhase::Draining, KeyPhase::Inactive][phase as usize];
-                if phase == KeyPhase::Current && w.ledger.keys.iter().any(|k| k.phase == KeyPhase::Current) {
-                    continue;
+                let since = t(200);
+                for (i, active, tag, created) in iam {
+                    let id = ids[i];
+                    if keys.iter().any(|k| k.access_key_id == id) {
+                        continue;
+                    }
+                    let status = if active { KeyStatus::Active } else { KeyStatus::Inactive };
+                    keys.push(IamKey {
+                        access_key_id: id.into(),
+                        status,
+                        create_date: after(since, SignedDuration::from_secs(offsets[created])),
+                    });
+                    if let Some(v) = tag_value(tag) {
+                        tag_map.insert(id.to_string(), v);
+                    }
                 }
-                let mut k = owned(id, phase);
-                k.deactivate_at = Some(Time(t(at)));
-                k.delete_at = Some(Time(t(at + 100)));
-                w.ledger.keys.push(k);
-            }
-            w.secret = match secret_kind {
-                0 => SecretObservation::Missing,
-                1 => SecretObservation::NotOurs,
-                _ => SecretObservation::Ours { access_key_id: Some(ids[secret_id].to_string()) },
-            };
-            w.now = t(now);
-            w.spec.rotation = Some(RotationSpec { serial, ..Default::default() });
-            if let (true, before) = pending {
-                w.ledger.pending_create = Some(before.into_iter().map(|i| ids[i].to_string()).collect());
-                w.ledger.pending_since = Some(since);
-            }
-            w
-        })
+                for (i, tag) in gone_tags {
+                    let id = ids[i];
+                    if !keys.iter().any(|k| k.access_key_id == id)
+                        && let Some(v) = tag_value(tag)
+                    {
+                        tag_map.insert(id.to_string(), v);
+                    }
+                }
+                let mut w = World::new(keys, tags_read.then_some(tag_map));
+                for (i, phase, at) in ledger {
+                    let id = ids[i];
+                    if w.ledger.keys.iter().any(|k| k.access_key_id == id) {
+                        continue;
+                    }
+                    let phase = [KeyPhase::Current, KeyPhase::Draining, KeyPhase::Inactive][phase as usize];
+                    if phase == KeyPhase::Current && w.ledger.keys.iter().any(|k| k.phase == KeyPhase::Current) {
+                        continue;
+                    }
+                    let mut k = owned(id, phase);
+                    k.deactivate_at = Some(Time(t(at)));
+                    k.delete_at = Some(Time(t(at + 100)));
+                    w.ledger.keys.push(k);
+                }
+                w.secret = match secret_kind {
+                    0 => SecretObservation::Missing,
+                    1 => SecretObservation::NotOurs,
+                    _ => SecretObservation::Ours { access_key_id: Some(ids[secret_id].to_string()) },
+                };
+                w.now = t(now);
+                w.spec.rotation = Some(RotationSpec { serial, ..Default::default() });
+                if let (true, before) = pending {
+                    w.ledger.pending_create = Some(before.into_iter().map(|i| ids[i].to_string()).collect());
+                    w.ledger.pending_since = Some(since);
+                }
+                w
+            },
+        )
 }
 
-/// Whether IAM shows the key as this resource's: our tag, or untagged and created inside the
-/// recorded create. Without the tags, nothing is proven.
-fn proven_ours(w: &World, id: &str) -> bool {
+/// A per-key tag: none, ours, another resource's, a person's description, ours retained, or
+/// another cluster's name for this very resource.
+fn tag_value(kind: u8) -> Option<String> {
+    let o = owner();
+    match kind {
+        0 => None,
+        1 => Some(o.key_tag_value()),
+        2 => Some("iam-key-operator:x/y/z".into()),
+        3 => Some("alice's laptop".into()),
+        4 => Some(o.retained_tag_value()),
+        _ => Some(Owner::new("old-cluster", "ns", "name").key_tag_value()),
+    }
+}
+
+/// The oracle: whether IAM shows the key as this resource's, from the rule as docs/decisions.md
+/// states it, not from the planner's code. Our tag on it; or no tag at all, not among the keys
+/// `pendingCreate` recorded, and created from 5 minutes before its `since` to 6 minutes after.
+/// Without the tags, nothing is proven.
+fn oracle_ours(w: &World, id: &str) -> bool {
     let UserObservation::Found { keys, tags: Some(tags) } = &w.user else { return false };
     let Some(key) = keys.iter().find(|k| k.access_key_id == id) else { return false };
     match tags.get(id) {
-        Some(v) => *v == owner().key_tag_value(),
-        None => left_by_interrupted_create(key, &w.ledger),
+        Some(v) => *v == format!("iam-key-operator:{}", owner().0),
+        None => match (&w.ledger.pending_create, w.ledger.pending_since) {
+            (Some(before), Some(since)) => {
+                let from = since.as_second() - 300;
+                let to = since.as_second() + 360;
+                !before.iter().any(|b| b == id) && (from..=to).contains(&key.create_date.as_second())
+            }
+            _ => false,
+        },
     }
+}
+
+/// The oracle's answer for a tag: whether this resource wrote it (its claim, or its key's tag).
+fn oracle_our_tag(key: &str, value: &str) -> bool {
+    let o = owner();
+    (key == OWNER_TAG && value == o.0) || value == format!("iam-key-operator:{}", o.0)
 }
 
 proptest! {
     #[test]
     fn planner_never_touches_keys_iam_does_not_show_as_ours_nor_exceeds_two(w in arb_world()) {
-        let UserObservation::Found { keys, .. } = &w.user else { unreachable!() };
+        let UserObservation::Found { keys, tags } = &w.user else { unreachable!() };
+        let ids: Vec<String> = keys.iter().map(|k| k.access_key_id.clone()).collect();
+        let in_iam = |id: &str| ids.iter().any(|k| k == id);
+        let tracked = |id: &str| w.ledger.keys.iter().find(|k| k.access_key_id == id);
         let current = w.ledger.keys.iter().find(|k| k.phase == KeyPhase::Current).map(|k| k.access_key_id.clone());
+        let is_current = |id: &str| current.as_deref() == Some(id);
+        let in_secret = |id: &str| w.secret == SecretObservation::Ours { access_key_id: Some(id.to_owned()) };
+        let tag = |id: &str| tags.as_ref().and_then(|t| t.get(id)).cloned();
         let step = w.plan();
         match &step {
-            Step::DeleteOrphan { access_key_id: id, .. } | Step::MakeRoom { access_key_id: id }
-            | Step::DeleteRetired { access_key_id: id } | Step::RetireKey { access_key_id: id, .. } => {
-                prop_assert!(proven_ours(&w, id), "{step:?} on a key IAM does not show as ours");
-                prop_assert_ne!(Some(id), current.as_ref());
+            Step::ReadUser => prop_assert!(tags.is_none()),
+            Step::Blocked(Blocked::UserClaimed { by }) => {
+                prop_assert!(tag(OWNER_TAG).as_ref() == Some(by) && *by != owner().0)
             }
-            Step::SetKeyStatus { access_key_id: id, .. } | Step::DeactivateUnused { access_key_id: id, .. } => {
-                prop_assert!(proven_ours(&w, id), "{step:?} on a key IAM does not show as ours");
-                prop_assert_eq!(Some(id), current.as_ref());
+            Step::Blocked(Blocked::SecretConflict) => prop_assert_eq!(&w.secret, &SecretObservation::NotOurs),
+            Step::Blocked(Blocked::KeyLimitExceeded { blocking }) => {
+                prop_assert!(keys.len() >= MAX_KEYS_PER_USER);
+                prop_assert_eq!(blocking, &ids);
             }
-            Step::CreateKey { .. } | Step::StartCreate { .. } => prop_assert!(keys.len() < MAX_KEYS_PER_USER),
+            Step::Blocked(Blocked::KeyUnused { access_key_id: id, .. }) => prop_assert!(is_current(id)),
+            Step::Blocked(Blocked::Paused | Blocked::UserNotFound) => prop_assert!(false, "{step:?} with a user found"),
+            Step::ClaimUser => prop_assert!(tags.is_some() && tag(OWNER_TAG).is_none()),
+            Step::TakeOverTags { .. } => prop_assert!(false, "{step:?} without a previous cluster name"),
+            Step::DeleteOrphan { access_key_id: id, tagged } => {
+                prop_assert!(oracle_ours(&w, id), "{step:?} on a key IAM does not show as ours");
+                prop_assert!(tracked(id).is_none() && !is_current(id));
+                prop_assert_eq!(*tagged, tag(id).is_some());
+                prop_assert!(!(*tagged && in_secret(id)), "{step:?}: the key the Secret holds");
+            }
+            Step::AdoptSecretKey { key } => {
+                let id = key.access_key_id.as_str();
+                prop_assert!(oracle_ours(&w, id) && tag(id).is_some() && in_secret(id) && tracked(id).is_none());
+            }
+            Step::UntagStale { tag_keys } => {
+                for k in tag_keys {
+                    let value = tag(k).unwrap_or_default();
+                    prop_assert!(oracle_our_tag(k, &value) && k != OWNER_TAG && !in_iam(k), "{step:?}");
+                }
+            }
+            Step::ForgetKey { access_key_id: id, .. } => prop_assert!(tracked(id).is_some() && !in_iam(id)),
             // A key status lists is kept only with our tag on it (an untagged one inside a
             // create is then deleted as that create's remains).
             Step::DisownKey { access_key_id: id } => {
-                let UserObservation::Found { tags: Some(tags), .. } = &w.user else { unreachable!() };
-                prop_assert_ne!(tags.get(id.as_str()), Some(&owner().key_tag_value()));
+                prop_assert!(tracked(id).is_some() && tags.is_some());
+                prop_assert!(!oracle_our_tag(id, &tag(id).unwrap_or_default()));
             }
-            _ => {}
+            Step::MakeRoom { access_key_id: id } | Step::DeleteRetired { access_key_id: id } => {
+                prop_assert!(oracle_ours(&w, id), "{step:?} on a key IAM does not show as ours");
+                prop_assert!(!is_current(id));
+                prop_assert_eq!(tracked(id).map(|k| k.phase), Some(KeyPhase::Inactive));
+            }
+            Step::RetireKey { access_key_id: id, .. } => {
+                prop_assert!(oracle_ours(&w, id), "{step:?} on a key IAM does not show as ours");
+                prop_assert!(!is_current(id));
+                prop_assert_eq!(tracked(id).map(|k| k.phase), Some(KeyPhase::Draining));
+            }
+            Step::SetKeyStatus { access_key_id: id, status, .. } => {
+                prop_assert!(oracle_ours(&w, id), "{step:?} on a key IAM does not show as ours");
+                prop_assert!(is_current(id) && *status == w.spec.key_status);
+            }
+            Step::DeactivateUnused { access_key_id: id, .. } => {
+                prop_assert!(oracle_ours(&w, id), "{step:?} on a key IAM does not show as ours");
+                prop_assert!(is_current(id) && w.limits.deactivate_unused_after.is_some());
+            }
+            Step::StartCreate { existing_key_ids } => {
+                prop_assert!(keys.len() < MAX_KEYS_PER_USER);
+                prop_assert_eq!(existing_key_ids, &ids);
+            }
+            Step::CreateKey { .. } => {
+                prop_assert!(keys.len() < MAX_KEYS_PER_USER);
+                prop_assert_eq!(w.ledger.pending_create.as_ref(), Some(&ids));
+            }
+            Step::ClearPending => prop_assert!(w.ledger.pending_create.is_some()),
+            Step::RewriteSecret { .. } => prop_assert!(false, "{step:?} with the Secret's layout current"),
+            Step::RestartTargets { access_key_id: id } => {
+                prop_assert!(is_current(id) && !w.spec.restart_targets.is_empty())
+            }
+            Step::CheckKeyUsage { access_key_id: id } => {
+                prop_assert_eq!(tracked(id).map(|k| k.phase), Some(KeyPhase::Draining))
+            }
+            Step::RefreshLastUsed { access_key_id: id } => prop_assert!(is_current(id)),
+            Step::Done { wake_at } => prop_assert!(wake_at.is_none_or(|t| t > w.now), "{step:?} at {}", w.now),
         }
     }
 
@@ -603,14 +713,28 @@ proptest! {
         let step = plan_cleanup(&CleanupObservation {
             owner: &o, previous_owner: None, policy, ledger: &w.ledger, user: &w.user, secret: &w.secret,
         });
+        let tags = match &w.user {
+            UserObservation::Found { tags, .. } => tags.clone(),
+            UserObservation::Missing => None,
+        };
+        let secret_ours = matches!(w.secret, SecretObservation::Ours { .. });
         match &step {
-            CleanupStep::DeleteKey { access_key_id: id } => prop_assert!(proven_ours(&w, id), "{step:?}"),
+            CleanupStep::ReadUser => prop_assert!(tags.is_none()),
+            CleanupStep::DeleteKey { access_key_id: id } => prop_assert!(oracle_ours(&w, id), "{step:?}"),
             CleanupStep::MarkRetained { access_key_ids } => {
+                prop_assert!(retain, "{step:?} under deletionPolicy Delete");
                 for id in access_key_ids {
-                    prop_assert!(proven_ours(&w, id), "{step:?}");
+                    prop_assert!(oracle_ours(&w, id), "{step:?}");
                 }
             }
-            _ => {}
+            CleanupStep::Untag { tag_keys } => {
+                let tags = tags.unwrap_or_default();
+                for k in tag_keys {
+                    prop_assert!(oracle_our_tag(k, tags.get(k).map_or("", String::as_str)), "{step:?}");
+                }
+            }
+            CleanupStep::DeleteSecret => prop_assert!(secret_ours, "{step:?}"),
+            CleanupStep::Done => prop_assert!(!secret_ours, "{step:?}"),
         }
     }
 }
