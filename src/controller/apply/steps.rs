@@ -96,10 +96,15 @@ impl Run<'_> {
     }
 
     pub(super) async fn make_room(&mut self, access_key_id: &str) -> Result<(), Error> {
+        let note = format!("deleted retired access key {access_key_id} early to make room for a new key");
+        self.delete_tracked_key(access_key_id, note).await
+    }
+
+    /// `MakeRoom`, `DeleteRetired`: one of our retired keys is deleted and no longer tracked.
+    async fn delete_tracked_key(&mut self, access_key_id: &str, note: String) -> Result<(), Error> {
         self.delete_key(access_key_id, true).await?;
         record::forget_key(&mut self.status, access_key_id);
         self.save_status().await?;
-        let note = format!("deleted retired access key {access_key_id} early to make room for a new key");
         self.note(EventType::Normal, "KeyDeleted", note).await;
         Ok(())
     }
@@ -257,12 +262,8 @@ impl Run<'_> {
     }
 
     pub(super) async fn delete_retired(&mut self, access_key_id: &str) -> Result<(), Error> {
-        self.delete_key(access_key_id, true).await?;
-        record::forget_key(&mut self.status, access_key_id);
-        self.save_status().await?;
         let note = format!("previous access key {access_key_id} deleted after its rollback window");
-        self.note(EventType::Normal, "KeyDeleted", note).await;
-        Ok(())
+        self.delete_tracked_key(access_key_id, note).await
     }
 
     pub(super) async fn refresh_last_used(&mut self, access_key_id: String) -> Result<(), Error> {
