@@ -4,6 +4,11 @@ SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
 CARGO ?= cargo
+# Every test step builds the operator with the test-only failpoints, so `unit`, `crds-check` and
+# `integration` share one build of it instead of compiling it twice.
+TEST_FEATURES := --features iam-key-operator/failpoints
+# The integration tests wait on the operator most of the time: more threads than cores pays.
+TEST_THREADS ?= 8
 DEV_DIR ?= $(CURDIR)/.dev
 # The tools (kube-apiserver, etcd, kubectl, helm, moto, Argo CD's Lua) live outside the repo, per
 # version, in ~/.cache/iam-key-operator; tests find them through `hack/<script> --path`.
@@ -32,7 +37,7 @@ crds: ## Regenerate crds/ from the Rust types (and the copies in the chart and d
 .PHONY: crds-check
 crds-check: ## Fail when crds/ differs from what the code generates
 	@tmp=$$(mktemp -d); trap 'rm -rf $$tmp' EXIT; \
-	$(CARGO) run --quiet --locked -- crd --out-dir $$tmp; \
+	$(CARGO) run --quiet --locked $(TEST_FEATURES) -- crd --out-dir $$tmp; \
 	diff -ru crds $$tmp || { echo "crds/ is stale: run 'make crds' and commit the result"; exit 1; }
 
 .PHONY: fmt-check
@@ -44,12 +49,15 @@ clippy:
 	$(CARGO) clippy --locked --workspace --all-targets --all-features -- -D warnings
 
 .PHONY: unit
-unit: ## Unit tests (pure logic: planner, schema, formats)
-	$(CARGO) test --locked --workspace --lib --bins
+unit: ## Unit and property tests (pure logic: planner, policy, schema, formats)
+	$(CARGO) test --locked --workspace --lib --bins $(TEST_FEATURES)
 
 .PHONY: integration
-integration: tools ## Integration tests against a real kube-apiserver + etcd and moto
-	$(CARGO) test --locked --features failpoints --tests -- --test-threads 6
+integration: tools ## Integration tests (one binary, tests/e2e) against a real kube-apiserver + etcd and moto
+	$(CARGO) test --locked $(TEST_FEATURES) --test e2e -- --test-threads $(TEST_THREADS)
+
+.PHONY: check
+check: fmt-check clippy unit ## The edit loop: fmt, clippy, unit and property tests (no real parts needed)
 
 .PHONY: test
 test: tools fmt-check clippy crds-check unit integration ## Everything CI runs
@@ -57,8 +65,8 @@ test: tools fmt-check clippy crds-check unit integration ## Everything CI runs
 .PHONY: soak
 soak: tools ## Long fault runs (not in make test): random kills for 15 min with 200 resources, rate limit with 1,000
 	IKO_SOAK_SECONDS=$${IKO_SOAK_SECONDS:-900} IKO_SOAK_RESOURCES=$${IKO_SOAK_RESOURCES:-200} \
-	  $(CARGO) test --locked --features failpoints --test soak -- --ignored --nocapture
-	$(CARGO) test --locked --features failpoints --test faults -- --ignored --nocapture bench_
+	  $(CARGO) test --locked $(TEST_FEATURES) --test e2e soak:: -- --ignored --nocapture
+	$(CARGO) test --locked $(TEST_FEATURES) --test e2e faults::bench_ -- --ignored --nocapture
 
 .PHONY: bench
 bench: tools ## Benchmarks against the floor (not in make test, ~40 min); rewrites docs/benchmarks.md and docs/img
@@ -67,7 +75,7 @@ bench: tools ## Benchmarks against the floor (not in make test, ~40 min); rewrit
 
 .PHONY: argocd-cm
 argocd-cm: ## Regenerate argocd/argocd-cm.yaml from the Lua scripts
-	IKO_BLESS=1 $(CARGO) test --locked --features failpoints --test argocd argocd_cm
+	IKO_BLESS=1 $(CARGO) test --locked $(TEST_FEATURES) --test e2e argocd::argocd_cm
 
 IMAGE ?= iam-key-operator:0.1.0
 .PHONY: image

@@ -1,8 +1,7 @@
 //! Running it like a platform team would: leader election between replicas, metrics, probes,
 //! and scoping by label selector.
 
-mod support;
-
+use crate::support;
 use std::{
     collections::{BTreeMap, BTreeSet},
     time::{Duration, Instant},

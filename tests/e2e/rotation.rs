@@ -2,8 +2,7 @@
 //! serial, annotation (and the `rotate` subcommand), slots, restart targets, rollback window,
 //! usage-gated retirement, and crashes in the middle of a rotation.
 
-mod support;
-
+use crate::support;
 use std::{
     sync::{
         Arc,

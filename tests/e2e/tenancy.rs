@@ -2,9 +2,7 @@
 //! and its limits (maxKeyAge, deactivateUnusedAfter, minRotationInterval) apply. Real API
 //! server + moto.
 
-mod etcd;
-mod support;
-
+use crate::{etcd, support};
 use std::time::{Duration, Instant};
 
 use iam_key_operator::crd::{GrantRecord, IamAccessKeyPolicy, OnRevoke};

@@ -5,8 +5,7 @@
 //! holds the objects, and "the RBAC is sufficient" means the binary, run outside the cluster with
 //! the Deployment's own arguments and that identity, reconciles an example to Ready.
 
-mod support;
-
+use crate::support;
 use std::{
     collections::BTreeSet,
     fs::File,
@@ -1247,7 +1246,7 @@ admissionPolicy:
     let docs = documents(&String::from_utf8_lossy(&out.stdout));
     assert!(kinds(&docs).contains("NetworkPolicy"));
     assert!(find(&docs, "ConfigMap", "opts-iam-key-operator-dashboard").is_some());
-    // The API server compiles the admission policy's CEL on the dry run too (tests/admission.rs
+    // The API server compiles the admission policy's CEL on the dry run too (tests/e2e/admission.rs
     // exercises it).
     assert!(
         kinds(&docs).contains("ValidatingAdmissionPolicy") && kinds(&docs).contains("ValidatingAdmissionPolicyBinding")

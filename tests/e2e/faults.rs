@@ -7,11 +7,6 @@
 //! operator is SIGKILLed at random moments. The figures each test prints (`--nocapture`) are
 //! the ones `docs/reliability.md` reports.
 
-// The random-kill scenario, shared with the (ignored) soak test; it also brings `support`.
-mod etcd;
-#[path = "soak.rs"]
-mod soak;
-
 use std::{
     collections::{BTreeMap, BTreeSet},
     sync::{
@@ -21,6 +16,11 @@ use std::{
     time::{Duration, Instant},
 };
 
+use crate::support::{
+    proxy::{FaultProxy, Faults, Outcome, by_action, by_outcome, max_in_window, per_second},
+    *,
+};
+use crate::{etcd, soak};
 use futures::StreamExt;
 use iam_key_operator::crd::{IamAccessKey, IamAccessKeyPolicy, KeyPhase};
 use k8s_openapi::api::core::v1::Secret;
@@ -30,10 +30,6 @@ use kube::{
     runtime::watcher,
 };
 use serde_json::json;
-use soak::support::{
-    proxy::{FaultProxy, Faults, Outcome, by_action, by_outcome, max_in_window, per_second},
-    *,
-};
 use testenv::TestEnv;
 
 // ---------------------------------------------------------------------------------------------

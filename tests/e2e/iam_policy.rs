@@ -1,8 +1,7 @@
 //! The operator's own IAM permissions (`deploy/iam-policy.json`), tested against an IAM
 //! endpoint that enforces signatures and policies (moto with INITIAL_NO_AUTH_ACTION_COUNT).
 
-mod support;
-
+use crate::support;
 use std::{
     collections::BTreeSet,
     net::TcpListener,

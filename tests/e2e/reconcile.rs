@@ -1,8 +1,7 @@
 //! The reconciler against a real kube-apiserver + etcd and moto: create, update, drift, loss,
 //! conflicts, deletion, pause, claims, quiet convergence and secrecy.
 
-mod support;
-
+use crate::support;
 use std::time::Duration;
 
 use aws_sdk_iam::types::StatusType;
