@@ -263,6 +263,11 @@ async fn throttling_and_server_errors_show_in_conditions_back_off_and_converge()
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let phase2 = proxy.calls_since(t2);
+    // Throttling and 5xx show as what they are, and nothing else: all were Throttled when the
+    // phase began.
+    assert!(seen.contains_key("Throttled"), "reasons seen under partial faults: {seen:?}");
+    let expected = ["Ready", "Throttled", "IamUnavailable"];
+    assert!(seen.keys().all(|r| expected.contains(&r.as_str())), "reasons seen under partial faults: {seen:?}");
 
     // Phase 3: no faults.
     proxy.set(Faults::none());
