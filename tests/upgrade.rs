@@ -117,7 +117,7 @@ async fn a_chart_with_crds_dir_is_taken_over_then_helm_upgrade_changes_the_serve
         &["install", RELEASE, old, "-n", RELEASE_NS, "--create-namespace", "--set", "clusterName=upgrade-test"],
     );
     let installed = crds.get(KEYS_CRD).await.expect("CRD from crds/");
-    assert!(installed.metadata.annotations.unwrap_or_default().get("meta.helm.sh/release-name").is_none());
+    assert!(!installed.metadata.annotations.unwrap_or_default().contains_key("meta.helm.sh/release-name"));
 
     // An object made under the old chart.
     let ns = env.fresh_namespace("upgrade").await.expect("namespace");
