@@ -256,6 +256,13 @@ fn default_values_render_a_restricted_leader_elected_operator_with_cluster_wide_
     // The CRDs are templates, so that helm upgrade upgrades them (tests/upgrade.rs).
     assert_eq!(docs.iter().filter(|d| d["kind"] == "CustomResourceDefinition").count(), 2);
     assert!(!kinds(&render(&["--set", "crds.enabled=false"])).contains("CustomResourceDefinition"));
+    let unkept = render(&["--set", "crds.keep=false"]);
+    assert!(
+        unkept
+            .iter()
+            .filter(|d| d["kind"] == "CustomResourceDefinition")
+            .all(|d| d["metadata"]["annotations"].is_null())
+    );
 }
 
 #[test]
