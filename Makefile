@@ -29,16 +29,19 @@ build: ## Build the operator (release)
 	$(CARGO) build --release --locked
 
 .PHONY: crds
-crds: ## Regenerate crds/ from the Rust types (and the copies in the chart and deploy/)
-	$(CARGO) run --quiet --locked -- crd --out-dir crds
-	cp crds/*.yaml charts/iam-key-operator/crds/
+CHART_CRDS := charts/iam-key-operator/templates/crds.yaml
+
+crds: ## Regenerate crds/ from the Rust types (and the chart's template and deploy/'s copies)
+	$(CARGO) run --quiet --locked -- crd --out-dir crds --helm-template $(CHART_CRDS)
 	cp crds/*.yaml deploy/crds/
 
 .PHONY: crds-check
-crds-check: ## Fail when crds/ differs from what the code generates
-	@tmp=$$(mktemp -d); trap 'rm -rf $$tmp' EXIT; \
-	$(CARGO) run --quiet --locked $(TEST_FEATURES) -- crd --out-dir $$tmp; \
-	diff -ru crds $$tmp || { echo "crds/ is stale: run 'make crds' and commit the result"; exit 1; }
+crds-check: ## Fail when crds/, the chart's CRD template or deploy/crds differ from what the code generates
+	@tmp=$$(mktemp -d); trap 'rm -rf $$tmp' EXIT; mkdir $$tmp/crds; \
+	$(CARGO) run --quiet --locked $(TEST_FEATURES) -- crd --out-dir $$tmp/crds --helm-template $$tmp/crds.yaml; \
+	diff -ru crds $$tmp/crds || { echo "crds/ is stale: run 'make crds' and commit the result"; exit 1; }; \
+	diff -u $(CHART_CRDS) $$tmp/crds.yaml || { echo "$(CHART_CRDS) is stale: run 'make crds' and commit the result"; exit 1; }; \
+	diff -ru deploy/crds $$tmp/crds || { echo "deploy/crds is stale: run 'make crds' and commit the result"; exit 1; }
 
 .PHONY: fmt-check
 fmt-check:

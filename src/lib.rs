@@ -10,6 +10,7 @@ pub mod iam;
 pub mod leader;
 pub mod metrics;
 pub mod plan;
+pub mod plugin;
 pub mod policy;
 pub mod server;
 pub mod telemetry;
