@@ -16,8 +16,7 @@ use kube::{
 };
 
 use crate::{
-    controller::{ACCESS_KEY_ID_ANNOTATION, PAUSED_ANNOTATION},
-    crd::{IamAccessKey, IamAccessKeyPolicy, KeyPhase, SecretFormat},
+    crd::{ACCESS_KEY_ID_ANNOTATION, IamAccessKey, IamAccessKeyPolicy, KeyPhase, PAUSED_ANNOTATION, SecretFormat},
     policy::{self, Decision, NamespaceFacts, RuleOutcome, UserFacts},
 };
 

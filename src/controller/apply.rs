@@ -12,12 +12,15 @@ use kube::{
 use tracing::debug;
 
 use super::{
-    ACCESS_KEY_ID_ANNOTATION, Context, FIELD_MANAGER, PAUSED_ANNOTATION, ROTATE_REQUESTED_AT_ANNOTATION,
+    Context,
     secret::{build_secret, layout_stale, observe_secret, secret_in, secret_name},
     status::{POLICY_OVERRIDE, derive_summary, set_policy_override, set_ready},
 };
 use crate::{
-    crd::{IamAccessKey, IamAccessKeyStatus, KeyPhase, KeyStatus, LastUsed, PendingCreate, RotationSpec},
+    crd::{
+        ACCESS_KEY_ID_ANNOTATION, FIELD_MANAGER, IamAccessKey, IamAccessKeyStatus, KeyPhase, KeyStatus, LastUsed,
+        OWNER_TAG, PAUSED_ANNOTATION, PendingCreate, ROTATE_REQUESTED_AT_ANNOTATION, RotationSpec,
+    },
     error::Error,
     failpoint,
     iam::{IamError, IamKey, IamUser, NewKey},
@@ -350,10 +353,10 @@ impl<'a> Run<'a> {
                         self.owner.key_tag_value()
                     )));
                 }
-                iam.tag_user(&user, &[(crate::plan::OWNER_TAG.into(), self.owner.0.clone())]).await?;
+                iam.tag_user(&user, &[(OWNER_TAG.into(), self.owner.0.clone())]).await?;
                 let owner = self.owner.0.clone();
                 if let Some(tags) = self.tags_mut() {
-                    tags.insert(crate::plan::OWNER_TAG.into(), owner);
+                    tags.insert(OWNER_TAG.into(), owner);
                 }
                 self.note(EventType::Normal, "UserClaimed", format!("claimed IAM user {user}")).await;
             }
@@ -556,7 +559,7 @@ impl<'a> Run<'a> {
             }
             Blocked::UserClaimed { by } => format!(
                 "IAM user {user} is managed by {by} (user tag {}): only one IamAccessKey may manage a user",
-                crate::plan::OWNER_TAG
+                OWNER_TAG
             ),
             Blocked::SecretConflict => format!(
                 "Secret {}/{} exists and was not created by this IamAccessKey: delete it or set spec.secret.name to a free name",

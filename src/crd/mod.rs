@@ -2,10 +2,12 @@
 
 mod access_key;
 mod duration;
+mod names;
 mod policy;
 
 pub use access_key::*;
 pub use duration::{BOUNDARY_CASES, DURATION_PATTERN, Duration, MAX_DURATION_LEN, ParseDurationError};
+pub use names::*;
 pub use policy::*;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;

@@ -16,10 +16,9 @@ use std::{collections::BTreeMap, sync::Arc};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use kube::ResourceExt;
 
-use crate::crd::{DeletionPolicy, Duration, IamAccessKeyPolicy, IamAccessKeySpec, OnRevoke, PolicyRule};
-
-/// The annotation that pauses a resource (where a policy allows it).
-pub const PAUSED_ANNOTATION: &str = "iam.keyop.dev/paused";
+use crate::crd::{
+    DeletionPolicy, Duration, IamAccessKeyPolicy, IamAccessKeySpec, OnRevoke, PAUSED_ANNOTATION, PolicyRule,
+};
 
 /// The namespace a resource lives in.
 pub struct NamespaceFacts<'a> {

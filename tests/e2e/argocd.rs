@@ -24,7 +24,8 @@ use std::{
 };
 
 use iam_key_operator::{
-    controller::{PAUSED_ANNOTATION, ROTATE_REQUESTED_AT_ANNOTATION, policy_status::desired_statuses},
+    controller::policy_status::desired_statuses,
+    crd::{PAUSED_ANNOTATION, ROTATE_REQUESTED_AT_ANNOTATION},
     error::Error,
     iam::IamError,
     plan::Blocked,

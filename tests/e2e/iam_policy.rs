@@ -10,7 +10,7 @@ use std::{
 };
 
 use aws_credential_types::Credentials;
-use iam_key_operator::plan::OWNER_TAG;
+use iam_key_operator::crd::OWNER_TAG;
 use kube::api::{Patch, PatchParams};
 use serde_json::{Value, json};
 use support::*;
