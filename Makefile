@@ -4,6 +4,11 @@ SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
 CARGO ?= cargo
+# Every test step builds the operator with the test-only failpoints, so `unit`, `crds-check` and
+# `integration` share one build of it instead of compiling it twice.
+TEST_FEATURES := --features iam-key-operator/failpoints
+# The integration tests wait on the operator most of the time: more threads than cores pays.
+TEST_THREADS ?= 8
 DEV_DIR ?= $(CURDIR)/.dev
 # The tools (kube-apiserver, etcd, kubectl, helm, moto, Argo CD's Lua) live outside the repo, per
 # version, in ~/.cache/iam-key-operator; tests find them through `hack/<script> --path`.
@@ -24,16 +29,19 @@ build: ## Build the operator (release)
 	$(CARGO) build --release --locked
 
 .PHONY: crds
-crds: ## Regenerate crds/ from the Rust types (and the copies in the chart and deploy/)
-	$(CARGO) run --quiet --locked -- crd --out-dir crds
-	cp crds/*.yaml charts/iam-key-operator/crds/
+CHART_CRDS := charts/iam-key-operator/templates/crds.yaml
+
+crds: ## Regenerate crds/ from the Rust types (and the chart's template and deploy/'s copies)
+	$(CARGO) run --quiet --locked -- crd --out-dir crds --helm-template $(CHART_CRDS)
 	cp crds/*.yaml deploy/crds/
 
 .PHONY: crds-check
-crds-check: ## Fail when crds/ differs from what the code generates
-	@tmp=$$(mktemp -d); trap 'rm -rf $$tmp' EXIT; \
-	$(CARGO) run --quiet --locked -- crd --out-dir $$tmp; \
-	diff -ru crds $$tmp || { echo "crds/ is stale: run 'make crds' and commit the result"; exit 1; }
+crds-check: ## Fail when crds/, the chart's CRD template or deploy/crds differ from what the code generates
+	@tmp=$$(mktemp -d); trap 'rm -rf $$tmp' EXIT; mkdir $$tmp/crds; \
+	$(CARGO) run --quiet --locked $(TEST_FEATURES) -- crd --out-dir $$tmp/crds --helm-template $$tmp/crds.yaml; \
+	diff -ru crds $$tmp/crds || { echo "crds/ is stale: run 'make crds' and commit the result"; exit 1; }; \
+	diff -u $(CHART_CRDS) $$tmp/crds.yaml || { echo "$(CHART_CRDS) is stale: run 'make crds' and commit the result"; exit 1; }; \
+	diff -ru deploy/crds $$tmp/crds || { echo "deploy/crds is stale: run 'make crds' and commit the result"; exit 1; }
 
 .PHONY: fmt-check
 fmt-check:
@@ -44,12 +52,15 @@ clippy:
 	$(CARGO) clippy --locked --workspace --all-targets --all-features -- -D warnings
 
 .PHONY: unit
-unit: ## Unit tests (pure logic: planner, schema, formats)
-	$(CARGO) test --locked --workspace --lib --bins
+unit: ## Unit and property tests (pure logic: planner, policy, schema, formats)
+	$(CARGO) test --locked --workspace --lib --bins $(TEST_FEATURES)
 
 .PHONY: integration
-integration: tools ## Integration tests against a real kube-apiserver + etcd and moto
-	$(CARGO) test --locked --features failpoints --tests -- --test-threads 6
+integration: tools ## Integration tests (one binary, tests/e2e) against a real kube-apiserver + etcd and moto
+	$(CARGO) test --locked $(TEST_FEATURES) --test e2e -- --test-threads $(TEST_THREADS)
+
+.PHONY: check
+check: fmt-check clippy unit ## The edit loop: fmt, clippy, unit and property tests (no real parts needed)
 
 .PHONY: test
 test: tools fmt-check clippy crds-check unit integration ## Everything CI runs
@@ -57,8 +68,8 @@ test: tools fmt-check clippy crds-check unit integration ## Everything CI runs
 .PHONY: soak
 soak: tools ## Long fault runs (not in make test): random kills for 15 min with 200 resources, rate limit with 1,000
 	IKO_SOAK_SECONDS=$${IKO_SOAK_SECONDS:-900} IKO_SOAK_RESOURCES=$${IKO_SOAK_RESOURCES:-200} \
-	  $(CARGO) test --locked --features failpoints --test soak -- --ignored --nocapture
-	$(CARGO) test --locked --features failpoints --test faults -- --ignored --nocapture bench_
+	  $(CARGO) test --locked $(TEST_FEATURES) --test e2e soak:: -- --ignored --nocapture
+	$(CARGO) test --locked $(TEST_FEATURES) --test e2e faults::bench_ -- --ignored --nocapture
 
 .PHONY: bench
 bench: tools ## Benchmarks against the floor (not in make test, ~40 min); rewrites docs/benchmarks.md and docs/img
@@ -71,7 +82,7 @@ timeline: ## Redraw the rotation timeline in docs/rotation.md and docs/rotation-
 
 .PHONY: argocd-cm
 argocd-cm: ## Regenerate argocd/argocd-cm.yaml from the Lua scripts
-	IKO_BLESS=1 $(CARGO) test --locked --features failpoints --test argocd argocd_cm
+	IKO_BLESS=1 $(CARGO) test --locked $(TEST_FEATURES) --test e2e argocd::argocd_cm
 
 IMAGE ?= iam-key-operator:0.1.0
 .PHONY: image

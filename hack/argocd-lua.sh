@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds hack/argocd-lua (Argo CD's Lua interpreter for tests/argocd.rs: gopher-lua with the
+# Builds hack/argocd-lua (Argo CD's Lua interpreter for tests/e2e/argocd.rs: gopher-lua with the
 # libraries and globals Argo CD gives resource customization scripts) from the Go module proxy
 # into a cache outside the repo. The binary's directory is named after GOPHER_LUA_VERSION and a
 # hash of the program's sources, so a changed program is rebuilt and an unchanged one never is.

@@ -14,9 +14,9 @@ make --no-print-directory dev-up
 # shellcheck disable=SC1091
 source "$dev/env"   # KUBECONFIG, AWS_ENDPOINT_URL_IAM/STS, dummy credentials, PATH with kubectl and helm
 
-step "helm install iam-key-operator charts/iam-key-operator -n $ns (CRDs are installed already)"
+step "helm install iam-key-operator charts/iam-key-operator -n $ns (the CRDs are installed already by dev-up: crds.enabled=false)"
 kubectl create namespace "$ns" --dry-run=client -o yaml | kubectl apply -f - >/dev/null
-helm upgrade --install iam-key-operator charts/iam-key-operator -n "$ns" --skip-crds \
+helm upgrade --install iam-key-operator charts/iam-key-operator -n "$ns" --set crds.enabled=false \
   --set clusterName=demo >/dev/null
 kubectl get deployment,serviceaccount,clusterrole,lease -n "$ns" -l app.kubernetes.io/instance=iam-key-operator 2>/dev/null \
   || kubectl get deployment,serviceaccount -n "$ns"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Provides a Lua 5.1 interpreter for tests/argocd.rs: Argo CD runs resource health checks and
+# Provides a Lua 5.1 interpreter for tests/e2e/argocd.rs: Argo CD runs resource health checks and
 # actions with gopher-lua, which implements Lua 5.1, so the scripts in argocd/ are tested with 5.1.
 # Installs Debian's `lua5.1` package when none is found (needs root, as on CI). Prints the
 # interpreter's path last.

@@ -11,6 +11,7 @@ pub mod keys;
 pub mod leader;
 pub mod metrics;
 pub mod plan;
+pub mod plugin;
 pub mod policy;
 pub mod server;
 pub mod telemetry;

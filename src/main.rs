@@ -39,6 +39,9 @@ enum Command {
     Crd {
         #[arg(long)]
         out_dir: Option<std::path::PathBuf>,
+        /// Also write the chart's CRD template (the same CRDs behind `crds.enabled`/`crds.keep`).
+        #[arg(long)]
+        helm_template: Option<std::path::PathBuf>,
     },
 }
 
@@ -138,14 +141,19 @@ fn limit_malloc_arenas() {
 
 async fn start() -> Result<(), Box<dyn std::error::Error>> {
     match Cli::parse().command {
-        Command::Crd { out_dir: None } => {
-            print!("{}", crd::crds_yaml()?);
-            Ok(())
-        }
-        Command::Crd { out_dir: Some(dir) } => {
-            for def in crd::all_crds() {
-                let name = def.metadata.name.clone().unwrap_or_default();
-                std::fs::write(dir.join(format!("{name}.yaml")), serde_yaml::to_string(&def)?)?;
+        Command::Crd { out_dir, helm_template } => {
+            if let Some(path) = &helm_template {
+                std::fs::write(path, crd::helm_template().map_err(|e| e.to_string())?)?;
+            }
+            match out_dir {
+                Some(dir) => {
+                    for def in crd::all_crds() {
+                        let name = def.metadata.name.clone().unwrap_or_default();
+                        std::fs::write(dir.join(format!("{name}.yaml")), serde_yaml::to_string(&def)?)?;
+                    }
+                }
+                None if helm_template.is_none() => print!("{}", crd::crds_yaml()?),
+                None => {}
             }
             Ok(())
         }

@@ -8,10 +8,7 @@ use std::{
 };
 
 use futures::{StreamExt, TryStreamExt, stream};
-use iam_key_operator::{
-    controller::{MANAGED_BY_LABEL, MANAGED_BY_VALUE},
-    crd::{IamAccessKey, IamAccessKeyPolicy},
-};
+use iam_key_operator::crd::{IamAccessKey, IamAccessKeyPolicy, MANAGED_BY_LABEL, MANAGED_BY_VALUE};
 use k8s_openapi::{
     ByteString,
     api::core::v1::{Namespace, Secret},

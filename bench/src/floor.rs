@@ -8,10 +8,7 @@ use std::{
 };
 
 use futures::StreamExt;
-use iam_key_operator::{
-    controller::{ACCESS_KEY_ID_ANNOTATION, MANAGED_BY_LABEL, MANAGED_BY_VALUE},
-    crd::IamAccessKey,
-};
+use iam_key_operator::crd::{ACCESS_KEY_ID_ANNOTATION, IamAccessKey, MANAGED_BY_LABEL, MANAGED_BY_VALUE};
 use k8s_openapi::{
     ByteString,
     api::core::v1::Secret,

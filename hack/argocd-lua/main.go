@@ -1,6 +1,6 @@
 // Command argocd-lua runs one Argo CD resource customization script (health.lua, discovery.lua
 // or an action.lua) the way Argo CD runs a script from the argocd-cm ConfigMap, and prints what
-// the script returned as JSON. tests/argocd.rs runs every Lua test case through it.
+// the script returned as JSON. tests/e2e/argocd.rs runs every Lua test case through it.
 //
 //	argocd-lua [-now RFC3339] [-param name=value]... SCRIPT <OBJECT.json
 //

@@ -12,12 +12,15 @@ use kube::{
 use tracing::debug;
 
 use super::{
-    Context, FIELD_MANAGER, PAUSED_ANNOTATION, ROTATE_REQUESTED_AT_ANNOTATION,
+    Context,
     secret::{build_secret, layout_stale, observe_secret, secret_name},
     status::{POLICY_OVERRIDE, set_policy_override, set_ready},
 };
 use crate::{
-    crd::{IamAccessKey, IamAccessKeyStatus, KeyPhase},
+    crd::{
+        FIELD_MANAGER, IamAccessKey, IamAccessKeyStatus, KeyPhase, OWNER_TAG, PAUSED_ANNOTATION,
+        ROTATE_REQUESTED_AT_ANNOTATION,
+    },
     error::Error,
     iam::{IamError, IamUser},
     metrics::ResourceSnapshot,
@@ -349,7 +352,7 @@ impl<'a> Run<'a> {
             }
             Blocked::UserClaimed { by } => format!(
                 "IAM user {user} is managed by {by} (user tag {}): only one IamAccessKey may manage a user",
-                crate::plan::OWNER_TAG
+                OWNER_TAG
             ),
             Blocked::SecretConflict => format!(
                 "Secret {}/{} exists and was not created by this IamAccessKey: delete it or set spec.secret.name to a free name",

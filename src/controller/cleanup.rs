@@ -11,11 +11,12 @@ use kube::{
 use tracing::debug;
 
 use super::{
-    Context, PAUSED_ANNOTATION,
+    Context,
     apply::{Verdict, decide, is_paused, observe_secret_meta, observe_user},
     secret::secret_name,
 };
 use crate::{
+    crd::PAUSED_ANNOTATION,
     crd::{DeletionPolicy, IamAccessKey},
     error::Error,
     failpoint,

@@ -34,15 +34,16 @@ use kube::{
 use rand::Rng;
 use tracing::{Instrument, info, info_span, warn};
 
-use crate::{crd::IamAccessKey, error::Error, iam::IamApi, metrics::Metrics, plan::record::LastUseSchedule};
-
-pub const FINALIZER: &str = "iam.keyop.dev/cleanup";
-pub const FIELD_MANAGER: &str = "iam-key-operator";
-pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
-pub const MANAGED_BY_VALUE: &str = "iam-key-operator";
-pub const ACCESS_KEY_ID_ANNOTATION: &str = "iam.keyop.dev/access-key-id";
-pub const ROTATE_REQUESTED_AT_ANNOTATION: &str = "iam.keyop.dev/rotate-requested-at";
-pub const PAUSED_ANNOTATION: &str = crate::policy::PAUSED_ANNOTATION;
+use crate::{
+    crd::{
+        ACCESS_KEY_ID_ANNOTATION, FIELD_MANAGER, FINALIZER, IamAccessKey, MANAGED_BY_LABEL, MANAGED_BY_VALUE,
+        ROTATE_REQUESTED_AT_ANNOTATION,
+    },
+    error::Error,
+    iam::IamApi,
+    metrics::Metrics,
+    plan::record::LastUseSchedule,
+};
 
 /// Operator-wide settings (from flags).
 #[derive(Clone, Debug)]

@@ -21,9 +21,9 @@ use kube::{
 };
 use tracing::{debug, warn};
 
-use super::{Context, FIELD_MANAGER};
+use super::Context;
 use crate::{
-    crd::{IamAccessKeyPolicy, IamAccessKeyPolicyStatus},
+    crd::{FIELD_MANAGER, IamAccessKeyPolicy, IamAccessKeyPolicyStatus},
     policy::{
         NamespaceFacts,
         overlap::{GrantRef, PolicyReport, find_overlaps},

@@ -9,14 +9,11 @@ use kube::{
 };
 use serde::de::DeserializeOwned;
 
-use super::{Context, FIELD_MANAGER};
+use super::Context;
 use crate::{
-    crd::{IamAccessKey, RestartKind},
+    crd::{FIELD_MANAGER, IamAccessKey, RESTARTED_FOR_ANNOTATION, RestartKind},
     error::Error,
 };
-
-/// Pod-template annotation whose change makes the workload roll out.
-pub const RESTARTED_FOR_ANNOTATION: &str = "iam.keyop.dev/restarted-for";
 
 pub async fn restart_targets(ctx: &Context, obj: &IamAccessKey, access_key_id: &str) -> Result<(), Error> {
     let ns = obj.namespace().unwrap_or_default();

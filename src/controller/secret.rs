@@ -5,9 +5,10 @@ use std::collections::BTreeMap;
 use k8s_openapi::{ByteString, api::core::v1::Secret, apimachinery::pkg::apis::meta::v1::ObjectMeta};
 use kube::{Resource, ResourceExt, core::PartialObjectMeta};
 
-use super::{ACCESS_KEY_ID_ANNOTATION, MANAGED_BY_LABEL, MANAGED_BY_VALUE};
 use crate::{
-    crd::{IamAccessKey, SecretFormat},
+    crd::{
+        ACCESS_KEY_ID_ANNOTATION, IamAccessKey, LAYOUT_ANNOTATION, MANAGED_BY_LABEL, MANAGED_BY_VALUE, SecretFormat,
+    },
     iam::SecretAccessKey,
     plan::SecretObservation,
 };
@@ -53,10 +54,6 @@ pub fn build_secret(obj: &IamAccessKey, access_key_id: &str, secret: &SecretAcce
         ..Default::default()
     }
 }
-
-/// Annotation with a fingerprint of `spec.secret` (format, profile, labels, annotations) the
-/// Secret was written with: a change of the spec shows up in the metadata-only watch.
-pub const LAYOUT_ANNOTATION: &str = "iam.keyop.dev/secret-layout";
 
 /// FNV-1a over the canonical JSON of the layout fields (stable across versions and processes).
 pub fn layout_fingerprint(obj: &IamAccessKey) -> String {

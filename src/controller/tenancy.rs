@@ -21,8 +21,8 @@ use kube::{
 use tokio::sync::watch;
 use tracing::warn;
 
-use super::{FIELD_MANAGER, events::Events};
-use crate::crd::IamAccessKeyPolicy;
+use super::events::Events;
+use crate::crd::{FIELD_MANAGER, IamAccessKeyPolicy};
 
 type WatchedPolicy = DeserializeGuard<IamAccessKeyPolicy>;
 

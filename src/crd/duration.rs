@@ -99,7 +99,7 @@ fn ordered(shorter: &str, op: &str, longer: &str, message: &str) -> Rule {
 }
 
 /// Durations at and around the bounds, and whether they are valid: the parser's unit tests and
-/// the API server's (tests/crd.rs) both check them, so the two agree where it matters.
+/// the API server's (tests/e2e/crd.rs) both check them, so the two agree where it matters.
 #[doc(hidden)]
 pub const BOUNDARY_CASES: &[(&str, bool)] = &[
     ("3650d", true),

@@ -2,8 +2,8 @@
 
 use std::collections::BTreeMap;
 
-use super::{Ledger, OWNER_TAG, Owner, SecretObservation, UserObservation, left_by_interrupted_create};
-use crate::crd::DeletionPolicy;
+use super::{Ledger, Owner, SecretObservation, UserObservation, left_by_interrupted_create};
+use crate::crd::{DeletionPolicy, OWNER_TAG};
 
 pub struct CleanupObservation<'a> {
     pub owner: &'a Owner,

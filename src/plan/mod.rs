@@ -21,18 +21,11 @@ pub use cleanup::{CleanupObservation, CleanupStep, plan_cleanup};
 pub use revoke::{RevokeStep, plan_revoke};
 
 use crate::{
-    crd::{IamAccessKeySpec, IamAccessKeyStatus, KeyPhase, KeyStatus, OwnedKey},
+    crd::{IamAccessKeySpec, IamAccessKeyStatus, KEY_TAG_PREFIX, KeyPhase, KeyStatus, OWNER_TAG, OwnedKey},
     keys::IamKey,
     policy::Limits,
 };
 
-/// User tag that claims an IAM user for one resource.
-pub const OWNER_TAG: &str = "iam.keyop.dev/owner";
-/// Prefix of the value of a per-key tag (the IAM console shows it as the key's description).
-/// No space in it: some SigV4 implementations disagree on how a space in a form body is
-/// encoded (moto refuses the AWS SDK for Rust's `%20`), and a tag must never be the reason a
-/// key is left untagged.
-pub const KEY_TAG_PREFIX: &str = "iam-key-operator:";
 /// IAM allows two access keys per user, Inactive ones included.
 pub const MAX_KEYS_PER_USER: usize = 2;
 /// How far the operator's clock may be from AWS's. AWS refuses requests signed more than 5

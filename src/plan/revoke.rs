@@ -60,9 +60,9 @@ mod tests {
 
     use super::*;
     use crate::{
-        crd::{KeyPhase, OwnedKey},
+        crd::{KeyPhase, OWNER_TAG, OwnedKey},
         keys::IamKey,
-        plan::{Ledger, OWNER_TAG, Owner, SecretObservation},
+        plan::{Ledger, Owner, SecretObservation},
     };
 
     fn key(id: &str, status: KeyStatus) -> IamKey {

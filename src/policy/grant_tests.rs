@@ -71,3 +71,55 @@ fn rule_problems_name_the_field_and_what_is_wrong() {
     assert!(problems[2].starts_with(r#"spec.rules[2].userTag.value "{Namespace}""#), "{}", problems[2]);
     assert!(problems[3].contains("matches no IAM user name"), "{}", problems[3]);
 }
+
+mod explain {
+    use std::{collections::BTreeMap, sync::Arc};
+
+    use serde_json::json;
+
+    use crate::{
+        crd::IamAccessKeyPolicy,
+        policy::{Decision, NamespaceFacts, RuleOutcome, UserFacts, authorize, explain},
+    };
+
+    fn policy(name: &str, rules: serde_json::Value) -> Arc<IamAccessKeyPolicy> {
+        Arc::new(
+            serde_json::from_value(json!({
+                "apiVersion": "iam.keyop.dev/v1alpha1", "kind": "IamAccessKeyPolicy",
+                "metadata": {"name": name}, "spec": {"rules": rules},
+            }))
+            .expect("policy"),
+        )
+    }
+
+    #[test]
+    fn each_rule_says_whether_it_allows_and_why_not_as_authorize_decides() {
+        let policies = [policy(
+            "teams",
+            json!([
+                {"namespaces": ["team-*"], "userNames": ["{namespace}.*"]},
+                {"namespaces": ["ops"], "userNames": ["*"]},
+                {"namespaces": ["team-*"], "userPathPrefix": "/k8s/{namespace}/"},
+            ]),
+        )];
+        let labels = BTreeMap::new();
+        let ns = NamespaceFacts { name: "team-a", labels: &labels };
+        let verdicts = explain(&policies, &ns, &UserFacts { name: "team-a.app", details: None });
+        assert_eq!(verdicts[0].outcome, RuleOutcome::Allows);
+        assert!(matches!(&verdicts[1].outcome, RuleOutcome::OtherNamespace(m) if m.contains("[\"ops\"]")));
+        assert!(matches!(&verdicts[2].outcome, RuleOutcome::NeedsUserDetails(m) if m.contains("/k8s/team-a/")));
+        assert_eq!(
+            authorize(&policies, &ns, &UserFacts { name: "team-a.app", details: None }),
+            Decision::NeedUserDetails
+        );
+
+        let tags = BTreeMap::new();
+        let user = UserFacts { name: "other", details: Some(("/k8s/team-b/", &tags)) };
+        let verdicts = explain(&policies, &ns, &user);
+        assert!(matches!(&verdicts[0].outcome, RuleOutcome::OtherUser(m) if m.contains("[\"team-a.*\"]")));
+        assert!(
+            matches!(&verdicts[2].outcome, RuleOutcome::OtherUser(m) if m.contains("userPathPrefix \"/k8s/team-a/\""))
+        );
+        assert!(matches!(authorize(&policies, &ns, &user), Decision::Denied(_)));
+    }
+}

@@ -16,10 +16,9 @@ use std::{collections::BTreeMap, sync::Arc};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use kube::ResourceExt;
 
-use crate::crd::{DeletionPolicy, Duration, IamAccessKeyPolicy, IamAccessKeySpec, OnRevoke, PolicyRule};
-
-/// The annotation that pauses a resource (where a policy allows it).
-pub const PAUSED_ANNOTATION: &str = "iam.keyop.dev/paused";
+use crate::crd::{
+    DeletionPolicy, Duration, IamAccessKeyPolicy, IamAccessKeySpec, OnRevoke, PAUSED_ANNOTATION, PolicyRule,
+};
 
 /// The namespace a resource lives in.
 pub struct NamespaceFacts<'a> {
@@ -223,6 +222,98 @@ pub fn authorize(policies: &[Arc<IamAccessKeyPolicy>], ns: &NamespaceFacts, user
     } else {
         Decision::Allowed(limits)
     }
+}
+
+/// How one policy rule judges a namespace/user pair: what `kubectl iak why` prints for each rule.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RuleVerdict {
+    pub policy: String,
+    /// Index in the policy's `spec.rules`.
+    pub rule: usize,
+    pub outcome: RuleOutcome,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RuleOutcome {
+    /// The rule allows the pair.
+    Allows,
+    /// The rule is not about this namespace (why).
+    OtherNamespace(String),
+    /// The namespace matches, the user does not (why).
+    OtherUser(String),
+    /// The namespace matches; the user's IAM path or tags decide (which).
+    NeedsUserDetails(String),
+}
+
+/// Each rule of each policy on a namespace/user pair, by the same matching [`authorize`] uses;
+/// `authorize` combines them into the decision.
+pub fn explain(policies: &[Arc<IamAccessKeyPolicy>], ns: &NamespaceFacts, user: &UserFacts) -> Vec<RuleVerdict> {
+    let mut verdicts = vec![];
+    for policy in policies {
+        for (index, rule) in policy.spec.rules.iter().enumerate() {
+            let outcome = if !namespace_matches(rule, ns) {
+                let mut by = vec![];
+                if let Some(names) = &rule.namespaces {
+                    by.push(format!("namespaces {names:?}"));
+                }
+                if rule.namespace_selector.is_some() {
+                    by.push("namespaceSelector (the namespace's labels do not match)".to_string());
+                }
+                RuleOutcome::OtherNamespace(format!("namespace {:?} matches neither of {}", ns.name, by.join(" and ")))
+            } else {
+                match user_matches(rule, ns.name, user) {
+                    Some(true) => RuleOutcome::Allows,
+                    Some(false) => RuleOutcome::OtherUser(user_mismatch(rule, ns.name, user)),
+                    None => RuleOutcome::NeedsUserDetails(user_criteria(rule, ns.name)),
+                }
+            };
+            verdicts.push(RuleVerdict { policy: policy.name_any(), rule: index, outcome });
+        }
+    }
+    verdicts
+}
+
+/// The user criteria of a rule, with `{namespace}` expanded.
+fn user_criteria(rule: &PolicyRule, namespace: &str) -> String {
+    let expand = |pattern: &str| pattern.replace("{namespace}", namespace);
+    let mut parts = vec![];
+    if let Some(names) = &rule.user_names {
+        parts.push(format!("userNames {:?}", names.iter().map(|p| expand(p)).collect::<Vec<_>>()));
+    }
+    if let Some(prefix) = &rule.user_path_prefix {
+        parts.push(format!("userPathPrefix {:?}", expand(prefix)));
+    }
+    if let Some(tag) = &rule.user_tag {
+        parts.push(format!("userTag {}={:?}", tag.key, expand(&tag.value)));
+    }
+    parts.join(", ")
+}
+
+fn user_mismatch(rule: &PolicyRule, namespace: &str, user: &UserFacts) -> String {
+    let expand = |pattern: &str| pattern.replace("{namespace}", namespace);
+    let mut failed = vec![];
+    if let Some(names) = &rule.user_names
+        && !names.iter().any(|p| glob_matches(&expand(p), user.name))
+    {
+        failed.push(format!(
+            "user {:?} matches none of userNames {:?}",
+            user.name,
+            names.iter().map(|p| expand(p)).collect::<Vec<_>>()
+        ));
+    }
+    if let Some((path, tags)) = user.details {
+        if let Some(prefix) = &rule.user_path_prefix
+            && !path.starts_with(&expand(prefix))
+        {
+            failed.push(format!("path {path:?} is not under userPathPrefix {:?}", expand(prefix)));
+        }
+        if let Some(tag) = &rule.user_tag
+            && tags.get(&tag.key).is_none_or(|v| *v != expand(&tag.value))
+        {
+            failed.push(format!("the user has no tag {}={:?}", tag.key, expand(&tag.value)));
+        }
+    }
+    failed.join("; ")
 }
 
 fn strictest(a: Option<Duration>, b: Option<Duration>) -> Option<Duration> {

@@ -7,14 +7,14 @@ use kube::{Api, ResourceExt, runtime::events::EventType};
 
 use super::Run;
 use crate::{
-    controller::{ACCESS_KEY_ID_ANNOTATION, ROTATE_REQUESTED_AT_ANNOTATION, secret::secret_in},
-    crd::KeyStatus,
+    controller::secret::secret_in,
+    crd::{ACCESS_KEY_ID_ANNOTATION, KeyStatus, OWNER_TAG, ROTATE_REQUESTED_AT_ANNOTATION},
     error::Error,
     failpoint,
     iam::NewKey,
     keys::IamKey,
     metrics::ReasonLabels,
-    plan::{NewKeyReason, OWNER_TAG, SecretObservation, record},
+    plan::{NewKeyReason, SecretObservation, record},
 };
 
 impl Run<'_> {

@@ -11,11 +11,10 @@ use super::{
     world::{Failpoint, Sim, Writer, current_of},
 };
 use crate::{
-    crd::{IamAccessKeySpec, IamAccessKeyStatus, KeyStatus},
+    crd::{IamAccessKeySpec, IamAccessKeyStatus, KEY_TAG_PREFIX, KeyStatus, OWNER_TAG},
     keys::{IamKey, KeyLastUsed},
     plan::{
-        Blocked, KEY_TAG_PREFIX, Ledger, NewKeyReason, OWNER_TAG, Observation, SecretObservation, Step,
-        UserObservation, plan_next_step,
+        Blocked, Ledger, NewKeyReason, Observation, SecretObservation, Step, UserObservation, plan_next_step,
         record::{self, LastUseSchedule, STEP_BUDGET},
     },
 };

@@ -55,7 +55,7 @@ impl Sim {
                 Blocked::Paused | Blocked::UserNotFound | Blocked::UserClaimed { .. } | Blocked::SecretConflict,
             ) => require(false, "blocked_only_for_a_reason_the_world_has"),
             Step::ClaimUser => require(
-                view_tags.is_some_and(|t| !t.contains_key(crate::plan::OWNER_TAG)),
+                view_tags.is_some_and(|t| !t.contains_key(crate::crd::OWNER_TAG)),
                 "claims_only_an_unclaimed_user",
             ),
             Step::TakeOverTags { .. } => require(false, "takes_over_tags_only_under_a_previous_name"),

@@ -1,8 +1,7 @@
 //! The operator's own IAM permissions (`deploy/iam-policy.json`), tested against an IAM
 //! endpoint that enforces signatures and policies (moto with INITIAL_NO_AUTH_ACTION_COUNT).
 
-mod support;
-
+use crate::support;
 use std::{
     collections::BTreeSet,
     net::TcpListener,
@@ -11,7 +10,7 @@ use std::{
 };
 
 use aws_credential_types::Credentials;
-use iam_key_operator::plan::OWNER_TAG;
+use iam_key_operator::crd::OWNER_TAG;
 use kube::api::{Patch, PatchParams};
 use serde_json::{Value, json};
 use support::*;

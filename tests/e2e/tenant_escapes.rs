@@ -5,8 +5,7 @@
 //! a resource that was never allowed is deleted at once without IAM calls; and a refused
 //! resource learns nothing about which IAM users exist. Real API server + moto.
 
-mod support;
-
+use crate::support;
 use std::time::Duration;
 
 use iam_key_operator::crd::IamAccessKey;

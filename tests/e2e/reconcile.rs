@@ -1,8 +1,7 @@
 //! The reconciler against a real kube-apiserver + etcd and moto: create, update, drift, loss,
 //! conflicts, deletion, pause, claims, quiet convergence and secrecy.
 
-mod support;
-
+use crate::support;
 use std::time::Duration;
 
 use aws_sdk_iam::types::StatusType;
@@ -181,12 +180,13 @@ async fn missing_user_waits_then_becomes_ready_when_the_user_appears() {
 async fn two_foreign_keys_block_with_key_limit_exceeded_and_stay_untouched() {
     let f = Fixture::new("limit").await;
     let foreign = vec![f.foreign_key().await, f.foreign_key().await];
-    let _op = f.operator(&[]);
+    let op = f.operator(&[]);
     f.create("app", json!({})).await;
     let obj = f.wait_reason("app", "KeyLimitExceeded").await;
     let message = ready(&obj).unwrap().2;
     assert!(foreign.iter().all(|id| message.contains(id)), "message names the blocking keys: {message}");
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // The first blocked reconcile and one retry past its backoff: still nothing touched.
+    op.wait_reconciles(Some("KeyLimitExceeded"), 2).await;
     let keys = f.iam_keys().await;
     assert_eq!(keys.keys().cloned().collect::<Vec<_>>(), {
         let mut v = foreign.clone();
@@ -264,8 +264,10 @@ async fn paused_resource_gets_no_writes_until_unpaused() {
     let pause = json!({"metadata": {"annotations": {"iam.keyop.dev/paused": "true"}}});
     f.keys_api().patch("app", &PatchParams::default(), &Patch::Merge(&pause)).await.unwrap();
     f.wait_reason("app", "Paused").await;
+    let paused = op.reconciles(Some("Paused")).await;
     f.delete("app").await;
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    // The deletion's reconcile and one retry past its backoff, both held by the pause.
+    op.wait_reconciles(Some("Paused"), paused + 2).await;
     assert!(f.keys_api().get_opt("app").await.unwrap().is_some(), "a paused deletion waits");
     assert_eq!(f.iam_keys().await.get(&id).map(String::as_str), Some("Active"));
     f.keys_api().patch("app", &PatchParams::default(), &Patch::Merge(&unpause)).await.unwrap();

@@ -2,8 +2,7 @@
 //! is restarted, and must end with exactly the keys status names, a Secret whose key works,
 //! no orphan, and a Ready resource. Needs the `failpoints` feature (`make test` enables it).
 
-mod support;
-
+use crate::support;
 use std::time::Duration;
 
 use serde_json::json;

@@ -1,8 +1,7 @@
 //! Running it like a platform team would: leader election between replicas, metrics, probes,
 //! and scoping by label selector.
 
-mod support;
-
+use crate::support;
 use std::{
     collections::{BTreeMap, BTreeSet},
     time::{Duration, Instant},
@@ -11,15 +10,6 @@ use std::{
 use kube::api::{Patch, PatchParams};
 use serde_json::json;
 use support::*;
-
-async fn reconciles(op: &Operator) -> u64 {
-    op.metrics()
-        .await
-        .lines()
-        .filter(|l| l.starts_with("iam_key_operator_reconciles_total"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum::<f64>() as u64
-}
 
 #[tokio::test]
 async fn only_the_lease_holder_reconciles_and_a_standby_takes_over_when_it_dies() {
@@ -33,8 +23,8 @@ async fn only_the_lease_holder_reconciles_and_a_standby_takes_over_when_it_dies(
     let second = Operator::start(f.env, &f.ns, &[("POD_NAME", "second")], &lease);
     f.create("app", json!({})).await;
     let key = f.wait_ready("app").await.status.unwrap().access_key_id.unwrap();
-    assert!(reconciles(&first).await > 0, "the leader reconciles");
-    assert_eq!(reconciles(&second).await, 0, "the standby does not");
+    assert!(first.reconciles(None).await > 0, "the leader reconciles");
+    assert_eq!(second.reconciles(None).await, 0, "the standby does not");
     let ready = reqwest::get(format!("http://127.0.0.1:{}/readyz", second.metrics_port)).await.unwrap();
     assert!(ready.status().is_success(), "a standby is ready (rollouts must not stall on it)");
 
@@ -49,7 +39,7 @@ async fn only_the_lease_holder_reconciles_and_a_standby_takes_over_when_it_dies(
     let failover = killed.elapsed();
     // The reconcile that rotated is counted when it returns, a moment after its status write.
     let deadline = Instant::now() + Duration::from_secs(10);
-    while reconciles(&second).await == 0 {
+    while second.reconciles(None).await == 0 {
         assert!(Instant::now() < deadline, "the standby never reconciled:\n{}", tail(&second.log(), 30));
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

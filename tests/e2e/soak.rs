@@ -5,16 +5,14 @@
 //!
 //! ```sh
 //! IKO_SOAK_SECONDS=900 IKO_SOAK_RESOURCES=200 \
-//!   cargo test --locked --features failpoints --test soak -- --ignored --nocapture
+//!   cargo test --locked --features failpoints --test e2e soak:: -- --ignored --nocapture
 //! ```
 //!
 //! This file also holds the scenario itself ([`random_kills`]) and the operator launcher it uses
-//! ([`start_operator`]): `tests/faults.rs` includes it as a module and runs the same scenario small in
+//! ([`start_operator`]): `tests/e2e/faults.rs` includes it as a module and runs the same scenario small in
 //! `make test`.
 
-// `pub`: tests/faults.rs, which includes this file, uses this one copy of the helpers.
-pub mod support;
-
+use crate::support;
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,

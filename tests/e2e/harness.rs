@@ -247,7 +247,7 @@ struct Helper {
 fn start_helper(mode: &str) -> Helper {
     let stderr_log = tempfile::NamedTempFile::new().unwrap();
     let mut child = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "helper_process_with_shared_env", "--nocapture", "--test-threads=1"])
+        .args(["--exact", "harness::helper_process_with_shared_env", "--nocapture", "--test-threads=1"])
         .env(HELPER_VAR, mode)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())

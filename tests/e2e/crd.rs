@@ -1,8 +1,6 @@
 //! The CRDs on a real API server: valid resources are accepted, invalid ones are refused by the
 //! API server itself with a message that names the field, and `kubectl explain` shows the docs.
 
-mod support;
-
 use serde_json::{Value, json};
 
 fn kubectl_apply(ns: &str, doc: &Value) -> (bool, String) {

@@ -2,9 +2,7 @@
 //! and its limits (maxKeyAge, deactivateUnusedAfter, minRotationInterval) apply. Real API
 //! server + moto.
 
-mod etcd;
-mod support;
-
+use crate::{etcd, support};
 use std::time::{Duration, Instant};
 
 use iam_key_operator::crd::{GrantRecord, IamAccessKeyPolicy, OnRevoke};
@@ -25,7 +23,8 @@ async fn without_a_policy_nothing_is_written_to_iam_and_the_condition_says_why()
     let message = ready(&obj).unwrap().2;
     assert!(message.contains(&f.ns) && message.contains(&f.user), "names namespace and user: {message}");
     assert!(!message.contains("revoked"), "never allowed, so nothing was revoked: {message}");
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    // The first refusal and one retry past its backoff.
+    op.wait_reconciles(Some("NotAuthorized"), 2).await;
     assert_eq!(op.iam_calls(IAM_WRITES).await, 0, "no IAM write for a denied resource");
     assert!(f.iam_keys().await.is_empty());
     assert!(f.user_tags().await.is_empty(), "user not even claimed");
@@ -100,14 +99,14 @@ async fn deactivate_unused_after_deactivates_an_idle_key_and_reports_it() {
     let f = Fixture::without_policy("unused").await;
     let rule = json!({"namespaces": [f.ns], "userNames": [f.user], "deactivateUnusedAfter": "5s"});
     f.allow(&format!("unused-{}", f.ns), rule).await;
-    let _op = Operator::start(f.env, &f.ns, &[], &["--last-used-refresh", "1s"]);
+    let op = Operator::start(f.env, &f.ns, &[], &["--last-used-refresh", "1s"]);
     f.create("app", json!({})).await;
     let id = f.wait_ready("app").await.status.unwrap().access_key_id.unwrap();
     let obj = f.wait_reason("app", "DeactivatedUnused").await;
     assert!(ready(&obj).unwrap().2.contains("rotate"), "the message says how to get a working key");
     assert_eq!(f.iam_keys().await[&id], "Inactive");
-    // Not fought back: it stays Inactive although the spec says Active.
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    // Not fought back: it stays Inactive although the spec says Active, a retry later too.
+    op.wait_reconciles(Some("DeactivatedUnused"), 2).await;
     assert_eq!(f.iam_keys().await[&id], "Inactive");
 }
 
@@ -136,7 +135,7 @@ async fn a_policy_minimum_rotation_interval_refuses_a_shorter_one_naming_the_pol
     let obj = f.wait_reason("app", "PolicyViolation").await;
     let message = ready(&obj).unwrap().2;
     assert!(message.contains(&policy) && message.contains("spec.rotation.interval 1h"), "{message}");
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    op.wait_reconciles(Some("PolicyViolation"), 2).await;
     assert_eq!(op.iam_calls(IAM_WRITES).await, 0, "no IAM write for a refused resource");
     assert!(f.iam_keys().await.is_empty());
 
@@ -347,7 +346,7 @@ async fn a_revoked_grant_with_on_revoke_keep_leaves_the_keys_working() {
     let (f, op, id, policy) = revoke("rvkeep", "Keep").await;
     let obj = f.wait_reason("app", "NotAuthorized").await;
     assert_says_revoked(&obj, &policy, "Keep");
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    op.wait_reconciles(Some("NotAuthorized"), 2).await;
     assert_eq!(f.iam_keys().await, [(id.clone(), "Active".to_string())].into());
     let (held, secret) = f.secret_creds("app").await.expect("the Secret stays");
     assert_eq!(held, id);

@@ -5,8 +5,7 @@
 //! for are every one IAM handed out (recorded by the proxy in front of it), published or not,
 //! in plain, base64 and URL-encoded form.
 
-mod support;
-
+use crate::support;
 use std::time::Duration;
 
 use k8s_openapi::{

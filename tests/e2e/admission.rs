@@ -9,8 +9,7 @@
 //! IamAccessKeys and their status in its namespace (so that refusals come from the policy, not
 //! from RBAC), reached through impersonation; the operator through its own token.
 
-mod support;
-
+use crate::support;
 use std::{
     process::Output,
     sync::OnceLock,

@@ -2,8 +2,7 @@
 //! serial, annotation (and the `rotate` subcommand), slots, restart targets, rollback window,
 //! usage-gated retirement, and crashes in the middle of a rotation.
 
-mod support;
-
+use crate::support;
 use std::{
     sync::{
         Arc,
@@ -78,14 +77,14 @@ async fn scheduled_rotation_overlaps_then_retires_the_old_key() {
 #[tokio::test]
 async fn serial_bump_rotates_once() {
     let f = Fixture::new("serial").await;
-    let _op = f.operator(&[]);
+    let op = f.operator(&[]);
     f.create("app", json!({"rotation": {"gracePeriod": "1s", "retainInactive": "1h"}})).await;
     let first = current(&f.wait_ready("app").await).unwrap();
     bump_serial(&f, 1).await;
     let obj = wait_new_key(&f, &first).await;
     let second = current(&obj).unwrap();
     assert_eq!(obj.status.as_ref().unwrap().rotation.as_ref().unwrap().serial, 1);
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    op.wait_more_reconciles(Some("ok"), 2).await;
     assert_eq!(current(&f.keys_api().get("app").await.unwrap()).unwrap(), second, "one rotation per bump");
     f.assert_consistent("app", &[]).await;
 }
@@ -153,7 +152,7 @@ async fn restart_targets_are_patched_once_per_key() {
     }))
     .unwrap();
     deployments.create(&Default::default(), &deployment).await.unwrap();
-    let _op = f.operator(&[]);
+    let op = f.operator(&[]);
     let targets = json!([{"kind": "Deployment", "name": "web"}, {"kind": "StatefulSet", "name": "missing"}]);
     f.create("app", json!({"restartTargets": targets, "rotation": {"gracePeriod": "1s"}})).await;
     let first = current(&f.wait_ready("app").await).unwrap();
@@ -168,7 +167,7 @@ async fn restart_targets_are_patched_once_per_key() {
     let d = deployments.get("web").await.unwrap();
     assert_eq!(annotation(&d).as_deref(), Some(first.as_str()));
     let generation = d.metadata.generation;
-    tokio::time::sleep(Duration::from_secs(7)).await; // two resyncs
+    op.wait_more_reconciles(Some("ok"), 2).await;
     assert_eq!(deployments.get("web").await.unwrap().metadata.generation, generation, "no restart loop");
 
     bump_serial(&f, 1).await;
@@ -183,7 +182,7 @@ async fn restart_targets_are_patched_once_per_key() {
 #[tokio::test]
 async fn admin_reactivating_the_old_key_during_the_rollback_window_is_not_fought() {
     let f = Fixture::new("rollback").await;
-    let _op = f.operator(&[]);
+    let op = f.operator(&[]);
     f.create("app", json!({"rotation": {"gracePeriod": "1s", "retainInactive": "1h"}})).await;
     let first = current(&f.wait_ready("app").await).unwrap();
     bump_serial(&f, 1).await;
@@ -198,7 +197,7 @@ async fn admin_reactivating_the_old_key_during_the_rollback_window_is_not_fought
         .send()
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_secs(8)).await; // more than two resyncs
+    op.wait_more_reconciles(Some("ok"), 2).await;
     assert_eq!(f.iam_keys().await[&first], "Active", "the admin's rollback stands");
     assert_eq!(phase_of(&f.keys_api().get("app").await.unwrap(), &first), Some(KeyPhase::Inactive));
 }
@@ -225,7 +224,9 @@ async fn wait_for_unused_keeps_the_old_key_while_a_client_uses_it() {
     };
     bump_serial(&f, 1).await;
     wait_new_key(&f, &old).await;
-    tokio::time::sleep(Duration::from_secs(9)).await;
+    // Past the grace period and two usage checks (3 s apart), each finding the old key in use.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    op.wait_more_reconciles(Some("ok"), 3).await;
     let obj = f.keys_api().get("app").await.unwrap();
     assert_eq!(phase_of(&obj, &old), Some(KeyPhase::Draining), "held while in use");
     assert_eq!(f.iam_keys().await[&old], "Active");

@@ -5,8 +5,7 @@
 //! holds the objects, and "the RBAC is sufficient" means the binary, run outside the cluster with
 //! the Deployment's own arguments and that identity, reconciles an example to Ready.
 
-mod support;
-
+use crate::support;
 use std::{
     collections::BTreeSet,
     fs::File,
@@ -140,18 +139,27 @@ fn chart_and_deploy_crds_are_identical_to_the_generated_crds() {
     let generated = root().join("crds");
     let names = yaml_files(&generated);
     assert!(names.len() >= 2, "crds/ holds {names:?}");
-    for copy in [chart_dir().join("crds"), root().join("deploy/crds")] {
-        assert_eq!(yaml_files(&copy), names, "{} holds other files than crds/", copy.display());
-        for name in &names {
-            let want = std::fs::read(generated.join(name)).expect("read crds/");
-            let got = std::fs::read(copy.join(name)).expect("read the copy");
-            assert!(
-                want == got,
-                "{}/{name} differs from crds/{name}: copy it again (cp crds/*.yaml {}/)",
-                copy.display(),
-                copy.strip_prefix(root()).unwrap_or(&copy).display()
-            );
-        }
+    let copy = root().join("deploy/crds");
+    assert_eq!(yaml_files(&copy), names, "{} holds other files than crds/", copy.display());
+    for name in &names {
+        let want = std::fs::read(generated.join(name)).expect("read crds/");
+        let got = std::fs::read(copy.join(name)).expect("read the copy");
+        assert!(want == got, "deploy/crds/{name} differs from crds/{name}: run make crds");
+    }
+    // The chart renders them from templates/crds.yaml: the same objects, plus the chart's labels
+    // and (crds.keep) the resource policy.
+    assert!(!chart_dir().join("crds").exists(), "the chart's crds/ would never be upgraded by Helm");
+    let docs = render(&[]);
+    for name in &names {
+        let want: Yaml = serde_yaml::from_slice(&std::fs::read(generated.join(name)).expect("read")).expect("YAML");
+        let crd_name = want["metadata"]["name"].as_str().expect("name");
+        let mut got = find(&docs, "CustomResourceDefinition", crd_name).expect("rendered CRD").clone();
+        assert_eq!(got["metadata"]["labels"]["app.kubernetes.io/managed-by"], "Helm");
+        assert_eq!(got["metadata"]["annotations"]["helm.sh/resource-policy"], "keep");
+        let meta = got["metadata"].as_mapping_mut().expect("metadata");
+        meta.remove("labels");
+        meta.remove("annotations");
+        assert!(got == want, "the chart's CRD {crd_name} differs from crds/{name}: run make crds");
     }
 }
 
@@ -244,8 +252,16 @@ fn default_values_render_a_restricted_leader_elected_operator_with_cluster_wide_
     assert!(find(&docs, "ServiceAccount", name).is_some());
     let optional = ["ServiceMonitor", "PrometheusRule", "NetworkPolicy"];
     assert!(optional.iter().all(|k| !kinds(&docs).contains(*k)), "optional objects rendered by default");
-    // Helm installs crds/ itself; templates must not render CRDs too.
-    assert!(!kinds(&docs).contains("CustomResourceDefinition"));
+    // The CRDs are templates, so that helm upgrade upgrades them (tests/upgrade.rs).
+    assert_eq!(docs.iter().filter(|d| d["kind"] == "CustomResourceDefinition").count(), 2);
+    assert!(!kinds(&render(&["--set", "crds.enabled=false"])).contains("CustomResourceDefinition"));
+    let unkept = render(&["--set", "crds.keep=false"]);
+    assert!(
+        unkept
+            .iter()
+            .filter(|d| d["kind"] == "CustomResourceDefinition")
+            .all(|d| d["metadata"]["annotations"].is_null())
+    );
 }
 
 #[test]
@@ -646,7 +662,10 @@ fn assert_no_pod_security_warning(what: &str, out: &Output) {
 
 fn helm_install(env: &TestEnv, release: &str, ns: &str, args: &[&str]) {
     let chart = chart_dir();
-    let mut all = vec!["install", release, chart.to_str().expect("utf-8"), "--namespace", ns, "--skip-crds"];
+    // The shared environment has the CRDs already, from crds/ (tests/upgrade.rs installs them
+    // with the chart).
+    let mut all =
+        vec!["install", release, chart.to_str().expect("utf-8"), "--namespace", ns, "--set", "crds.enabled=false"];
     all.extend_from_slice(args);
     let out = env.helm(&all);
     assert!(out.status.success(), "helm install {release}:\n{}", text(&out));
@@ -1247,7 +1266,7 @@ admissionPolicy:
     let docs = documents(&String::from_utf8_lossy(&out.stdout));
     assert!(kinds(&docs).contains("NetworkPolicy"));
     assert!(find(&docs, "ConfigMap", "opts-iam-key-operator-dashboard").is_some());
-    // The API server compiles the admission policy's CEL on the dry run too (tests/admission.rs
+    // The API server compiles the admission policy's CEL on the dry run too (tests/e2e/admission.rs
     // exercises it).
     assert!(
         kinds(&docs).contains("ValidatingAdmissionPolicy") && kinds(&docs).contains("ValidatingAdmissionPolicyBinding")

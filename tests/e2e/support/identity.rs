@@ -136,7 +136,7 @@ pub fn operator_aws_key(env: &'static TestEnv) -> &'static (String, String) {
 /// resource `*` and cannot evaluate condition keys, so each statement's `Resource` is widened to
 /// `*` and its `Condition` dropped: what moto proves is the action list (every call the
 /// operator makes is allowed, nothing else is). The resources and conditions are checked on the
-/// document itself (tests/iam_policy.rs).
+/// document itself (tests/e2e/iam_policy.rs).
 pub fn shipped_policy_for_moto(path: &Path) -> Value {
     let mut doc: Value = serde_json::from_slice(&std::fs::read(path).expect("read IAM policy")).expect("policy JSON");
     for statement in doc["Statement"].as_array_mut().expect("Statement list") {

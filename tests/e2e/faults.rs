@@ -7,11 +7,6 @@
 //! operator is SIGKILLed at random moments. The figures each test prints (`--nocapture`) are
 //! the ones `docs/reliability.md` reports.
 
-// The random-kill scenario, shared with the (ignored) soak test; it also brings `support`.
-mod etcd;
-#[path = "soak.rs"]
-mod soak;
-
 use std::{
     collections::{BTreeMap, BTreeSet},
     sync::{
@@ -21,6 +16,11 @@ use std::{
     time::{Duration, Instant},
 };
 
+use crate::support::{
+    proxy::{FaultProxy, Faults, Outcome, by_action, by_outcome, max_in_window, per_second},
+    *,
+};
+use crate::{etcd, soak};
 use futures::StreamExt;
 use iam_key_operator::crd::{IamAccessKey, IamAccessKeyPolicy, KeyPhase};
 use k8s_openapi::api::core::v1::Secret;
@@ -30,10 +30,6 @@ use kube::{
     runtime::watcher,
 };
 use serde_json::json;
-use soak::support::{
-    proxy::{FaultProxy, Faults, Outcome, by_action, by_outcome, max_in_window, per_second},
-    *,
-};
 use testenv::TestEnv;
 
 // ---------------------------------------------------------------------------------------------
@@ -267,6 +263,11 @@ async fn throttling_and_server_errors_show_in_conditions_back_off_and_converge()
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let phase2 = proxy.calls_since(t2);
+    // Throttling and 5xx show as what they are, and nothing else: all were Throttled when the
+    // phase began.
+    assert!(seen.contains_key("Throttled"), "reasons seen under partial faults: {seen:?}");
+    let expected = ["Ready", "Throttled", "IamUnavailable"];
+    assert!(seen.keys().all(|r| expected.contains(&r.as_str())), "reasons seen under partial faults: {seen:?}");
 
     // Phase 3: no faults.
     proxy.set(Faults::none());

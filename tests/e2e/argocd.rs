@@ -24,7 +24,8 @@ use std::{
 };
 
 use iam_key_operator::{
-    controller::{PAUSED_ANNOTATION, ROTATE_REQUESTED_AT_ANNOTATION, policy_status::desired_statuses},
+    controller::policy_status::desired_statuses,
+    crd::{PAUSED_ANNOTATION, ROTATE_REQUESTED_AT_ANNOTATION},
     error::Error,
     iam::IamError,
     plan::Blocked,
@@ -745,7 +746,7 @@ fn argocd_cm() -> String {
         "# The Argo CD settings for iam-key-operator: health checks for IamAccessKey and
 # IamAccessKeyPolicy, and the IamAccessKey actions (rotate, pause, resume). Merge into the
 # argocd-cm ConfigMap of your Argo CD (e.g. as a kustomize patch, or the Argo CD Helm chart's
-# `configs.cm`). Generated from resource_customizations/; tests/argocd.rs fails when they differ.
+# `configs.cm`). Generated from resource_customizations/; tests/e2e/argocd.rs fails when they differ.
 apiVersion: v1
 kind: ConfigMap
 metadata:

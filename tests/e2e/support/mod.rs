@@ -397,6 +397,36 @@ impl Operator {
         })
     }
 
+    /// Reconciles finished so far with this result (`ok`, or the Ready condition's reason);
+    /// every result with `None`.
+    pub async fn reconciles(&self, result: Option<&str>) -> u64 {
+        let wanted = result.map(|r| format!("result=\"{r}\""));
+        sum_metric(&self.metrics().await, "iam_key_operator_reconciles_total", |labels| {
+            wanted.as_ref().is_none_or(|w| labels.contains(w.as_str()))
+        })
+    }
+
+    /// Wait until the operator has finished `at_least` reconciles with `result` in all: proof
+    /// that it looked again (past its backoff or resync) before a test asserts that nothing
+    /// changed. Panics after a minute.
+    pub async fn wait_reconciles(&self, result: Option<&str>, at_least: u64) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let done = self.reconciles(result).await;
+            if done >= at_least {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{done} of {at_least} reconciles ({result:?}) in a minute");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Wait for `more` reconciles with `result` after this call.
+    pub async fn wait_more_reconciles(&self, result: Option<&str>, more: u64) {
+        let now = self.reconciles(result).await;
+        self.wait_reconciles(result, now + more).await;
+    }
+
     pub async fn kube_writes(&self) -> u64 {
         sum_metric(&self.metrics().await, "iam_key_operator_kube_writes_total", |_| true)
     }
