@@ -8,10 +8,20 @@ pub enum Error {
     #[error(transparent)]
     Iam(#[from] IamError),
 
-    /// A Kubernetes API call failed. Shown as the API server's own message (kube's `Display`
-    /// of a refusal appends a debug dump of the whole `Status`); the error stays the source.
-    #[error("Kubernetes API: {}", kube_message(.0))]
-    Kube(#[from] kube::Error),
+    /// A Kubernetes API call failed: `call` names it ("writing the Secret"), the message is the
+    /// API server's own (kube's `Display` of a refusal appends a debug dump of the whole
+    /// `Status`), and the client's error stays the source.
+    #[error("{call}: {}", kube_message(source))]
+    Kube {
+        call: &'static str,
+        #[source]
+        source: kube::Error,
+    },
+
+    /// The operator broke one of its own rules (a bug, not the resource's fault): reported as
+    /// such rather than as a problem of the spec, and retried with the slow backoff.
+    #[error("internal error: {0}; please report it")]
+    Internal(String),
 
     /// Waiting for something outside to change (user created, Secret removed, slot freed...).
     #[error("{message}")]
@@ -43,6 +53,17 @@ pub enum Error {
         #[source]
         source: Option<kube::Error>,
     },
+}
+
+/// Names the Kubernetes API call a client error came from: `api.replace(..).await.context("writing the Secret")?`.
+pub trait KubeContext<T> {
+    fn context(self, call: &'static str) -> Result<T, Error>;
+}
+
+impl<T> KubeContext<T> for Result<T, kube::Error> {
+    fn context(self, call: &'static str) -> Result<T, Error> {
+        self.map_err(|source| Error::Kube { call, source })
+    }
 }
 
 impl From<kube::runtime::finalizer::Error<Error>> for Error {
@@ -104,7 +125,8 @@ impl Error {
                 IamError::Unavailable { .. } => "IamUnavailable",
                 IamError::Invalid { .. } => "IamRejected",
             },
-            Error::Kube(_) => "KubernetesError",
+            Error::Kube { .. } => "KubernetesError",
+            Error::Internal(_) => "InternalError",
             Error::Blocked { blocked, .. } => match blocked {
                 Blocked::Paused => "Paused",
                 Blocked::UserNotFound => "UserNotFound",
@@ -125,8 +147,13 @@ impl Error {
     pub fn is_retryable(&self) -> bool {
         match self {
             Error::Iam(e) => e.is_retryable(),
-            Error::Kube(_) | Error::VerifyFailed { .. } | Error::Finalizer { .. } => true,
-            Error::Blocked { .. } | Error::Invalid(_) | Error::NotAuthorized(_) | Error::PolicyViolation(_) => false,
+            Error::Kube { .. } | Error::VerifyFailed { .. } | Error::Finalizer { .. } => true,
+            // A bug: retried with the slow backoff, and shown as needing a person.
+            Error::Blocked { .. }
+            | Error::Invalid(_)
+            | Error::NotAuthorized(_)
+            | Error::PolicyViolation(_)
+            | Error::Internal(_) => false,
         }
     }
 }
@@ -154,10 +181,10 @@ mod tests {
 
     #[test]
     fn a_refusal_reads_as_the_api_servers_message_with_code_and_reason() {
-        let err = Error::from(forbidden());
+        let err = Err::<(), _>(forbidden()).context("replacing the Secret").unwrap_err();
         assert_eq!(
             err.to_string(),
-            r#"Kubernetes API: secrets "app-aws" is forbidden: User "system:serviceaccount:iko:iko" cannot update resource "secrets" in API group "" in the namespace "team-a" (403 Forbidden)"#
+            r#"replacing the Secret: secrets "app-aws" is forbidden: User "system:serviceaccount:iko:iko" cannot update resource "secrets" in API group "" in the namespace "team-a" (403 Forbidden)"#
         );
         assert_eq!(err.reason(), "KubernetesError");
         // The client's error is kept as the source, not flattened into the message.
@@ -166,8 +193,18 @@ mod tests {
     }
 
     #[test]
+    fn a_broken_rule_of_the_operator_is_not_blamed_on_the_spec() {
+        let err = Error::Internal("the policy decision asked for the user's details twice".into());
+        assert_eq!(err.reason(), "InternalError");
+        assert!(err.to_string().starts_with("internal error: "), "{err}");
+    }
+
+    #[test]
     fn no_debug_dump_of_the_status() {
-        for err in [Error::from(forbidden()), Error::from(kube::runtime::finalizer::Error::AddFinalizer(forbidden()))] {
+        for err in [
+            Error::Kube { call: "writing the status", source: forbidden() },
+            Error::from(kube::runtime::finalizer::Error::AddFinalizer(forbidden())),
+        ] {
             let text = err.to_string();
             for dump in ["Status {", "StatusDetails", "Some(", "ApiError", "Failure", "retry_after_seconds"] {
                 assert!(!text.contains(dump), "{dump:?} in {text}");
@@ -182,8 +219,11 @@ mod tests {
         let no_code = kube::Error::Api(Status::failure("etcdserver: request timed out", "Timeout").boxed());
         assert_eq!(kube_message(&no_code), "etcdserver: request timed out (Timeout)");
         let serde = serde_json::from_str::<u8>("x").unwrap_err();
-        let err = Error::from(kube::Error::SerdeError(serde));
-        assert_eq!(err.to_string(), "Kubernetes API: Error deserializing response: expected value at line 1 column 1");
+        let err = Error::Kube { call: "reading the Secret", source: kube::Error::SerdeError(serde) };
+        assert_eq!(
+            err.to_string(),
+            "reading the Secret: Error deserializing response: expected value at line 1 column 1"
+        );
     }
 
     #[test]

@@ -78,7 +78,7 @@ pub fn status_report(facts: &StatusFacts, now: Timestamp) -> String {
             let _ = writeln!(out, "Ready:     unknown (no status yet: is the operator running?)");
         }
     }
-    let paused = key.annotations().get(PAUSED_ANNOTATION).is_some_and(|v| v == "true");
+    let paused = key.is_paused();
     let _ =
         writeln!(out, "Paused:    {}", if paused { format!("yes ({PAUSED_ANNOTATION}=true)") } else { "no".into() });
 

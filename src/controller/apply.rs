@@ -21,7 +21,7 @@ use crate::{
         FIELD_MANAGER, IamAccessKey, IamAccessKeyStatus, KeyPhase, OWNER_TAG, PAUSED_ANNOTATION,
         ROTATE_REQUESTED_AT_ANNOTATION,
     },
-    error::Error,
+    error::{Error, KubeContext},
     iam::{IamError, IamUser},
     metrics::ResourceSnapshot,
     plan::{
@@ -40,7 +40,7 @@ pub async fn apply(obj: &Arc<IamAccessKey>, ctx: &Context) -> Result<Action, Err
         // The policies first: they decide whether the resource may act at all, and whether its
         // pause holds (a pause they do not allow is ignored, and the resource says so).
         run.authorize().await?;
-        if is_paused(obj) && run.limits.pause_allowed() {
+        if obj.is_paused() && run.limits.pause_allowed() {
             return Err(run.blocked(Blocked::Paused));
         }
         run.observe().await?;
@@ -61,6 +61,14 @@ pub async fn apply(obj: &Arc<IamAccessKey>, ctx: &Context) -> Result<Action, Err
             Err(err)
         }
     }
+}
+
+/// What a held pause says, on a live resource and on one being deleted alike.
+pub fn paused_message(policies: &[String]) -> String {
+    format!(
+        "paused by annotation {PAUSED_ANNOTATION}=true (allowed by IamAccessKeyPolicy {}): no IAM or Secret writes, deletion included, until it is removed",
+        policies.join(", ")
+    )
 }
 
 /// A JSON merge patch (RFC 7396) that turns `old` into exactly `new`: members `new` lacks are
@@ -86,10 +94,6 @@ pub fn merge_patch(old: &serde_json::Value, new: &serde_json::Value) -> serde_js
     }
 }
 
-pub fn is_paused(obj: &IamAccessKey) -> bool {
-    obj.annotations().get(PAUSED_ANNOTATION).is_some_and(|v| v == "true")
-}
-
 /// Converges when the IAM user cannot be listed: a missing user is an observation, not an error.
 pub async fn observe_user(ctx: &Context, user: &str) -> Result<UserObservation, Error> {
     match ctx.iam.list_access_keys(user).await {
@@ -101,7 +105,7 @@ pub async fn observe_user(ctx: &Context, user: &str) -> Result<UserObservation, 
 
 pub async fn observe_secret_meta(ctx: &Context, obj: &IamAccessKey) -> Result<(SecretObservation, bool), Error> {
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &obj.namespace().unwrap_or_default());
-    let meta = secrets.get_metadata_opt(&secret_name(obj)).await?;
+    let meta = secrets.get_metadata_opt(&secret_name(obj)).await.context("reading the Secret's metadata")?;
     let observation = observe_secret(obj, meta.as_ref());
     let stale = matches!(observation, SecretObservation::Ours { .. }) && layout_stale(obj, meta.as_ref());
     Ok((observation, stale))
@@ -153,7 +157,9 @@ pub async fn decide(ctx: &Context, obj: &IamAccessKey) -> Result<(Verdict, Optio
     let limits = match decision {
         Decision::Allowed(limits) => limits,
         Decision::Denied(message) => return Ok((Verdict::Denied(message), info)),
-        Decision::NeedUserDetails => return Err(Error::Invalid("policy decision needs user details twice".into())),
+        Decision::NeedUserDetails => {
+            return Err(Error::Internal("the policy decision asked for the user's details twice".into()));
+        }
     };
     // The operator's own fence (--iam-user-path-prefix), for users the policies allow. A user's
     // path rarely changes: a recent sighting spares a GetUser per resync.
@@ -236,13 +242,13 @@ impl<'a> Run<'a> {
         match verdict {
             Verdict::Allowed(limits) => {
                 self.record_grant(&limits).await;
-                self.overrides = Some(limits.overrides(&self.obj.spec, is_paused(self.obj)));
+                self.overrides = Some(limits.overrides(&self.obj.spec, self.obj.is_paused()));
                 limits.check(&self.obj.spec).map_err(Error::PolicyViolation)?;
                 self.limits = limits;
                 Ok(())
             }
             Verdict::UserMissing(limits) => {
-                self.overrides = Some(limits.overrides(&self.obj.spec, is_paused(self.obj)));
+                self.overrides = Some(limits.overrides(&self.obj.spec, self.obj.is_paused()));
                 self.limits = limits;
                 Err(self.blocked(Blocked::UserNotFound))
             }
@@ -338,13 +344,10 @@ impl<'a> Run<'a> {
         }
     }
 
-    fn blocked(&self, blocked: Blocked) -> Error {
+    pub(super) fn blocked(&self, blocked: Blocked) -> Error {
         let user = self.user_name();
         let message = match &blocked {
-            Blocked::Paused => format!(
-                "paused by annotation {PAUSED_ANNOTATION}=true (allowed by IamAccessKeyPolicy {}): no IAM or Secret writes, deletion included",
-                self.limits.policies.join(", ")
-            ),
+            Blocked::Paused => paused_message(&self.limits.policies),
             Blocked::UserNotFound => {
                 format!(
                     "IAM user {user} does not exist: create it (the operator never creates users); retrying with backoff"
@@ -418,16 +421,16 @@ impl<'a> Run<'a> {
         self.ctx.remember_published(&ns, &self.secret_name, id);
         match self.secret {
             SecretObservation::Missing => {
-                api.create(&params, &object).await?;
+                api.create(&params, &object).await.context("creating the Secret")?;
                 self.ctx.metrics.kube_write("Secret", "create");
             }
             // Replaced whole, conditional on the version just read: exactly the data and labels
             // the spec asks for (nothing left from an older layout), and never over someone
             // else's concurrent change.
             SecretObservation::Ours { .. } => {
-                let held = api.get_metadata(&self.secret_name).await?;
+                let held = api.get_metadata(&self.secret_name).await.context("reading the Secret's metadata")?;
                 object.metadata.resource_version = held.metadata.resource_version;
-                api.replace(&self.secret_name, &params, &object).await?;
+                api.replace(&self.secret_name, &params, &object).await.context("replacing the Secret")?;
                 self.ctx.metrics.kube_write("Secret", "replace");
             }
             SecretObservation::NotOurs => return Err(self.blocked(Blocked::SecretConflict)),
@@ -467,7 +470,10 @@ impl<'a> Run<'a> {
             "status": merge_patch(&stored, &to_value(&self.status)),
         });
         let params = PatchParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() };
-        let written = api.patch_status(&self.obj.name_any(), &params, &Patch::Merge(&patch)).await?;
+        let written = api
+            .patch_status(&self.obj.name_any(), &params, &Patch::Merge(&patch))
+            .await
+            .context("writing the status")?;
         self.resource_version = written.metadata.resource_version;
         self.ctx.metrics.kube_write("IamAccessKey", "status");
         self.saved = Some(self.status.clone());

@@ -2,18 +2,16 @@
 
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::Secret;
 use kube::{
-    Api, ResourceExt,
-    api::DeleteParams,
+    ResourceExt,
     runtime::{controller::Action, events::EventType},
 };
 use tracing::debug;
 
 use super::{
     Context,
-    apply::{Verdict, decide, is_paused, observe_secret_meta, observe_user},
-    secret::secret_name,
+    apply::{Verdict, decide, observe_secret_meta, observe_user, paused_message},
+    secret::{delete_secret, secret_name},
 };
 use crate::{
     crd::PAUSED_ANNOTATION,
@@ -24,7 +22,6 @@ use crate::{
         Blocked, CleanupObservation, CleanupStep, Ledger, Owner, SecretObservation, UserObservation,
         may_have_written_to_iam, plan_cleanup,
     },
-    policy::Limits,
 };
 
 const MAX_STEPS: usize = 16;
@@ -43,7 +40,7 @@ pub async fn cleanup(obj: &Arc<IamAccessKey>, ctx: &Context) -> Result<Action, E
     // Pause and Retain hold only where every policy rule that allows the resource allows them;
     // the untagged remains of an interrupted create are deleted only for a resource the
     // policies allow (status alone must never aim the operator at another user's keys).
-    let paused = is_paused(obj);
+    let paused = obj.is_paused();
     let mut deletion_policy = obj.spec.deletion_policy;
     let mut ledger = Ledger::from_status(&status);
     if paused || deletion_policy == DeletionPolicy::Retain || ledger.pending_create.is_some() {
@@ -51,10 +48,9 @@ pub async fn cleanup(obj: &Arc<IamAccessKey>, ctx: &Context) -> Result<Action, E
             Verdict::Allowed(limits) | Verdict::UserMissing(limits) => Some(limits),
             Verdict::Denied(_) | Verdict::OutsidePrefix(_) => None,
         };
-        let allows = |check: fn(&Limits) -> bool| limits.as_ref().is_some_and(check);
         if paused {
-            if allows(Limits::pause_allowed) {
-                let message = format!("paused: deletion waits until the {PAUSED_ANNOTATION} annotation is removed");
+            if let Some(limits) = limits.as_ref().filter(|l| l.pause_allowed()) {
+                let message = paused_message(&limits.policies);
                 return Err(Error::Blocked { blocked: Blocked::Paused, message });
             }
             let note = format!(
@@ -127,12 +123,7 @@ pub async fn cleanup(obj: &Arc<IamAccessKey>, ctx: &Context) -> Result<Action, E
                 }
             }
             CleanupStep::DeleteSecret => {
-                let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
-                match api.delete(&secret_name(obj), &DeleteParams::default()).await {
-                    Ok(_) => ctx.metrics.kube_write("Secret", "delete"),
-                    Err(kube::Error::Api(e)) if e.code == 404 => {}
-                    Err(e) => return Err(e.into()),
-                }
+                delete_secret(ctx, &ns, &secret_name(obj)).await?;
                 secret = SecretObservation::Missing;
             }
             CleanupStep::Done => {

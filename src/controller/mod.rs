@@ -237,7 +237,7 @@ async fn reconcile(watched: Arc<Watched>, ctx: Arc<Context>) -> Result<Action, E
                 let _ = ctx.events.publish(&regarding, EventType::Warning, err.reason(), "Read", err.to_string()).await;
                 return Err(err);
             }
-            Err(e) => return Err(e.into()),
+            Err(e) => return Err(Error::Kube { call: "reading the IamAccessKey", source: e }),
         };
         let result = finalizer(&api, FINALIZER, obj.clone(), |event| async {
             match event {

@@ -12,7 +12,7 @@ use serde::de::DeserializeOwned;
 use super::Context;
 use crate::{
     crd::{FIELD_MANAGER, IamAccessKey, RESTARTED_FOR_ANNOTATION, RestartKind},
-    error::Error,
+    error::{Error, KubeContext},
 };
 
 pub async fn restart_targets(ctx: &Context, obj: &IamAccessKey, access_key_id: &str) -> Result<(), Error> {
@@ -76,7 +76,7 @@ where
         + std::fmt::Debug,
 {
     let api: Api<K> = Api::namespaced(ctx.client.clone(), ns);
-    let Some(workload) = api.get_opt(name).await? else { return Ok(None) };
+    let Some(workload) = api.get_opt(name).await.context("reading a restart target")? else { return Ok(None) };
     if current(&workload).as_deref() == Some(access_key_id) {
         return Ok(Some(false));
     }
@@ -84,7 +84,7 @@ where
         "spec": {"template": {"metadata": {"annotations": {RESTARTED_FOR_ANNOTATION: access_key_id}}}}
     });
     let params = PatchParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() };
-    api.patch(name, &params, &Patch::Merge(&patch)).await?;
+    api.patch(name, &params, &Patch::Merge(&patch)).await.context("restarting a restart target")?;
     ctx.metrics.kube_write("Workload", "patch");
     Ok(Some(true))
 }

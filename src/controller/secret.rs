@@ -3,15 +3,28 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::{ByteString, api::core::v1::Secret, apimachinery::pkg::apis::meta::v1::ObjectMeta};
-use kube::{Resource, ResourceExt, core::PartialObjectMeta};
+use kube::{Api, Resource, ResourceExt, api::DeleteParams, core::PartialObjectMeta};
 
+use super::Context;
 use crate::{
     crd::{
         ACCESS_KEY_ID_ANNOTATION, IamAccessKey, LAYOUT_ANNOTATION, MANAGED_BY_LABEL, MANAGED_BY_VALUE, SecretFormat,
     },
+    error::Error,
     iam::SecretAccessKey,
     plan::SecretObservation,
 };
+
+/// Delete the resource's Secret; one already gone is fine.
+pub async fn delete_secret(ctx: &Context, namespace: &str, name: &str) -> Result<(), Error> {
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
+    match api.delete(name, &DeleteParams::default()).await {
+        Ok(_) => ctx.metrics.kube_write("Secret", "delete"),
+        Err(kube::Error::Api(e)) if e.code == 404 => {}
+        Err(e) => return Err(Error::Kube { call: "deleting the Secret", source: e }),
+    }
+    Ok(())
+}
 
 /// Name of the Secret the resource publishes to.
 pub fn secret_name(obj: &IamAccessKey) -> String {

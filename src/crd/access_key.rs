@@ -466,3 +466,11 @@ pub struct RotationRecord {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_reason: Option<String>,
 }
+
+impl IamAccessKey {
+    /// Whether the resource carries the pause annotation (whether the pause holds is the
+    /// policies' call: `Limits::pause_allowed`).
+    pub fn is_paused(&self) -> bool {
+        self.metadata.annotations.as_ref().and_then(|a| a.get(super::PAUSED_ANNOTATION)).is_some_and(|v| v == "true")
+    }
+}

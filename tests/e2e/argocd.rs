@@ -392,9 +392,13 @@ fn every_ready_error() -> Vec<Error> {
         iam(|operation, message| IamError::Throttled { operation, message }),
         iam(|operation, message| IamError::Unavailable { operation, message }),
         iam(|operation, message| IamError::Invalid { operation, message }),
-        Error::Kube(kube::Error::Api(
-            kube::core::Status::failure("secrets is forbidden", "Forbidden").with_code(403).boxed(),
-        )),
+        Error::Kube {
+            call: "creating the Secret",
+            source: kube::Error::Api(
+                kube::core::Status::failure("secrets is forbidden", "Forbidden").with_code(403).boxed(),
+            ),
+        },
+        Error::Internal("the policy decision asked for the user's details twice".into()),
         blocked(Blocked::Paused),
         blocked(Blocked::UserNotFound),
         blocked(Blocked::UserClaimed { by: "prod-us/team-billing/uploader".into() }),
@@ -432,7 +436,8 @@ fn listed_in_every_ready_error(e: &Error) {
             | IamError::Unavailable { .. }
             | IamError::Invalid { .. },
         )
-        | Error::Kube(_)
+        | Error::Kube { .. }
+        | Error::Internal(_)
         | Error::Blocked {
             blocked:
                 Blocked::Paused

@@ -2,11 +2,12 @@
 //! more: the recorded rule's `onRevoke` applies to the keys (keep, deactivate, delete), and the
 //! resource's condition says that its grant was revoked.
 
-use k8s_openapi::{api::core::v1::Secret, apimachinery::pkg::apis::meta::v1::Time};
-use kube::{Api, ResourceExt, api::DeleteParams, runtime::events::EventType};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::{ResourceExt, runtime::events::EventType};
 use tracing::debug;
 
 use super::{Run, observe_secret_meta, observe_user};
+use crate::controller::secret::delete_secret;
 use crate::{
     crd::{DeletionPolicy, GrantRecord, KeyPhase, KeyStatus, OnRevoke},
     error::Error,
@@ -131,13 +132,7 @@ impl Run<'_> {
                     self.user.untagged(&tag_keys);
                 }
                 RevokeStep::Cleanup(CleanupStep::DeleteSecret) => {
-                    let api: Api<Secret> =
-                        Api::namespaced(self.ctx.client.clone(), &self.obj.namespace().unwrap_or_default());
-                    match api.delete(&self.secret_name, &DeleteParams::default()).await {
-                        Ok(_) => self.ctx.metrics.kube_write("Secret", "delete"),
-                        Err(kube::Error::Api(e)) if e.code == 404 => {}
-                        Err(e) => return Err(e.into()),
-                    }
+                    delete_secret(self.ctx, &self.obj.namespace().unwrap_or_default(), &self.secret_name).await?;
                     self.secret = SecretObservation::Missing;
                     secret_deleted = true;
                 }

@@ -9,7 +9,7 @@ use super::Run;
 use crate::{
     controller::secret::secret_in,
     crd::{ACCESS_KEY_ID_ANNOTATION, KeyStatus, OWNER_TAG, ROTATE_REQUESTED_AT_ANNOTATION},
-    error::Error,
+    error::{Error, KubeContext},
     failpoint,
     iam::NewKey,
     keys::IamKey,
@@ -206,7 +206,7 @@ impl Run<'_> {
     pub(super) async fn rewrite_secret(&mut self, access_key_id: &str) -> Result<(), Error> {
         let api: Api<k8s_openapi::api::core::v1::Secret> =
             Api::namespaced(self.ctx.client.clone(), &self.obj.namespace().unwrap_or_default());
-        let held = api.get(&self.secret_name).await?; // the one read of secret data
+        let held = api.get(&self.secret_name).await.context("reading the Secret")?; // the one read of secret data
         let id_held = held.metadata.annotations.as_ref().and_then(|a| a.get(ACCESS_KEY_ID_ANNOTATION));
         match secret_in(&held) {
             Some(secret) if id_held.is_some_and(|id| id == access_key_id) => {

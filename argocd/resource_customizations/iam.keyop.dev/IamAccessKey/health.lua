@@ -11,9 +11,9 @@ local hs = {}
 
 -- Ready=False reasons the operator retries by itself (with backoff): Progressing. Every other
 -- reason (UserNotFound, UserClaimed, SecretConflict, KeyLimitExceeded, NotAuthorized,
--- PolicyViolation, InvalidSpec, DeactivatedUnused, IamNotFound, IamRejected, and any reason this
--- script does not know yet) needs someone to change IAM, the spec or a policy: Degraded, with the
--- condition's message.
+-- PolicyViolation, InvalidSpec, DeactivatedUnused, IamNotFound, IamRejected, InternalError (a bug
+-- to report), and any reason this script does not know yet) needs someone to change IAM, the spec,
+-- a policy or the operator: Degraded, with the condition's message.
 local retryable = {
   Throttled = true,
   IamUnavailable = true,
