@@ -992,7 +992,7 @@ async fn a_missing_rbac_rule_is_reported_as_a_forbidden_kubernetes_error() {
     );
     // The API server's own words, not a dump of the client's status struct; the same in the event.
     assert!(
-        message.starts_with(r#"Kubernetes API: secrets is forbidden: User "system:serviceaccount:"#)
+        message.starts_with(r#"creating the Secret: secrets is forbidden: User "system:serviceaccount:"#)
             && message
                 .contains(&format!(r#"cannot create resource "secrets" in API group "" in the namespace "{}""#, f.ns))
             && message.ends_with("(403 Forbidden)"),
