@@ -4,9 +4,10 @@ SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
 CARGO ?= cargo
-# Every test step builds the operator with the test-only failpoints, so `unit`, `crds-check` and
-# `integration` share one build of it instead of compiling it twice.
+# Every test step builds the whole workspace with the test-only failpoints (one feature set), so
+# `unit`, `crds-check` and `integration` share one build of the operator.
 TEST_FEATURES := --features iam-key-operator/failpoints
+TARGET_DIR := $(or $(CARGO_TARGET_DIR),target)
 # The integration tests wait on the operator most of the time: more threads than cores pays.
 TEST_THREADS ?= 8
 DEV_DIR ?= $(CURDIR)/.dev
@@ -38,7 +39,8 @@ crds: ## Regenerate crds/ from the Rust types (and the chart's template and depl
 .PHONY: crds-check
 crds-check: ## Fail when crds/, the chart's CRD template or deploy/crds differ from what the code generates
 	@tmp=$$(mktemp -d); trap 'rm -rf $$tmp' EXIT; mkdir $$tmp/crds; \
-	$(CARGO) run --quiet --locked $(TEST_FEATURES) -- crd --out-dir $$tmp/crds --helm-template $$tmp/crds.yaml; \
+	$(MAKE) --no-print-directory --quiet test-build; \
+	$(TARGET_DIR)/debug/iam-key-operator crd --out-dir $$tmp/crds --helm-template $$tmp/crds.yaml; \
 	diff -ru crds $$tmp/crds || { echo "crds/ is stale: run 'make crds' and commit the result"; exit 1; }; \
 	diff -u $(CHART_CRDS) $$tmp/crds.yaml || { echo "$(CHART_CRDS) is stale: run 'make crds' and commit the result"; exit 1; }; \
 	diff -ru deploy/crds $$tmp/crds || { echo "deploy/crds is stale: run 'make crds' and commit the result"; exit 1; }
@@ -57,13 +59,21 @@ unit: ## Unit and property tests (pure logic: planner, policy, schema, formats)
 
 .PHONY: integration
 integration: tools ## Integration tests (one binary, tests/e2e) against a real kube-apiserver + etcd and moto
-	$(CARGO) test --locked $(TEST_FEATURES) --test e2e -- --test-threads $(TEST_THREADS)
+	$(CARGO) test --locked --workspace $(TEST_FEATURES) --test e2e -- --test-threads $(TEST_THREADS)
 
 .PHONY: check
 check: fmt-check clippy unit ## The edit loop: fmt, clippy, unit and property tests (no real parts needed)
 
 .PHONY: test
-test: tools fmt-check clippy crds-check unit integration ## Everything CI runs
+test: ## Everything CI runs: tools, fmt, clippy, CRD drift, unit and integration tests
+	@# The tools (Go builds, module and PyPI downloads) and the Rust build of the tests leave
+	@# each other's idle core busy: on a fresh machine they overlap.
+	$(MAKE) --no-print-directory -j2 tools test-build
+	$(MAKE) --no-print-directory fmt-check clippy crds-check unit integration
+
+.PHONY: test-build
+test-build: ## Build everything the tests run (one feature set: the binary the integration tests start is this one)
+	$(CARGO) test --locked --workspace --all-targets $(TEST_FEATURES) --no-run
 
 .PHONY: soak
 soak: tools ## Long fault runs (not in make test): random kills for 15 min with 200 resources, rate limit with 1,000
