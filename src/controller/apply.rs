@@ -136,7 +136,7 @@ pub async fn decide(ctx: &Context, obj: &IamAccessKey) -> Result<(Verdict, Optio
     if decision == Decision::NeedUserDetails {
         match ctx.iam.get_user(user).await {
             Ok(read) => {
-                ctx.remember_user_path(user, &read.path);
+                ctx.remember_user(user, &read);
                 decision = authorize(
                     &policies,
                     &namespace,
@@ -165,10 +165,10 @@ pub async fn decide(ctx: &Context, obj: &IamAccessKey) -> Result<(Verdict, Optio
     // path rarely changes: a recent sighting spares a GetUser per resync.
     let prefix = ctx.settings.iam_user_path_prefix.as_str();
     let known_inside = |path: &str| path.starts_with(prefix);
-    if prefix != "/" && info.is_none() && !ctx.recent_user_path(user).is_some_and(|p| known_inside(&p)) {
+    if prefix != "/" && info.is_none() && !ctx.recent_user(user).is_some_and(|u| known_inside(&u.path)) {
         match ctx.iam.get_user(user).await {
             Ok(read) => {
-                ctx.remember_user_path(user, &read.path);
+                ctx.remember_user(user, &read);
                 info = Some(read);
             }
             Err(e) if e.is_not_found() => return Ok((Verdict::UserMissing(limits), None)),

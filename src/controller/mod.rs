@@ -81,11 +81,17 @@ pub struct Context {
     /// When each resource's last use was read and is next due (by UID). Kept in memory so that
     /// reading last-use data does not have to write status when nothing changed.
     last_use_reads: Mutex<HashMap<String, LastUseSchedule>>,
-    /// IAM paths of users, as last read, and when.
-    user_paths: Mutex<HashMap<String, (String, std::time::Instant)>>,
+    /// Users as last read (ARN and path; their tags are never trusted from memory), and when.
+    users: Mutex<HashMap<String, (UserSighting, std::time::Instant)>>,
     /// The access key id this process last wrote to each Secret (namespace, name): the watch
     /// event of our own write is not a reason to reconcile again.
     published: Mutex<HashMap<(String, String), String>>,
+}
+
+#[derive(Clone)]
+struct UserSighting {
+    arn: String,
+    path: String,
 }
 
 impl Context {
@@ -101,7 +107,7 @@ impl Context {
             tenancy,
             failures: Mutex::default(),
             last_use_reads: Mutex::default(),
-            user_paths: Mutex::default(),
+            users: Mutex::default(),
             published: Mutex::default(),
         }
     }
@@ -178,15 +184,24 @@ impl Context {
     }
 
     /// A user's IAM path read within the last day.
-    fn recent_user_path(&self, user: &str) -> Option<String> {
-        let paths = self.user_paths.lock().unwrap_or_else(|e| e.into_inner());
-        let (path, read_at) = paths.get(user)?;
-        (read_at.elapsed() < Duration::from_secs(24 * 3600)).then(|| path.clone())
+    /// A user's ARN and path, read within a day: they change only when the user is recreated,
+    /// which a key's verification notices (and then forgets the sighting).
+    fn recent_user(&self, user: &str) -> Option<UserSighting> {
+        let users = self.users.lock().unwrap_or_else(|e| e.into_inner());
+        let (sighting, read_at) = users.get(user)?;
+        (read_at.elapsed() < Duration::from_secs(24 * 3600)).then(|| sighting.clone())
     }
 
-    fn remember_user_path(&self, user: &str, path: &str) {
-        let mut paths = self.user_paths.lock().unwrap_or_else(|e| e.into_inner());
-        paths.insert(user.to_owned(), (path.to_owned(), std::time::Instant::now()));
+    fn remember_user(&self, user: &str, read: &crate::iam::IamUser) {
+        let sighting = UserSighting { arn: read.arn.clone(), path: read.path.clone() };
+        self.users
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(user.to_owned(), (sighting, std::time::Instant::now()));
+    }
+
+    fn forget_user(&self, user: &str) {
+        self.users.lock().unwrap_or_else(|e| e.into_inner()).remove(user);
     }
 
     fn forget(&self, obj: &IamAccessKey) {

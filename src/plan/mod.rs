@@ -349,8 +349,10 @@ pub fn plan_next_step(obs: &Observation) -> Step {
     let UserObservation::Found { keys, tags } = obs.user else {
         return Step::Blocked(Blocked::UserNotFound);
     };
-    // Tags are read only when something is not explained by status alone: the first key, an
-    // interrupted create, or a key status does not list. A converged resource skips the read.
+    // Tags are read only when something is not explained by status alone: the first key (the
+    // claim), a key status does not list (an interrupted create leaves one), or one it lists
+    // that is gone. A converged resource skips the read, also to start a create: a new key
+    // touches no existing one.
     let all_tracked = keys.iter().all(|k| obs.ledger.keys.iter().any(|o| o.access_key_id == k.access_key_id));
     if *obs.secret == SecretObservation::NotOurs {
         // A key of ours that no Secret holds (its write was refused: the name was taken in
@@ -376,12 +378,7 @@ pub fn plan_next_step(obs: &Observation) -> Step {
     let all_present = obs.ledger.keys.iter().all(|o| keys.iter().any(|k| k.access_key_id == o.access_key_id));
     let tags = match tags {
         Some(t) => t,
-        None if obs.ledger.keys.is_empty()
-            || obs.ledger.pending_create.is_some()
-            || !all_tracked
-            || !all_present
-            || obs.previous_owner.is_some() =>
-        {
+        None if obs.ledger.keys.is_empty() || !all_tracked || !all_present || obs.previous_owner.is_some() => {
             return Step::ReadUser;
         }
         // Converged: status explains IAM. Reading the tags is needed only to prove ownership

@@ -4,6 +4,7 @@
 
 use crate::support;
 use std::{
+    collections::BTreeMap,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -316,4 +317,47 @@ async fn rotation_and_deletion_work_under_the_kustomize_rbac() {
     f.delete("app").await;
     f.wait_gone("app", Duration::from_secs(30)).await;
     assert!(f.iam_keys().await.is_empty(), "deletion removed the key");
+}
+
+/// Calls between two snapshots of `Operator::iam_calls_by_operation`.
+fn calls_between(before: &BTreeMap<String, u64>, after: &BTreeMap<String, u64>) -> BTreeMap<String, u64> {
+    after.iter().map(|(op, n)| (op.clone(), n - before.get(op).copied().unwrap_or(0))).filter(|(_, n)| *n > 0).collect()
+}
+
+#[tokio::test]
+async fn a_first_key_and_a_rotation_take_few_iam_calls() {
+    // Counting: alone in its environment, so no other test's policy change wakes the operator.
+    let f = Fixture::private("calls").await;
+    let op = f.operator(&[]);
+    let total = |calls: &BTreeMap<String, u64>| calls.values().sum::<u64>();
+    let start = op.iam_calls_by_operation().await;
+    f.create("app", json!({"rotation": {"gracePeriod": "2s", "retainInactive": "1h"}})).await;
+    let first = current(&f.wait_ready("app").await).unwrap();
+    let created = op.iam_calls_by_operation().await;
+    let first_key = calls_between(&start, &created);
+    bump_serial(&f, 1).await;
+    let second = current(&wait_new_key(&f, &first).await).unwrap();
+    let rotated = op.iam_calls_by_operation().await;
+    let new_key = calls_between(&created, &rotated);
+    wait_iam_status(&f, &first, Some("Inactive")).await;
+    f.wait_for("app", Duration::from_secs(30), "the old key retired", |o| {
+        phase_of(o, &first) == Some(KeyPhase::Inactive)
+    })
+    .await;
+    let retired = calls_between(&rotated, &op.iam_calls_by_operation().await);
+    println!(
+        "IAM/STS calls: first key {} {first_key:?}; rotation to {second}: new key {} {new_key:?}, retiring the old one {} {retired:?}",
+        total(&first_key),
+        total(&new_key),
+        total(&retired)
+    );
+    // The first key: list the keys, read the user (claim, ARN, path), claim it, create, tag the
+    // key, verify it with STS.
+    assert!(total(&first_key) <= 6, "first key: {first_key:?}");
+    // A rotation's new key: list the keys, create, tag, verify (the user's ARN is known, and a
+    // new key changes no existing one, so the tags are not read).
+    assert_eq!(total(&new_key), 4, "rotation, new key: {new_key:?}");
+    assert_eq!(new_key.get("GetUser"), None, "{new_key:?}");
+    // Retiring the old key: list the keys, prove from the tags that it is ours, deactivate it.
+    assert!(total(&retired) <= 3, "rotation, retiring the old key: {retired:?}");
 }

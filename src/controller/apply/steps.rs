@@ -20,6 +20,7 @@ use crate::{
 impl Run<'_> {
     pub(super) async fn read_user(&mut self) -> Result<(), Error> {
         let info = self.ctx.iam.get_user(self.user_name()).await?;
+        self.ctx.remember_user(self.user_name(), &info);
         self.user.tags_read(info.tags.clone());
         self.user_info = Some(info);
         Ok(())
@@ -123,9 +124,16 @@ impl Run<'_> {
     /// memory; a crash anywhere leaves something the planner recognises and cleans up.
     pub(super) async fn create_key(&mut self, reason: NewKeyReason) -> Result<(), Error> {
         let user = self.user_name().to_owned();
-        let user_arn = match &self.user_info {
-            Some(info) => info.arn.clone(),
-            None => self.ctx.iam.get_user(&user).await?.arn,
+        // What the new key must authenticate as: read this reconcile, or recently (a rotation of
+        // a converged resource reads nothing but the key list).
+        let user_arn = match (&self.user_info, self.ctx.recent_user(&user)) {
+            (Some(info), _) => info.arn.clone(),
+            (None, Some(seen)) => seen.arn,
+            (None, None) => {
+                let info = self.ctx.iam.get_user(&user).await?;
+                self.ctx.remember_user(&user, &info);
+                info.arn
+            }
         };
         // By the real clock, not the reconcile's: a long reconcile or a late restart renews the
         // record first, so that a key this create leaves untagged falls inside its window.
@@ -139,6 +147,8 @@ impl Run<'_> {
         failpoint!("after-tag");
         self.user.key_created(key.clone(), self.owner.key_tag_value());
         if let Err(e) = self.verify(&id, &secret, &user_arn).await {
+            // The user may have been recreated: read it again next time.
+            self.ctx.forget_user(&user);
             // Never publish a key that does not work; nobody else has its secret.
             self.delete_key(&id, true).await?;
             return Err(e);

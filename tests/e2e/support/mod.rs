@@ -397,6 +397,17 @@ impl Operator {
         })
     }
 
+    /// IAM and STS calls so far, by operation (every outcome).
+    pub async fn iam_calls_by_operation(&self) -> BTreeMap<String, u64> {
+        let mut calls = BTreeMap::new();
+        for line in self.metrics().await.lines().filter(|l| l.starts_with("iam_key_operator_iam_calls_total{")) {
+            let Some(operation) = line.split("operation=\"").nth(1).and_then(|r| r.split('"').next()) else { continue };
+            let count = line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0) as u64;
+            *calls.entry(operation.to_string()).or_default() += count;
+        }
+        calls
+    }
+
     /// Reconciles finished so far with this result (`ok`, or the Ready condition's reason);
     /// every result with `None`.
     pub async fn reconciles(&self, result: Option<&str>) -> u64 {
