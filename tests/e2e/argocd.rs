@@ -390,6 +390,7 @@ fn every_ready_error() -> Vec<Error> {
         iam(|operation, message| IamError::AccessDenied { operation, message }),
         iam(|operation, message| IamError::Throttled { operation, message }),
         iam(|operation, message| IamError::Unavailable { operation, message }),
+        iam(|operation, message| IamError::Busy { operation, message }),
         iam(|operation, message| IamError::Invalid { operation, message }),
         Error::Kube(kube::Error::Api(
             kube::core::Status::failure("secrets is forbidden", "Forbidden").with_code(403).boxed(),
@@ -429,6 +430,7 @@ fn listed_in_every_ready_error(e: &Error) {
             | IamError::AccessDenied { .. }
             | IamError::Throttled { .. }
             | IamError::Unavailable { .. }
+            | IamError::Busy { .. }
             | IamError::Invalid { .. },
         )
         | Error::Kube(_)
