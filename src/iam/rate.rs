@@ -8,7 +8,7 @@
 //! every other client of the account, so no fixed number is right for long: the limiter learns
 //! what the account has to spare right now.
 
-use std::{sync::Mutex, time::Duration};
+use std::{collections::VecDeque, sync::Mutex, time::Duration};
 
 use tokio::time::Instant;
 
@@ -20,10 +20,8 @@ const BETA: f64 = 0.7;
 /// more slowly, so IAM's account-wide quota, which stays where it is for minutes, is probed
 /// more gently: fewer throttled calls for a small loss of speed.
 const SCALE: f64 = 0.1;
-/// The accepted rate is measured over windows of this length...
-const MEASURE_WINDOW: Duration = Duration::from_millis(500);
-/// ...and smoothed with this weight for the newest window.
-const SMOOTHING: f64 = 0.8;
+/// The rate IAM accepted is measured over the last second.
+const MEASURE_WINDOW: Duration = Duration::from_secs(1);
 
 /// When a token was granted: a throttle answer to a call sent before the last cut says nothing
 /// new (the cut already happened) and does not cut again.
@@ -57,10 +55,12 @@ struct State {
     k: f64,
     /// When the rate was last cut (none yet: the curve starts at creation).
     cut: Option<Instant>,
-    /// Calls IAM accepted since `window_start`, and the smoothed accepted rate.
-    accepted: u32,
-    window_start: Instant,
-    measured: f64,
+    /// When IAM accepted the calls of the last `MEASURE_WINDOW`.
+    accepted: VecDeque<Instant>,
+    /// When the calls of the last `MEASURE_WINDOW` were let through.
+    sent: VecDeque<Instant>,
+    /// Up to when the curve's clock has run.
+    advanced: Instant,
 }
 
 impl RateLimiter {
@@ -93,9 +93,9 @@ impl RateLimiter {
             last_cut: now,
             k: 0.0,
             cut: None,
-            accepted: 0,
-            window_start: now,
-            measured: 0.0,
+            accepted: VecDeque::new(),
+            sent: VecDeque::new(),
+            advanced: now,
         };
         RateLimiter { mode, state: Mutex::new(state) }
     }
@@ -142,6 +142,9 @@ impl RateLimiter {
             state.tokens = (state.tokens + elapsed * rate).min(self.capacity(rate));
             state.refilled = now;
             state.tokens -= 1.0;
+            if matches!(self.mode, Mode::Adaptive { .. }) {
+                state.sent.push_back(now);
+            }
             let wait = if state.tokens >= 0.0 { Duration::ZERO } else { Duration::from_secs_f64(-state.tokens / rate) };
             (wait, now)
         };
@@ -159,25 +162,22 @@ impl RateLimiter {
         let mut state = self.lock();
         let now = Instant::now();
         self.grow(&mut state, now);
+        while state.accepted.front().is_some_and(|t| now.duration_since(*t) > MEASURE_WINDOW) {
+            state.accepted.pop_front();
+        }
         if !throttled {
-            state.accepted += 1;
-            let span = now.duration_since(state.window_start);
-            if span >= MEASURE_WINDOW {
-                let current = f64::from(state.accepted) / span.as_secs_f64();
-                state.measured = SMOOTHING * current + (1.0 - SMOOTHING) * state.measured;
-                state.accepted = 0;
-                state.window_start = now;
-            }
+            state.accepted.push_back(now);
             return;
         }
         if state.cut.is_some_and(|cut| permit.granted <= cut) {
             // Sent before the last cut: that cut was the answer to it already.
             return;
         }
-        // What IAM was accepting (or the rate granted, if less was asked) is where the curve
-        // comes back to; the new rate is a fraction of it.
-        let reference = if state.measured > 0.0 { state.measured.min(state.rate) } else { state.rate };
-        let reference = reference.clamp(min, max);
+        // The curve comes back to what IAM was accepting over the last second when that is less
+        // than the rate granted (others share the account's quota), but one cut takes away at
+        // most half: after a quiet spell the last second's count says little.
+        let accepted = state.accepted.len() as f64 / MEASURE_WINDOW.as_secs_f64();
+        let reference = accepted.max(state.rate * BETA).min(state.rate).clamp(min, max);
         state.last_max = reference;
         state.last_cut = now;
         state.cut = Some(now);
@@ -188,9 +188,19 @@ impl RateLimiter {
         state.tokens = state.tokens.min(capacity);
     }
 
-    /// Move the rate along the cubic curve to `now`.
+    /// Move the rate along the cubic curve to `now`. The curve's clock runs only while the
+    /// operator uses at least half the rate: a quiet operator learns nothing about IAM's quota,
+    /// and must not come back from a quiet spell with a rate it never tried.
     fn grow(&self, state: &mut State, now: Instant) {
         let Mode::Adaptive { min, max, .. } = self.mode else { return };
+        while state.sent.front().is_some_and(|t| now.duration_since(*t) > MEASURE_WINDOW) {
+            state.sent.pop_front();
+        }
+        let used = state.sent.len() as f64 / MEASURE_WINDOW.as_secs_f64();
+        if used < state.rate / 2.0 {
+            state.last_cut += now.duration_since(state.advanced);
+        }
+        state.advanced = now;
         let t = now.duration_since(state.last_cut).as_secs_f64();
         let cubic = SCALE * (t - state.k).powi(3) + state.last_max;
         // Only ever raised between cuts: the curve starts below the current rate after a cut.
@@ -279,10 +289,13 @@ mod tests {
         let start_rate = limiter.rate();
         let permit = limiter.acquire().await;
         limiter.observe(permit, true);
-        assert_eq!(limiter.rate(), start_rate * BETA, "cut to 70% at once");
+        // Nothing accepted in the last second: the reference is 70% of the rate granted (at most
+        // half goes in one cut), and the new rate 70% of that.
+        let cut = start_rate * BETA * BETA;
+        assert_eq!(limiter.rate(), cut, "cut at once");
         // Answers to calls sent before that cut do not cut again.
         limiter.observe(permit, true);
-        assert_eq!(limiter.rate(), start_rate * BETA, "one cut per throttling episode");
+        assert_eq!(limiter.rate(), cut, "one cut per throttling episode");
 
         let quota = 10.0;
         let mut throttled = 0usize;
@@ -296,6 +309,7 @@ mod tests {
             limiter.observe(permit, over);
         }
         let rate = limiter.rate();
+        println!("quota {quota}/s: {calls} calls in 120 s, {throttled} throttled, rate now {rate:.2}");
         assert!((quota * BETA * 0.9..=quota * 1.5).contains(&rate), "settles around the quota: {rate}");
         let mean = calls as f64 / 120.0;
         assert!((quota * 0.7..=quota * 1.2).contains(&mean), "uses most of the quota: {mean}/s");
@@ -332,6 +346,21 @@ mod tests {
         }
         let took = t.elapsed().as_secs_f64();
         assert!(took >= 0.99, "16 calls at 8/s with a one-second bucket take a second: {took}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_quiet_operator_keeps_its_rate() {
+        // Two calls a second at a rate of 25: nothing learnt about IAM's quota, no rise.
+        let limiter = RateLimiter::adaptive(1.0, 50.0, 50);
+        for _ in 0..120 {
+            let permit = limiter.acquire().await;
+            limiter.observe(permit, false);
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        assert_eq!(limiter.rate(), 25.0);
+        // Busy again: the curve resumes where it stopped.
+        run(&limiter, 10.0, |_| false).await;
+        assert!(limiter.rate() > 25.0);
     }
 
     #[tokio::test(start_paused = true)]

@@ -1067,7 +1067,8 @@ async fn aws_like_iam_converges_with_every_guarantee() {
     let refused = count(&calls, Outcome::NewKeyRefused);
     println!(
         "AWS-like IAM: {N} resources Ready after {:.1}s, {} rotated {:.1}s after the bump; {} calls {:?}; \
-         new keys refused {refused} times before they authenticated; CreateAccessKey reaching IAM {} (expected {})",
+         new keys refused {refused} times before they authenticated; CreateAccessKey reaching IAM {} for {} keys \
+         (a create whose next step failed is cleaned up and made again)",
         created.as_secs_f64(),
         N / 2,
         rotated.as_secs_f64(),
@@ -1166,6 +1167,7 @@ async fn adaptive_rate_learns_the_account_quota() {
     const N: usize = 50;
     const QUOTA: f64 = 20.0;
     const CEILING: &str = "50";
+    const MAX_THROTTLED_1S: usize = 8;
     let f = Fixture::new("adaptive").await;
     let users = make_users(&f, N).await;
     let all = names("r", 0..N);
@@ -1214,7 +1216,7 @@ async fn adaptive_rate_learns_the_account_quota() {
     println!(
         "adaptive rate: {N} resources, account quota {QUOTA}/s, --iam-rate-max {CEILING} --concurrency 32: all settled \
          after {:.1}s; {} calls, {} throttled = {:.2}% (bound 5%), max {max_throttled_1s} throttled in any 1 s \
-         (bound 6), max {max_1s} calls in any 1 s; {:.1} accepted calls/s; rate limit started at {start_rate}, \
+         (bound {MAX_THROTTLED_1S}), max {max_1s} calls in any 1 s; {:.1} accepted calls/s; rate limit started at {start_rate}, \
          ranged {min_rate:.1}..{max_rate:.1}; seconds by throttled calls in them {per_second_throttled:?}; {:?}",
         converge.as_secs_f64(),
         calls.len(),
@@ -1224,7 +1226,10 @@ async fn adaptive_rate_learns_the_account_quota() {
         by_outcome(&calls),
     );
     assert!(fraction < 0.05, "{:.2}% of calls throttled", fraction * 100.0);
-    assert!(max_throttled_1s <= 6, "{max_throttled_1s} throttled calls within 1 s (from {at:?})");
+    // No burst: what the limiter lets through at the ceiling before IAM's first `Throttling`
+    // answer can come back (one round trip, at most 150 ms of latency plus the proxy's and the
+    // operator's own scheduling), 50/s x 0.15 s ≈ 8.
+    assert!(max_throttled_1s <= MAX_THROTTLED_1S, "{max_throttled_1s} throttled calls within 1 s (from {at:?})");
     if !throttled.is_empty() {
         assert!(min_rate < start_rate, "throttling lowered the rate (samples {min_rate}..{max_rate})");
     }
