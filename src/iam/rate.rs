@@ -20,14 +20,19 @@ const BETA: f64 = 0.7;
 /// more slowly, so IAM's account-wide quota, which stays where it is for minutes, is probed
 /// more gently: fewer throttled calls for a small loss of speed.
 const SCALE: f64 = 0.1;
+/// Past the rate of the last throttle, the rate grows by at most this fraction of it per second
+/// (CUBIC's own curve would triple its lead every few seconds): IAM's quota is a token bucket
+/// that hides an overshoot until it is empty, so the lead must be small by then.
+const PROBE: f64 = 0.05;
 /// The rate IAM accepted is measured over the last second.
 const MEASURE_WINDOW: Duration = Duration::from_secs(1);
 
-/// When a token was granted: a throttle answer to a call sent before the last cut says nothing
-/// new (the cut already happened) and does not cut again.
+/// Which rate a call was let through under: a throttle answer to a call that took its token
+/// before the last cut (sent since, or still waiting for its turn) says nothing new (the cut
+/// already happened) and does not cut again.
 #[derive(Clone, Copy, Debug)]
 pub struct Permit {
-    granted: Instant,
+    epoch: u64,
 }
 
 pub struct RateLimiter {
@@ -53,8 +58,8 @@ struct State {
     last_max: f64,
     last_cut: Instant,
     k: f64,
-    /// When the rate was last cut (none yet: the curve starts at creation).
-    cut: Option<Instant>,
+    /// Cuts so far.
+    epoch: u64,
     /// When IAM accepted the calls of the last `MEASURE_WINDOW`.
     accepted: VecDeque<Instant>,
     /// When the calls of the last `MEASURE_WINDOW` were let through.
@@ -92,7 +97,7 @@ impl RateLimiter {
             last_max: rate,
             last_cut: now,
             k: 0.0,
-            cut: None,
+            epoch: 0,
             accepted: VecDeque::new(),
             sent: VecDeque::new(),
             advanced: now,
@@ -129,11 +134,11 @@ impl RateLimiter {
     /// Wait for a token.
     pub async fn acquire(&self) -> Permit {
         if self.mode == Mode::Unlimited {
-            return Permit { granted: Instant::now() };
+            return Permit { epoch: 0 };
         }
         // Take the token now (the balance may go negative) and sleep off the debt: callers
         // are served in arrival order without a lock held across the wait.
-        let (wait, now) = {
+        let (wait, epoch) = {
             let mut state = self.lock();
             let now = Instant::now();
             self.grow(&mut state, now);
@@ -146,12 +151,12 @@ impl RateLimiter {
                 state.sent.push_back(now);
             }
             let wait = if state.tokens >= 0.0 { Duration::ZERO } else { Duration::from_secs_f64(-state.tokens / rate) };
-            (wait, now)
+            (wait, state.epoch)
         };
         if !wait.is_zero() {
             tokio::time::sleep(wait).await;
         }
-        Permit { granted: now + wait }
+        Permit { epoch }
     }
 
     /// What IAM answered to the call `permit` let through: `throttled` if it asked to slow down.
@@ -169,8 +174,8 @@ impl RateLimiter {
             state.accepted.push_back(now);
             return;
         }
-        if state.cut.is_some_and(|cut| permit.granted <= cut) {
-            // Sent before the last cut: that cut was the answer to it already.
+        if permit.epoch < state.epoch {
+            // Let through before the last cut: that cut was the answer to it already.
             return;
         }
         // The curve comes back to what IAM was accepting over the last second when that is less
@@ -180,7 +185,7 @@ impl RateLimiter {
         let reference = accepted.max(state.rate * BETA).min(state.rate).clamp(min, max);
         state.last_max = reference;
         state.last_cut = now;
-        state.cut = Some(now);
+        state.epoch += 1;
         state.k = (reference * (1.0 - BETA) / SCALE).cbrt();
         state.rate = (reference * BETA).clamp(min, max);
         // No burst right after a cut: the bucket holds no more than one token.
@@ -203,6 +208,7 @@ impl RateLimiter {
         state.advanced = now;
         let t = now.duration_since(state.last_cut).as_secs_f64();
         let cubic = SCALE * (t - state.k).powi(3) + state.last_max;
+        let cubic = cubic.min(state.last_max * (1.0 + PROBE * (t - state.k).max(0.0)));
         // Only ever raised between cuts: the curve starts below the current rate after a cut.
         let next = cubic.clamp(min, max);
         if next > state.rate {
@@ -268,7 +274,7 @@ mod tests {
         let limiter = RateLimiter::adaptive(1.0, 40.0, 40);
         assert_eq!(limiter.rate(), 20.0, "starts at half the ceiling");
         let mut last = limiter.rate();
-        for _ in 0..10 {
+        for _ in 0..30 {
             run(&limiter, 1.0, |_| false).await;
             let now = limiter.rate();
             assert!(now >= last, "never lowered without a throttle: {last} -> {now}");
@@ -296,6 +302,13 @@ mod tests {
         // Answers to calls sent before that cut do not cut again.
         limiter.observe(permit, true);
         assert_eq!(limiter.rate(), cut, "one cut per throttling episode");
+        // Nor do answers to calls let through after it that had taken their token before.
+        let (early, late) = (limiter.acquire().await, limiter.acquire().await);
+        limiter.observe(early, true);
+        let second = limiter.rate();
+        assert!(second < cut);
+        limiter.observe(late, true);
+        assert_eq!(limiter.rate(), second, "a call queued before the cut does not cut again");
 
         let quota = 10.0;
         let mut throttled = 0usize;
