@@ -183,10 +183,12 @@ impl RateLimiter {
         // most half: after a quiet spell the last second's count says little.
         let accepted = state.accepted.len() as f64 / MEASURE_WINDOW.as_secs_f64();
         let reference = accepted.max(state.rate * BETA).min(state.rate).clamp(min, max);
-        state.last_max = reference;
+        // CUBIC's fast convergence: throttled below the rate of the last throttle, the quota
+        // left to us shrank (or was overestimated): aim the curve's plateau lower still.
+        state.last_max = if reference < state.last_max { reference * (1.0 + BETA) / 2.0 } else { reference };
         state.last_cut = now;
         state.epoch += 1;
-        state.k = (reference * (1.0 - BETA) / SCALE).cbrt();
+        state.k = ((state.last_max - reference * BETA).max(0.0) / SCALE).cbrt();
         state.rate = (reference * BETA).clamp(min, max);
         // No burst right after a cut: the bucket holds no more than one token.
         let capacity = self.capacity(state.rate).min(1.0);
