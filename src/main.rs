@@ -90,7 +90,7 @@ struct RunArgs {
     /// operator keeps making progress at this rate.
     #[arg(long, env = "IKO_IAM_RATE_MIN", default_value_t = 1.0, value_parser = parse_rate)]
     iam_rate_min: f64,
-    /// IAM/STS calls allowed at once before the rate applies (adaptive: at most one second of
+    /// IAM/STS calls allowed at once before the rate applies (adaptive: at most half a second of
     /// the current rate).
     #[arg(long, env = "IKO_IAM_BURST", default_value_t = 20)]
     iam_burst: u32,

@@ -23,9 +23,15 @@ const SCALE: f64 = 0.1;
 /// Past the rate of the last throttle, the rate grows by at most this fraction of it per second
 /// (CUBIC's own curve would triple its lead every few seconds): IAM's quota is a token bucket
 /// that hides an overshoot until it is empty, so the lead must be small by then.
-const PROBE: f64 = 0.05;
-/// The rate IAM accepted is measured over the last second.
-const MEASURE_WINDOW: Duration = Duration::from_secs(1);
+const PROBE: f64 = 0.03;
+/// An adaptive bucket holds at most this much of the current rate: calls saved up in a lull
+/// leave in a burst, and IAM's quota, itself a bucket, is often near empty when the rate is
+/// near the quota.
+const BUCKET: Duration = Duration::from_millis(500);
+/// The rates IAM accepted and the operator used are measured over the last two seconds: one
+/// second is too short to average out IAM's own bucket and the bunching of answers on a busy
+/// node.
+const MEASURE_WINDOW: Duration = Duration::from_secs(2);
 
 /// Which rate a call was let through under: a throttle answer to a call that took its token
 /// before the last cut (sent since, or still waiting for its turn) says nothing new (the cut
@@ -78,14 +84,15 @@ impl RateLimiter {
 
     /// A rate that adapts to IAM's answers, between `min` and `max` calls per second (`min` at
     /// least 0.1, `max` at least `min`). It starts at half the ceiling. The bucket holds at most
-    /// one second of the current rate (and never more than `burst`), so after a cut no burst
-    /// larger than the new rate follows.
+    /// half a second of the current rate (and never more than `burst`), and one token right
+    /// after a cut.
     pub fn adaptive(min: f64, max: f64, burst: u32) -> Self {
         let min = min.max(0.1);
         let max = max.max(min);
         let burst = f64::from(burst.max(1));
         let start = (max / 2.0).max(min);
-        Self::with_mode(Mode::Adaptive { min, max, burst }, start, burst.min(start).max(1.0))
+        let tokens = burst.min(start * BUCKET.as_secs_f64()).max(1.0);
+        Self::with_mode(Mode::Adaptive { min, max, burst }, start, tokens)
     }
 
     fn with_mode(mode: Mode, rate: f64, tokens: f64) -> Self {
@@ -127,7 +134,7 @@ impl RateLimiter {
         match self.mode {
             Mode::Unlimited => f64::INFINITY,
             Mode::Fixed { burst, .. } => burst,
-            Mode::Adaptive { burst, .. } => burst.min(rate).max(1.0),
+            Mode::Adaptive { burst, .. } => burst.min(rate * BUCKET.as_secs_f64()).max(1.0),
         }
     }
 
@@ -178,9 +185,9 @@ impl RateLimiter {
             // Let through before the last cut: that cut was the answer to it already.
             return;
         }
-        // The curve comes back to what IAM was accepting over the last second when that is less
+        // The curve comes back to what IAM was accepting lately when that is less
         // than the rate granted (others share the account's quota), but one cut takes away at
-        // most half: after a quiet spell the last second's count says little.
+        // most half: after a quiet spell the latest count says little.
         let accepted = state.accepted.len() as f64 / MEASURE_WINDOW.as_secs_f64();
         let reference = accepted.max(state.rate * BETA).min(state.rate).clamp(min, max);
         // CUBIC's fast convergence: throttled below the rate of the last throttle, the quota
@@ -276,7 +283,7 @@ mod tests {
         let limiter = RateLimiter::adaptive(1.0, 40.0, 40);
         assert_eq!(limiter.rate(), 20.0, "starts at half the ceiling");
         let mut last = limiter.rate();
-        for _ in 0..30 {
+        for _ in 0..40 {
             run(&limiter, 1.0, |_| false).await;
             let now = limiter.rate();
             assert!(now >= last, "never lowered without a throttle: {last} -> {now}");
@@ -297,7 +304,7 @@ mod tests {
         let start_rate = limiter.rate();
         let permit = limiter.acquire().await;
         limiter.observe(permit, true);
-        // Nothing accepted in the last second: the reference is 70% of the rate granted (at most
+        // Nothing accepted yet: the reference is 70% of the rate granted (at most
         // half goes in one cut), and the new rate 70% of that.
         let cut = start_rate * BETA * BETA;
         assert_eq!(limiter.rate(), cut, "cut at once");
@@ -353,14 +360,14 @@ mod tests {
             max_seen = max_seen.max(limiter.rate());
         }
         assert_eq!(max_seen, 8.0);
-        // The bucket never holds more than a second of the rate: no burst above it.
+        // The bucket never holds more than half a second of the rate: no burst above it.
         tokio::time::sleep(Duration::from_secs(60)).await;
         let t = Instant::now();
         for _ in 0..16 {
             limiter.acquire().await;
         }
         let took = t.elapsed().as_secs_f64();
-        assert!(took >= 0.99, "16 calls at 8/s with a one-second bucket take a second: {took}");
+        assert!(took >= 1.49, "16 calls at 8/s with a half-second bucket take 1.5 s: {took}");
     }
 
     #[tokio::test(start_paused = true)]
