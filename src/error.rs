@@ -123,6 +123,7 @@ impl Error {
                 IamError::AccessDenied { .. } => "NotAuthorized",
                 IamError::Throttled { .. } => "Throttled",
                 IamError::Unavailable { .. } => "IamUnavailable",
+                IamError::Busy { .. } => "IamBusy",
                 IamError::Invalid { .. } => "IamRejected",
             },
             Error::Kube { .. } => "KubernetesError",

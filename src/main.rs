@@ -77,11 +77,21 @@ struct RunArgs {
     /// How long a new key may take to authenticate before it is discarded.
     #[arg(long, env = "IKO_VERIFY_TIMEOUT", default_value = "60s")]
     verify_timeout: SpecDuration,
-    /// IAM/STS calls per second, at most (0: unlimited). IAM throttles an account's control
-    /// plane; keep the sum over all operator instances of an account below that.
-    #[arg(long, env = "IKO_IAM_RATE", default_value_t = 10.0)]
-    iam_rate: f64,
-    /// IAM/STS calls allowed at once before the rate applies.
+    /// A fixed rate of IAM/STS calls per second instead of the adaptive one (0: unlimited).
+    /// Unset (the default), the rate adapts to IAM's answers between --iam-rate-min and
+    /// --iam-rate-max.
+    #[arg(long, env = "IKO_IAM_RATE")]
+    iam_rate: Option<f64>,
+    /// Ceiling of the adaptive rate (IAM/STS calls per second): raised towards it while IAM
+    /// answers, cut when IAM throttles. The most this process ever takes of the account's quota.
+    #[arg(long, env = "IKO_IAM_RATE_MAX", default_value_t = 20.0, value_parser = parse_rate)]
+    iam_rate_max: f64,
+    /// Floor of the adaptive rate (IAM/STS calls per second): however much IAM throttles, the
+    /// operator keeps making progress at this rate.
+    #[arg(long, env = "IKO_IAM_RATE_MIN", default_value_t = 1.0, value_parser = parse_rate)]
+    iam_rate_min: f64,
+    /// IAM/STS calls allowed at once before the rate applies (adaptive: at most half a second of
+    /// the current rate).
     #[arg(long, env = "IKO_IAM_BURST", default_value_t = 20)]
     iam_burst: u32,
     /// Only IAM users under this IAM path are managed; others get NotAuthorized before any IAM
@@ -110,6 +120,14 @@ struct RunArgs {
     /// Log format.
     #[arg(long, env = "IKO_LOG_FORMAT", value_enum, default_value = "text")]
     log_format: telemetry::LogFormat,
+}
+
+/// A rate of the adaptive limiter: calls per second, at least 0.1.
+fn parse_rate(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(r) if r.is_finite() && r >= 0.1 => Ok(r),
+        _ => Err(format!("{s:?}: give calls per second, at least 0.1")),
+    }
 }
 
 /// Part of every ownership tag: letters, digits, `.`, `_`, `-`; at most 63 characters.
@@ -178,7 +196,14 @@ async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
 
     let metrics = Arc::new(Metrics::default());
     let client = kube::Client::try_default().await?;
-    let limiter = RateLimiter::new(args.iam_rate, args.iam_burst);
+    if args.iam_rate_min > args.iam_rate_max {
+        return Err("--iam-rate-min must not exceed --iam-rate-max".into());
+    }
+    let limiter = match args.iam_rate {
+        Some(rate) => RateLimiter::new(rate, args.iam_burst),
+        None => RateLimiter::adaptive(args.iam_rate_min, args.iam_rate_max, args.iam_burst),
+    };
+    tracing::info!(rate = limiter.rate(), fixed = args.iam_rate.is_some(), "IAM rate limit");
     let iam = Arc::new(AwsIam::from_env(metrics.clone(), limiter).await);
     let settings = Settings {
         cluster_name: args.cluster_name,

@@ -34,6 +34,8 @@ pub struct Metrics {
     pub reconcile_duration: Histogram,
     pub kube_writes: Family<KubeWriteLabels, Counter>,
     pub resources: ResourceGauges,
+    /// The IAM/STS rate the limiter grants now (calls per second; 0: unlimited).
+    pub iam_rate_limit: Gauge<f64, AtomicU64>,
 }
 
 impl Default for Metrics {
@@ -49,7 +51,21 @@ impl Default for Metrics {
         let kube_writes = Family::<KubeWriteLabels, Counter>::default();
         registry.register("kube_writes", "Writes to the Kubernetes API by object kind and verb", kube_writes.clone());
         let resources = ResourceGauges::register(&mut registry);
-        Metrics { registry: Mutex::new(registry), iam_calls, reconciles, reconcile_duration, kube_writes, resources }
+        let iam_rate_limit = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "iam_rate_limit",
+            "IAM and STS calls per second the rate limiter grants now (adaptive: lowered when IAM throttles; 0: unlimited)",
+            iam_rate_limit.clone(),
+        );
+        Metrics {
+            registry: Mutex::new(registry),
+            iam_calls,
+            reconciles,
+            reconcile_duration,
+            kube_writes,
+            resources,
+            iam_rate_limit,
+        }
     }
 }
 
@@ -62,9 +78,14 @@ impl Metrics {
             Some(IamError::AccessDenied { .. }) => "access_denied",
             Some(IamError::Throttled { .. }) => "throttled",
             Some(IamError::Unavailable { .. }) => "unavailable",
+            Some(IamError::Busy { .. }) => "busy",
             Some(IamError::Invalid { .. }) => "invalid",
         };
         self.iam_calls.get_or_create(&IamCallLabels { operation, outcome }).inc();
+    }
+
+    pub fn set_iam_rate_limit(&self, rate: f64) {
+        self.iam_rate_limit.set(rate);
     }
 
     pub fn kube_write(&self, kind: &'static str, verb: &'static str) {

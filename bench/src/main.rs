@@ -36,7 +36,9 @@ use crate::{
     results::{Convergence, Empty, Idle, Latency, Restart, Results, RunInfo, Steady, Unrelated, percentile},
 };
 
-/// The operator's own default `--iam-rate` (calls per second).
+/// The rate the operator's default (adaptive) limit starts at, in calls per second: half of
+/// `--iam-rate-max` (20). Against moto, which never throttles, it rises to 20 within seconds, so
+/// timeouts computed from this are conservative.
 const OPERATOR_DEFAULT_RATE: f64 = 10.0;
 /// The operator's own default `--iam-burst`.
 const OPERATOR_DEFAULT_BURST: u32 = 20;

@@ -9,7 +9,7 @@ use aws_sdk_iam::{error::ProvideErrorMetadata, types::StatusType};
 use aws_smithy_runtime_api::client::{orchestrator::HttpResponse, result::SdkError};
 use jiff::Timestamp;
 
-use super::{IamApi, IamError, IamKey, IamUser, KeyLastUsed, NewKey, RateLimiter, SecretAccessKey};
+use super::{IamApi, IamError, IamKey, IamUser, KeyLastUsed, NewKey, RateLimiter, SecretAccessKey, rate::Permit};
 use crate::{crd::KeyStatus, metrics::Metrics};
 
 pub struct AwsIam {
@@ -22,7 +22,7 @@ pub struct AwsIam {
 impl AwsIam {
     pub fn new(sdk_config: &aws_config::SdkConfig, metrics: Arc<Metrics>, limiter: RateLimiter) -> Self {
         // No SDK retries: each call is exactly one request through the rate limiter, so
-        // `--iam-rate` bounds what IAM sees, and a CreateAccessKey whose response was lost is
+        // the limiter's rate bounds what IAM sees (and learns from every answer), and a CreateAccessKey whose response was lost is
         // never sent twice (a second, unrecorded key). The reconcile retries instead, with
         // per-resource backoff and under its pending-create marker.
         let once = aws_config::retry::RetryConfig::disabled();
@@ -34,6 +34,12 @@ impl AwsIam {
             metrics,
             limiter,
         }
+        .with_rate_gauge()
+    }
+
+    fn with_rate_gauge(self) -> Self {
+        self.metrics.set_iam_rate_limit(self.limiter.rate());
+        self
     }
 
     /// Loads the standard AWS configuration (env, profile, IRSA / Pod Identity); IAM is global,
@@ -47,8 +53,13 @@ impl AwsIam {
         Self::new(&config, metrics, limiter)
     }
 
-    fn record<T>(&self, operation: &'static str, result: Result<T, IamError>) -> Result<T, IamError> {
-        self.metrics.iam_call(operation, result.as_ref().err());
+    /// Count the call's outcome and tell the rate limiter what IAM answered (a `Throttling`
+    /// answer lowers an adaptive rate).
+    fn record<T>(&self, operation: &'static str, permit: Permit, result: Result<T, IamError>) -> Result<T, IamError> {
+        let error = result.as_ref().err();
+        self.limiter.observe(permit, error.is_some_and(IamError::is_throttling));
+        self.metrics.iam_call(operation, error);
+        self.metrics.set_iam_rate_limit(self.limiter.rate());
         result
     }
 }
@@ -111,7 +122,7 @@ fn status_type(s: KeyStatus) -> StatusType {
 impl IamApi for AwsIam {
     async fn get_user(&self, user: &str) -> Result<IamUser, IamError> {
         let op = "GetUser";
-        self.limiter.acquire().await;
+        let permit = self.limiter.acquire().await;
         let result = self.iam.get_user().user_name(user).send().await.map_err(|e| sdk_error(op, e));
         let result = result.and_then(|out| {
             let u = out
@@ -121,12 +132,12 @@ impl IamApi for AwsIam {
                 u.tags().iter().map(|t| (t.key().to_owned(), t.value().to_owned())).collect();
             Ok(IamUser { arn: u.arn().to_owned(), path: u.path().to_owned(), tags })
         });
-        self.record(op, result)
+        self.record(op, permit, result)
     }
 
     async fn list_access_keys(&self, user: &str) -> Result<Vec<IamKey>, IamError> {
         let op = "ListAccessKeys";
-        self.limiter.acquire().await;
+        let permit = self.limiter.acquire().await;
         // A user has at most two keys: one page always holds them all.
         let result = self.iam.list_access_keys().user_name(user).send().await.map_err(|e| sdk_error(op, e));
         let result = result.map(|out| {
@@ -141,12 +152,12 @@ impl IamApi for AwsIam {
                 })
                 .collect()
         });
-        self.record(op, result)
+        self.record(op, permit, result)
     }
 
     async fn create_access_key(&self, user: &str) -> Result<NewKey, IamError> {
         let op = "CreateAccessKey";
-        self.limiter.acquire().await;
+        let permit = self.limiter.acquire().await;
         let result = self.iam.create_access_key().user_name(user).send().await.map_err(|e| sdk_error(op, e));
         let result = result.and_then(|out| {
             let k = out
@@ -161,12 +172,12 @@ impl IamApi for AwsIam {
                 secret: SecretAccessKey::new(k.secret_access_key().to_owned()),
             })
         });
-        self.record(op, result)
+        self.record(op, permit, result)
     }
 
     async fn update_access_key(&self, user: &str, key_id: &str, status: KeyStatus) -> Result<(), IamError> {
         let op = "UpdateAccessKey";
-        self.limiter.acquire().await;
+        let permit = self.limiter.acquire().await;
         let result = self
             .iam
             .update_access_key()
@@ -177,12 +188,12 @@ impl IamApi for AwsIam {
             .await
             .map(drop)
             .map_err(|e| sdk_error(op, e));
-        self.record(op, result)
+        self.record(op, permit, result)
     }
 
     async fn delete_access_key(&self, user: &str, key_id: &str) -> Result<(), IamError> {
         let op = "DeleteAccessKey";
-        self.limiter.acquire().await;
+        let permit = self.limiter.acquire().await;
         let result = self
             .iam
             .delete_access_key()
@@ -192,23 +203,23 @@ impl IamApi for AwsIam {
             .await
             .map(drop)
             .map_err(|e| sdk_error(op, e));
-        self.record(op, result)
+        self.record(op, permit, result)
     }
 
     async fn tag_user(&self, user: &str, tags: &[(String, String)]) -> Result<(), IamError> {
         let op = "TagUser";
-        self.limiter.acquire().await;
+        let permit = self.limiter.acquire().await;
         let tags: Result<Vec<_>, _> =
             tags.iter().map(|(k, v)| aws_sdk_iam::types::Tag::builder().key(k).value(v).build()).collect();
         // A tag without key or value is a bug of ours, not an IAM call.
         let tags = tags.map_err(|e| IamError::Invalid { operation: op, message: e.to_string() })?;
         let result = self.iam.tag_user().user_name(user).set_tags(Some(tags)).send().await;
-        self.record(op, result.map(drop).map_err(|e| sdk_error(op, e)))
+        self.record(op, permit, result.map(drop).map_err(|e| sdk_error(op, e)))
     }
 
     async fn untag_user(&self, user: &str, keys: &[String]) -> Result<(), IamError> {
         let op = "UntagUser";
-        self.limiter.acquire().await;
+        let permit = self.limiter.acquire().await;
         let result = self
             .iam
             .untag_user()
@@ -218,12 +229,12 @@ impl IamApi for AwsIam {
             .await
             .map(drop)
             .map_err(|e| sdk_error(op, e));
-        self.record(op, result)
+        self.record(op, permit, result)
     }
 
     async fn access_key_last_used(&self, key_id: &str) -> Result<KeyLastUsed, IamError> {
         let op = "GetAccessKeyLastUsed";
-        self.limiter.acquire().await;
+        let permit = self.limiter.acquire().await;
         let result =
             self.iam.get_access_key_last_used().access_key_id(key_id).send().await.map_err(|e| sdk_error(op, e));
         let result = result.map(|out| match out.access_key_last_used {
@@ -238,12 +249,12 @@ impl IamApi for AwsIam {
                 }
             }
         });
-        self.record(op, result)
+        self.record(op, permit, result)
     }
 
     async fn caller_identity(&self, key_id: &str, secret: &SecretAccessKey) -> Result<String, IamError> {
         let op = "GetCallerIdentity";
-        self.limiter.acquire().await;
+        let permit = self.limiter.acquire().await;
         let creds = Credentials::new(key_id, secret.expose(), None, None, "iam-key-operator-verify");
         let config = self.sts_config.to_builder().credentials_provider(creds).build();
         let sts = aws_sdk_sts::Client::from_conf(config);
@@ -251,6 +262,6 @@ impl IamApi for AwsIam {
         let result = result.and_then(|out| {
             out.arn.ok_or_else(|| IamError::Unavailable { operation: op, message: "no ARN in response".into() })
         });
-        self.record(op, result)
+        self.record(op, permit, result)
     }
 }

@@ -18,6 +18,12 @@ pub enum IamError {
     /// IAM could not be reached or failed on its side (timeouts, 5xx).
     #[error("{operation}: IAM unavailable: {message}")]
     Unavailable { operation: &'static str, message: String },
+    /// IAM refused a write because the entity is changing right now: another request to change
+    /// it is in flight (`ConcurrentModification`), or it cannot be changed for a while
+    /// (`EntityTemporarilyUnmodifiable`, e.g. a user deleted and created again). IAM says to
+    /// wait and send the request again; nobody has to change anything.
+    #[error("{operation}: IAM entity busy: {message}")]
+    Busy { operation: &'static str, message: String },
     /// IAM refused the request's content (`ValidationError`, `InvalidInput`, ...).
     #[error("{operation}: refused by IAM: {message}")]
     Invalid { operation: &'static str, message: String },
@@ -26,7 +32,12 @@ pub enum IamError {
 impl IamError {
     /// Whether trying the same call again later can succeed without anyone changing anything.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, IamError::Throttled { .. } | IamError::Unavailable { .. })
+        matches!(self, IamError::Throttled { .. } | IamError::Unavailable { .. } | IamError::Busy { .. })
+    }
+
+    /// Whether IAM asked the caller to slow down: what the adaptive rate limiter learns from.
+    pub fn is_throttling(&self) -> bool {
+        matches!(self, IamError::Throttled { .. })
     }
 
     pub fn is_not_found(&self) -> bool {
@@ -49,6 +60,13 @@ impl IamError {
             Some("Throttling" | "ThrottlingException" | "RequestLimitExceeded" | "TooManyRequestsException") => {
                 IamError::Throttled { operation, message }
             }
+            // Both come with HTTP 409; the SDK names them with an `Exception` suffix sometimes.
+            Some(
+                "ConcurrentModification"
+                | "ConcurrentModificationException"
+                | "EntityTemporarilyUnmodifiable"
+                | "EntityTemporarilyUnmodifiableException",
+            ) => IamError::Busy { operation, message },
             Some("ServiceFailure" | "ServiceUnavailable" | "InternalFailure" | "InternalError") => {
                 IamError::Unavailable { operation, message }
             }
@@ -78,5 +96,28 @@ mod tests {
         assert!(matches!(e(Some("ValidationError"), Some(400)), IamError::Invalid { .. }));
         assert!(matches!(e(None, None), IamError::Unavailable { .. }));
         assert!(matches!(e(None, Some(403)), IamError::AccessDenied { .. }), "unreadable refusal");
+    }
+
+    #[test]
+    fn concurrent_modification_and_temporarily_unmodifiable_are_transient() {
+        // Real IAM answers both with HTTP 409 and asks to try again later; they used to fall
+        // into `Invalid` (reason IamRejected: a person must act), which they are not.
+        let e = |code: &str| IamError::from_code("TagUser", Some(code), Some(409), "m".into());
+        for code in [
+            "ConcurrentModification",
+            "ConcurrentModificationException",
+            "EntityTemporarilyUnmodifiable",
+            "EntityTemporarilyUnmodifiableException",
+        ] {
+            let err = e(code);
+            assert!(matches!(err, IamError::Busy { operation: "TagUser", .. }), "{code}: {err:?}");
+            assert!(err.is_retryable(), "{code} is retried");
+            assert!(!err.is_throttling(), "{code} does not slow the rate down");
+        }
+        assert_eq!(e("ConcurrentModification").to_string(), "TagUser: IAM entity busy: m");
+        // Other 409s stay what they were.
+        assert!(matches!(e("LimitExceeded"), IamError::LimitExceeded { .. }));
+        assert!(matches!(e("EntityAlreadyExists"), IamError::Invalid { .. }));
+        assert!(e("Throttling").is_throttling());
     }
 }

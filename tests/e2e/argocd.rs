@@ -391,6 +391,7 @@ fn every_ready_error() -> Vec<Error> {
         iam(|operation, message| IamError::AccessDenied { operation, message }),
         iam(|operation, message| IamError::Throttled { operation, message }),
         iam(|operation, message| IamError::Unavailable { operation, message }),
+        iam(|operation, message| IamError::Busy { operation, message }),
         iam(|operation, message| IamError::Invalid { operation, message }),
         Error::Kube {
             call: "creating the Secret",
@@ -434,6 +435,7 @@ fn listed_in_every_ready_error(e: &Error) {
             | IamError::AccessDenied { .. }
             | IamError::Throttled { .. }
             | IamError::Unavailable { .. }
+            | IamError::Busy { .. }
             | IamError::Invalid { .. },
         )
         | Error::Kube { .. }

@@ -488,6 +488,8 @@ fn schema_refuses_mistyped_and_unknown_values_naming_them() {
         ("replicaCoutn=2", "replicaCoutn"),
         ("operator.logFormat=xml", "logFormat"),
         ("operator.resync=an hour", "resync"),
+        ("operator.iamRate=fast", "iamRate"),
+        ("operator.iamRateMax=-1", "iamRateMax"),
         ("clusterName=prod/eu", "clusterName"),
         ("metrics.port=0", "port"),
         ("image.pullPolicy=Sometimes", "pullPolicy"),
@@ -1198,11 +1200,24 @@ fn rendered_arguments_are_accepted_by_the_binary() {
         &["--set", "watchNamespaces={a,b}", "--set", "selector=shard=1", "--set", "operator.logFormat=text"][..],
         &["--set", "leaderElection.enabled=false"][..],
         &["--set", "metrics.auth.enabled=false"][..],
+        &["--set", "operator.iamRate=0"][..],
+        &["--set", "operator.iamRate=2.5", "--set", "operator.iamBurst=5"][..],
+        &["--set", "operator.iamRateMax=100", "--set", "operator.iamRateMin=0.5"][..],
     ] {
         let docs = render(set);
         let deploy = find(&docs, "Deployment", "rel-iam-key-operator").expect("Deployment");
         assert_binary_accepts(&strings(&deploy["spec"]["template"]["spec"]["containers"][0]["args"]));
     }
+    // The adaptive rate by default; a fixed one only when asked for.
+    let args = |set: &[&str]| {
+        let docs = render(set);
+        let deploy = find(&docs, "Deployment", "rel-iam-key-operator").expect("Deployment");
+        strings(&deploy["spec"]["template"]["spec"]["containers"][0]["args"])
+    };
+    let default = args(&[]);
+    assert!(default.iter().any(|a| a == "--iam-rate-max=20") && default.iter().any(|a| a == "--iam-rate-min=1"));
+    assert!(!default.iter().any(|a| a.starts_with("--iam-rate=")), "adaptive by default: {default:?}");
+    assert!(args(&["--set", "operator.iamRate=0"]).iter().any(|a| a == "--iam-rate=0"), "0 stays unlimited");
 }
 
 #[tokio::test]

@@ -1021,3 +1021,217 @@ async fn inactive_keys_are_refused_and_an_inactive_resource_still_converges() {
     assert!(sts(f.env.iam_endpoint()).get_caller_identity().send().await.is_ok(), "moto alone accepts it");
     assert!(proxy.calls().iter().any(|c| c.outcome == Outcome::InactiveKey));
 }
+
+// ---------------------------------------------------------------------------------------------
+// IAM as AWS runs it: latency, eventual consistency, an account quota, transient refusals
+
+/// Calls of these outcomes.
+fn count(calls: &[proxy::Call], outcome: Outcome) -> usize {
+    calls.iter().filter(|c| c.outcome == outcome).count()
+}
+
+/// Resources created and then rotated through the AWS-like profile, with the operator's default
+/// rate limit: every new key is refused for seconds before it authenticates, every call takes
+/// 50-150 ms, the account throttles above 20 calls/s, and a few writes are refused as busy.
+/// Everything converges with the guarantees intact.
+#[tokio::test]
+async fn aws_like_iam_converges_with_every_guarantee() {
+    const N: usize = 12;
+    let f = Fixture::new("awslike").await;
+    let users = make_users(&f, N).await;
+    let all = names("r", 0..N);
+    let proxy = FaultProxy::start(f.env).await;
+    proxy.set(Faults::aws_like(20.0));
+    let op = via_proxy(&f, &proxy, &["--verify-timeout", "60s"]);
+    let t0 = Instant::now();
+    let spec = json!({"rotation": {"gracePeriod": "1s", "retainInactive": "1s"}});
+    for (name, user) in all.iter().zip(&users) {
+        create_for(&f, name, user, spec.clone()).await;
+    }
+    let created = wait_all(&f, &all, Duration::from_secs(240), "settled", settled).await;
+    // Rotate half of them, still under the profile.
+    let t1 = Instant::now();
+    for name in &all[..N / 2] {
+        let patch = json!({"spec": {"rotation": {"serial": 1}}});
+        f.keys_api().patch(name, &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+    }
+    let rotated = wait_all(&f, &all[..N / 2], Duration::from_secs(240), "rotated and settled", |o| {
+        settled(o) && o.status.as_ref().and_then(|s| s.rotation.as_ref()).is_some_and(|r| r.serial == 1)
+    })
+    .await;
+    assert_no_extra_keys(&f, &proxy, &all, &users).await;
+    for (name, user) in all.iter().zip(&users) {
+        assert_user_consistent(&f, name, user, &[]).await;
+    }
+    let calls = proxy.calls_since(t0);
+    let refused = count(&calls, Outcome::NewKeyRefused);
+    println!(
+        "AWS-like IAM: {N} resources Ready after {:.1}s, {} rotated {:.1}s after the bump; {} calls {:?}; \
+         new keys refused {refused} times before they authenticated; CreateAccessKey reaching IAM {} for {} keys \
+         (a create whose next step failed is cleaned up and made again)",
+        created.as_secs_f64(),
+        N / 2,
+        rotated.as_secs_f64(),
+        calls.len(),
+        by_outcome(&calls),
+        keys_created_since(&proxy, t0),
+        N + N / 2,
+    );
+    assert!(refused > 0, "the profile refused new keys for a while: verification had to wait");
+    assert!(proxy.calls_since(t1).iter().all(|c| c.outcome != Outcome::Rejected), "nothing refused as invalid");
+    op.assert_log_free_of(&f.secret_creds(&all[0]).await.unwrap().1);
+}
+
+/// IAM's transient 409s (`ConcurrentModification`, `EntityTemporarilyUnmodifiable`), which moto
+/// never returns, show as `IamBusy` (retried, Progressing in Argo CD), never as `IamRejected`
+/// (a person must act), and everything converges once they stop.
+#[tokio::test]
+async fn concurrent_modification_is_transient_and_converges() {
+    const N: usize = 6;
+    const FAULT: Duration = Duration::from_secs(12);
+    let f = Fixture::new("busy").await;
+    let users = make_users(&f, N).await;
+    let all = names("r", 0..N);
+    let proxy = FaultProxy::start(f.env).await;
+    let op = via_proxy(&f, &proxy, &[]);
+    let spec = json!({"rotation": {"gracePeriod": "1s", "retainInactive": "1s"}});
+    for i in 0..N / 2 {
+        create_for(&f, &all[i], &users[i], spec.clone()).await;
+    }
+    wait_all(&f, &all[..N / 2], Duration::from_secs(60), "Ready", settled).await;
+
+    // Every write refused as busy: the Ready half is rotated, the other half created.
+    proxy.set(Faults { busy: 1.0, ..Faults::none() });
+    let t0 = Instant::now();
+    for name in &all[..N / 2] {
+        let patch = json!({"spec": {"rotation": {"serial": 1}}});
+        f.keys_api().patch(name, &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+    }
+    for i in N / 2..N {
+        create_for(&f, &all[i], &users[i], spec.clone()).await;
+    }
+    wait_all(&f, &all, FAULT, "reason IamBusy", |o| reason(o) == "IamBusy").await;
+    let obj = f.keys_api().get(&all[N - 1]).await.unwrap();
+    let message = ready(&obj).unwrap().2;
+    assert!(message.contains("IAM entity busy"), "clear message: {message}");
+    let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+    while t0.elapsed() < FAULT {
+        for o in list(&f).await.values() {
+            *seen.entry(reason(o)).or_default() += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert_eq!(condition_gauges(&op.metrics().await, "IamBusy"), N, "condition gauge per resource");
+    let metrics = op.metrics().await;
+    let busy_outcomes = metrics
+        .lines()
+        .filter(|l| l.starts_with("iam_key_operator_iam_calls_total{") && l.contains("outcome=\"busy\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>();
+    let fault_calls = proxy.calls_since(t0);
+
+    proxy.set(Faults::none());
+    // The new ones settled, the Ready ones rotated (their spec asks for serial 1).
+    let converge = wait_all(&f, &all, Duration::from_secs(120), "settled and rotated", |o| {
+        let asked = o.spec.rotation.as_ref().map_or(0, |r| r.serial);
+        let done = o.status.as_ref().and_then(|s| s.rotation.as_ref()).map_or(0, |r| r.serial);
+        settled(o) && done == asked
+    })
+    .await;
+    assert_no_extra_keys(&f, &proxy, &all, &users).await;
+    for (name, user) in all.iter().zip(&users) {
+        assert_user_consistent(&f, name, user, &[]).await;
+    }
+    println!(
+        "busy: {N} resources ({} created, {} rotated) while every write got ConcurrentModification or \
+         EntityTemporarilyUnmodifiable for {FAULT:?}: {} calls {:?}, {busy_outcomes} counted as outcome=busy; \
+         reasons seen {seen:?}; settled {:.1}s after",
+        N - N / 2,
+        N / 2,
+        fault_calls.len(),
+        by_outcome(&fault_calls),
+        converge.as_secs_f64()
+    );
+    assert!(!seen.contains_key("IamRejected"), "a transient refusal is never IamRejected: {seen:?}");
+    assert!(seen.keys().all(|r| r == "IamBusy" || r == "Ready"), "reasons seen: {seen:?}");
+    assert!(count(&fault_calls, Outcome::Busy) >= N, "every resource was refused");
+    assert!(busy_outcomes >= N as f64, "the operator counted them as busy");
+}
+
+/// The adaptive rate limiter under the AWS-like profile with an account quota of 20 calls/s
+/// and a ceiling well above it (`--iam-rate-max 50`), with enough concurrency to want more than
+/// the quota: it learns the quota from IAM's `Throttling` answers, few calls are throttled and
+/// never many at once, and everything converges.
+#[tokio::test]
+async fn adaptive_rate_learns_the_account_quota() {
+    const N: usize = 50;
+    const QUOTA: f64 = 20.0;
+    const CEILING: &str = "50";
+    const MAX_THROTTLED_1S: usize = 8;
+    let f = Fixture::new("adaptive").await;
+    let users = make_users(&f, N).await;
+    let all = names("r", 0..N);
+    let proxy = FaultProxy::start(f.env).await;
+    proxy.set(Faults::aws_like(QUOTA));
+    let op = via_proxy(
+        &f,
+        &proxy,
+        &["--iam-rate-max", CEILING, "--concurrency", "32", "--verify-timeout", "60s", "--resync", "10m"],
+    );
+    // The gauge, sampled while the resources converge.
+    let gauge = |text: &str| -> Option<f64> {
+        text.lines().find(|l| l.starts_with("iam_key_operator_iam_rate_limit "))?.rsplit(' ').next()?.parse().ok()
+    };
+    let start_rate = gauge(&op.metrics().await).expect("the rate gauge");
+    let t0 = Instant::now();
+    for (name, user) in all.iter().zip(&users) {
+        create_for(&f, name, user, json!({})).await;
+    }
+    let mut samples = Vec::new();
+    let converge = loop {
+        samples.push(gauge(&op.metrics().await).unwrap_or(f64::NAN));
+        let l = list(&f).await;
+        if all.iter().all(|n| l.get(n).is_some_and(settled)) {
+            break t0.elapsed();
+        }
+        assert!(t0.elapsed() < Duration::from_secs(300), "not all settled in 300 s");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let calls = proxy.calls_since(t0);
+    let throttled: Vec<proxy::Call> = calls.iter().filter(|c| c.outcome == Outcome::Throttled).cloned().collect();
+    let fraction = throttled.len() as f64 / calls.len() as f64;
+    let (max_throttled_1s, at) = max_in_window(&throttled, Duration::from_secs(1));
+    let (max_1s, _) = max_in_window(&calls, Duration::from_secs(1));
+    let accepted = calls.len() - throttled.len();
+    let min_rate = samples.iter().copied().fold(f64::INFINITY, f64::min);
+    let max_rate = samples.iter().copied().fold(0.0, f64::max);
+    for (name, user) in all.iter().zip(&users).step_by(5) {
+        assert_user_consistent(&f, name, user, &[]).await;
+    }
+    assert_no_extra_keys(&f, &proxy, &all, &users).await;
+    let mut per_second_throttled: BTreeMap<usize, usize> = BTreeMap::new();
+    for c in per_second(&throttled, t0) {
+        *per_second_throttled.entry(c).or_default() += 1;
+    }
+    println!(
+        "adaptive rate: {N} resources, account quota {QUOTA}/s, --iam-rate-max {CEILING} --concurrency 32: all settled \
+         after {:.1}s; {} calls, {} throttled = {:.2}% (bound 5%), max {max_throttled_1s} throttled in any 1 s \
+         (bound {MAX_THROTTLED_1S}), max {max_1s} calls in any 1 s; {:.1} accepted calls/s; rate limit started at {start_rate}, \
+         ranged {min_rate:.1}..{max_rate:.1}; seconds by throttled calls in them {per_second_throttled:?}; {:?}",
+        converge.as_secs_f64(),
+        calls.len(),
+        throttled.len(),
+        fraction * 100.0,
+        accepted as f64 / converge.as_secs_f64(),
+        by_outcome(&calls),
+    );
+    assert!(fraction < 0.05, "{:.2}% of calls throttled", fraction * 100.0);
+    // No burst: what the limiter lets through at the ceiling before IAM's first `Throttling`
+    // answer can come back (one round trip, at most 150 ms of latency plus the proxy's and the
+    // operator's own scheduling), 50/s x 0.15 s ≈ 8.
+    assert!(max_throttled_1s <= MAX_THROTTLED_1S, "{max_throttled_1s} throttled calls within 1 s (from {at:?})");
+    if !throttled.is_empty() {
+        assert!(min_rate < start_rate, "throttling lowered the rate (samples {min_rate}..{max_rate})");
+    }
+    assert!(max_rate <= 50.0, "never above the ceiling");
+}

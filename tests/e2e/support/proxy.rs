@@ -19,7 +19,19 @@
 //!   response is lost (a deterministic `drop_response`);
 //! - `alternate_errors`: every call naming a user fails, alternately `Throttling` and 503;
 //! - `corrupt_new_secrets`: `CreateAccessKey` reaches IAM, and the secret in its answer has its
-//!   last character changed (a key whose secret is wrong must never be published).
+//!   last character changed (a key whose secret is wrong must never be published);
+//! - `latency`: every call takes a random time in a range (real IAM answers in tens to hundreds
+//!   of milliseconds, moto in about one);
+//! - `account_rps`: IAM's account-wide request quota, a token bucket shared by every caller of
+//!   the proxy: calls above it get `Throttling`;
+//! - `new_key_refused_for`: a key `CreateAccessKey` made is refused (`InvalidClientTokenId`, as
+//!   STS answers) for a random time after its creation, as IAM's eventual consistency does;
+//! - `concurrent_writes_conflict`: a write naming a user while another write naming that user is
+//!   in flight gets `ConcurrentModification` (409), as IAM answers;
+//! - `busy`: a fraction of writes gets `ConcurrentModification` or `EntityTemporarilyUnmodifiable`
+//!   (409), alternately.
+//!
+//! [`Faults::aws_like`] combines the last five into a profile of real IAM.
 //!
 //! Always, as real IAM does and moto does not: a call signed with an Inactive access key is
 //! refused with `InvalidClientTokenId` (403). The key's status is looked up in the shared moto
@@ -70,7 +82,38 @@ pub struct Faults {
     pub alternate_errors: bool,
     /// `CreateAccessKey` answers carry a wrong secret (last character changed).
     pub corrupt_new_secrets: bool,
+    /// Every call (answered by the proxy or forwarded) takes a time drawn uniformly from this
+    /// range before it is answered.
+    pub latency: Option<(Duration, Duration)>,
+    /// The account's request quota (calls per second): a token bucket holding one second of it,
+    /// shared by everything that calls through the proxy (IAM and STS alike); a call that finds
+    /// it empty gets `Throttling` and takes no token.
+    pub account_rps: Option<f64>,
+    /// A key `CreateAccessKey` returned is refused (`InvalidClientTokenId`, 403, in STS's error
+    /// shape) for a time drawn uniformly from this range after its creation.
+    pub new_key_refused_for: Option<(Duration, Duration)>,
+    /// A write naming a user while another write naming that user is in flight gets
+    /// `ConcurrentModification` (409) without reaching moto.
+    pub concurrent_writes_conflict: bool,
+    /// Fraction of writes ([`WRITE_ACTIONS`]) answered with `ConcurrentModification` or
+    /// `EntityTemporarilyUnmodifiable` (409, alternately) without reaching moto.
+    pub busy: f64,
 }
+
+/// The calls that change IAM: what `busy` and `concurrent_writes_conflict` apply to.
+pub const WRITE_ACTIONS: &[&str] = &["CreateAccessKey", "UpdateAccessKey", "DeleteAccessKey", "TagUser", "UntagUser"];
+
+/// Latency of each call in [`Faults::aws_like`]: real IAM answers control-plane calls in tens to
+/// a few hundreds of milliseconds (measured from inside AWS regions; moto answers in ~1 ms).
+pub const AWS_LATENCY: (Duration, Duration) = (Duration::from_millis(50), Duration::from_millis(150));
+/// How long a new key is refused in [`Faults::aws_like`]. AWS documents no figure: IAM is
+/// eventually consistent and "changes ... may take time to propagate"; seconds is what keys are
+/// commonly seen to take. Chosen so that verification waits and retries (the operator polls at
+/// 0.25, 0.75, 1.75, 3.75, 7.75, 12.75 s), within its default 60 s verify timeout.
+pub const AWS_NEW_KEY_REFUSED_FOR: (Duration, Duration) = (Duration::from_secs(4), Duration::from_secs(12));
+/// Fraction of writes refused with `ConcurrentModification` / `EntityTemporarilyUnmodifiable` in
+/// [`Faults::aws_like`]: rare, as on a real account where other tools write now and then.
+pub const AWS_BUSY_WRITES: f64 = 0.02;
 
 impl Faults {
     pub fn none() -> Self {
@@ -83,6 +126,38 @@ impl Faults {
 
     pub fn outage() -> Self {
         Faults { refuse: true, ..Faults::default() }
+    }
+
+    /// A profile of real IAM, as far as the operator can tell it from moto:
+    ///
+    /// - every call takes [`AWS_LATENCY`] (uniform);
+    /// - IAM is eventually consistent: a new access key is refused (`InvalidClientTokenId`, 403,
+    ///   as STS answers) for [`AWS_NEW_KEY_REFUSED_FOR`] after `CreateAccessKey`. AWS: "IAM ...
+    ///   achieves high availability by replicating data across multiple servers ... changes that
+    ///   I make are not always immediately visible", IAM User Guide, Troubleshooting IAM,
+    ///   <https://docs.aws.amazon.com/IAM/latest/UserGuide/troubleshoot_general.html#troubleshoot_general_eventual-consistency>;
+    /// - account-level throttling above `throttle_rps` calls per second, shared by every caller,
+    ///   answered `Throttling` (HTTP 400, `<Type>Sender</Type>`, "Rate exceeded") as IAM does.
+    ///   AWS: IAM and STS calls of an account "contribute to a maximum rate quota for your AWS
+    ///   account", which cannot be increased; the error is "Throttling: Rate exceeded, status
+    ///   code: 400" (<https://repost.aws/knowledge-center/iam-sts-throttling-error>). The quota
+    ///   itself is not published; the test picks it;
+    /// - the transient refusals moto never makes: `ConcurrentModification` (409) for a write to a
+    ///   user while another write to it is in flight ("multiple requests to change this object
+    ///   were submitted simultaneously. Wait a few minutes and submit your request again"), and
+    ///   [`AWS_BUSY_WRITES`] of writes refused with it or `EntityTemporarilyUnmodifiable` (409,
+    ///   "likely to succeed if you try again after waiting several minutes"); both as the IAM API
+    ///   reference describes its errors (e.g. botocore's IAM exceptions,
+    ///   <https://docs.aws.amazon.com/botocore/latest/reference/services/iam/client/exceptions/ConcurrentModificationException.html>).
+    pub fn aws_like(throttle_rps: f64) -> Self {
+        Faults {
+            latency: Some(AWS_LATENCY),
+            account_rps: Some(throttle_rps),
+            new_key_refused_for: Some(AWS_NEW_KEY_REFUSED_FOR),
+            concurrent_writes_conflict: true,
+            busy: AWS_BUSY_WRITES,
+            ..Faults::default()
+        }
     }
 }
 
@@ -101,6 +176,10 @@ pub enum Outcome {
     UpstreamFailed,
     /// Signed with an Inactive key: answered `InvalidClientTokenId` without reaching moto.
     InactiveKey,
+    /// Signed with a key created less than its `new_key_refused_for` ago: `InvalidClientTokenId`.
+    NewKeyRefused,
+    /// A write answered `ConcurrentModification` or `EntityTemporarilyUnmodifiable` (409).
+    Busy,
 }
 
 impl Outcome {
@@ -143,6 +222,58 @@ struct State {
     /// Every secret access key a CreateAccessKey answer carried (as IAM sent it, and as
     /// delivered), for scans that the secret appears nowhere it should not.
     secrets: Mutex<Vec<String>>,
+    /// The account's token bucket (`account_rps`): tokens, last refill.
+    account: Mutex<Option<(f64, Instant)>>,
+    /// Keys created through the proxy and when they start being accepted.
+    new_keys: Mutex<std::collections::HashMap<String, Instant>>,
+    /// Writes in flight per user (`concurrent_writes_conflict`).
+    writing: Mutex<std::collections::HashMap<String, usize>>,
+}
+
+impl State {
+    /// Take a token of the account's bucket, if there is one.
+    fn account_token(&self, rps: f64) -> bool {
+        let mut bucket = self.account.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        let (tokens, last) = bucket.get_or_insert((rps, now));
+        *tokens = (*tokens + now.duration_since(*last).as_secs_f64() * rps).min(rps.max(1.0));
+        *last = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Whether a key is still refused for being new.
+    fn too_new(&self, id: &str) -> bool {
+        let keys = self.new_keys.lock().unwrap_or_else(|e| e.into_inner());
+        keys.get(id).is_some_and(|until| Instant::now() < *until)
+    }
+}
+
+/// A write to a user in flight; the count drops with it.
+struct Writing<'a> {
+    state: &'a State,
+    user: String,
+}
+
+impl Drop for Writing<'_> {
+    fn drop(&mut self) {
+        let mut writing = self.state.writing.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = writing.get_mut(&self.user) {
+            *n -= 1;
+            if *n == 0 {
+                writing.remove(&self.user);
+            }
+        }
+    }
+}
+
+/// A time drawn uniformly from `[lo, hi]`.
+fn uniform((lo, hi): (Duration, Duration)) -> Duration {
+    lo + hi.saturating_sub(lo).mul_f64(rand::random::<f64>())
 }
 
 /// The running proxy. Stops (and frees its port) when dropped.
@@ -173,6 +304,9 @@ impl FaultProxy {
             lost_once: Mutex::default(),
             per_user: Mutex::default(),
             secrets: Mutex::default(),
+            account: Mutex::default(),
+            new_keys: Mutex::default(),
+            writing: Mutex::default(),
             admin: env.iam_client(),
             trusted_keys: vec![super::identity::operator_aws_key(env).0.clone(), env.admin_credentials().0.to_string()],
         });
@@ -391,13 +525,51 @@ async fn serve_connection(stream: TcpStream, state: Arc<State>) {
             }
             _ => None,
         };
-        let inactive = match signing_key(&request) {
-            Some(id) if !state.trusted_keys.contains(&id) => key_is_inactive(&state.admin, &id).await,
+        // The AWS-like parts: the account's quota is spent at arrival; a write marks its user
+        // busy until it is answered; then the call takes its time.
+        let within_quota = current.account_rps.is_none_or(|rps| state.account_token(rps));
+        let is_write = WRITE_ACTIONS.contains(&action.as_str());
+        let writing_guard = match (&user, is_write) {
+            (Some(u), true) => {
+                let mut writing = state.writing.lock().unwrap_or_else(|e| e.into_inner());
+                let n = writing.entry(u.clone()).or_insert(0);
+                *n += 1;
+                Some((Writing { state: &state, user: u.clone() }, *n > 1))
+            }
+            _ => None,
+        };
+        let concurrent_write = current.concurrent_writes_conflict && writing_guard.as_ref().is_some_and(|(_, c)| *c);
+        if let Some(range) = current.latency {
+            tokio::time::sleep(uniform(range)).await;
+        }
+        let signed_by = signing_key(&request);
+        let too_new = current.new_key_refused_for.is_some() && signed_by.as_ref().is_some_and(|id| state.too_new(id));
+        let inactive = match &signed_by {
+            Some(id) if !too_new && !state.trusted_keys.contains(id) => key_is_inactive(&state.admin, id).await,
             _ => false,
         };
-        let (outcome, response) = if inactive {
-            let message = "The security token included in the request is invalid.";
-            (Outcome::InactiveKey, Some(aws_error(403, "Sender", "InvalidClientTokenId", message)))
+        let invalid_token = "The security token included in the request is invalid.";
+        let (outcome, response) = if too_new {
+            (Outcome::NewKeyRefused, Some(aws_error(403, "Sender", "InvalidClientTokenId", invalid_token)))
+        } else if inactive {
+            (Outcome::InactiveKey, Some(aws_error(403, "Sender", "InvalidClientTokenId", invalid_token)))
+        } else if !within_quota {
+            (Outcome::Throttled, Some(aws_error(400, "Sender", "Throttling", "Rate exceeded")))
+        } else if concurrent_write {
+            let message = "The request was rejected because multiple requests to change this object were submitted simultaneously. Wait a few minutes and submit your request again.";
+            (Outcome::Busy, Some(aws_error(409, "Sender", "ConcurrentModification", message)))
+        } else if is_write && roll(current.busy) {
+            let n = state.errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let name = user.as_deref().unwrap_or_default();
+            let (code, message) = if n.is_multiple_of(2) {
+                ("ConcurrentModification", "The request was rejected because multiple requests to change this object were submitted simultaneously. Wait a few minutes and submit your request again.".to_string())
+            } else {
+                (
+                    "EntityTemporarilyUnmodifiable",
+                    format!("The user with name {name} cannot be modified right now. Try again later."),
+                )
+            };
+            (Outcome::Busy, Some(aws_error(409, "Sender", code, &message)))
         } else if let Some(even) = alternate {
             if even {
                 (
@@ -433,6 +605,14 @@ async fn serve_connection(stream: TcpStream, state: Arc<State>) {
                     (Outcome::Dropped, None)
                 }
                 Ok(mut resp) => {
+                    if action == "CreateAccessKey"
+                        && resp.status == 200
+                        && let Some(range) = current.new_key_refused_for
+                        && let Some(id) = xml_text(&resp.body, "AccessKeyId")
+                    {
+                        let until = Instant::now() + uniform(range);
+                        state.new_keys.lock().unwrap_or_else(|e| e.into_inner()).insert(id, until);
+                    }
                     if action == "CreateAccessKey" {
                         let mut seen = state.secrets.lock().unwrap_or_else(|e| e.into_inner());
                         seen.extend(secret_in(&resp.body));
@@ -471,6 +651,15 @@ async fn key_is_inactive(admin: &aws_sdk_iam::Client, id: &str) -> bool {
         .any(|k| k.access_key_id() == Some(id) && k.status().is_some_and(|s| s.as_str() == "Inactive"))
 }
 
+/// The text of the first `<tag>` element of an XML body.
+fn xml_text(body: &[u8], tag: &str) -> Option<String> {
+    let text = String::from_utf8_lossy(body);
+    let open = format!("<{tag}>");
+    let start = text.find(&open)? + open.len();
+    let end = text[start..].find(&format!("</{tag}>"))? + start;
+    Some(text[start..end].to_string())
+}
+
 /// The `<SecretAccessKey>` of a CreateAccessKey answer.
 fn secret_in(body: &[u8]) -> Option<String> {
     let text = String::from_utf8_lossy(body);
@@ -496,10 +685,18 @@ struct Response {
     body: Vec<u8>,
 }
 
+/// An error in the query protocol's shape. `InvalidClientTokenId` is STS's and IAM's answer
+/// alike (the signature is checked before the action): it carries STS's namespace, the one
+/// the verification call (`GetCallerIdentity`) gets.
 fn aws_error(status: u16, type_: &str, code: &str, message: &str) -> Response {
     let request_id = format!("{:032x}", rand::random::<u128>());
+    let namespace = if code == "InvalidClientTokenId" {
+        "https://sts.amazonaws.com/doc/2011-06-15/"
+    } else {
+        "https://iam.amazonaws.com/doc/2010-05-08/"
+    };
     let body = format!(
-        "<ErrorResponse xmlns=\"https://iam.amazonaws.com/doc/2010-05-08/\"><Error><Type>{type_}</Type><Code>{code}</Code><Message>{message}</Message></Error><RequestId>{request_id}</RequestId></ErrorResponse>"
+        "<ErrorResponse xmlns=\"{namespace}\"><Error><Type>{type_}</Type><Code>{code}</Code><Message>{message}</Message></Error><RequestId>{request_id}</RequestId></ErrorResponse>"
     );
     Response {
         status,

@@ -17,6 +17,7 @@ local hs = {}
 local retryable = {
   Throttled = true,
   IamUnavailable = true,
+  IamBusy = true,
   KubernetesError = true,
   KeyVerificationFailed = true,
   FinalizerError = true,
