@@ -117,15 +117,7 @@ impl Error {
     /// The `Ready` condition's reason (also the metric label).
     pub fn reason(&self) -> &'static str {
         match self {
-            Error::Iam(e) => match e {
-                IamError::NotFound { .. } => "IamNotFound",
-                IamError::LimitExceeded { .. } => "KeyLimitExceeded",
-                IamError::AccessDenied { .. } => "NotAuthorized",
-                IamError::Throttled { .. } => "Throttled",
-                IamError::Unavailable { .. } => "IamUnavailable",
-                IamError::Busy { .. } => "IamBusy",
-                IamError::Invalid { .. } => "IamRejected",
-            },
+            Error::Iam(e) => e.reason(),
             Error::Kube { .. } => "KubernetesError",
             Error::Internal(_) => "InternalError",
             Error::Blocked { blocked, .. } => match blocked {

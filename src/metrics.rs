@@ -8,8 +8,6 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::iam::IamError;
-
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct IamCallLabels {
     pub operation: &'static str,
@@ -70,17 +68,8 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    pub fn iam_call(&self, operation: &'static str, error: Option<&IamError>) {
-        let outcome = match error {
-            None => "ok",
-            Some(IamError::NotFound { .. }) => "not_found",
-            Some(IamError::LimitExceeded { .. }) => "limit_exceeded",
-            Some(IamError::AccessDenied { .. }) => "access_denied",
-            Some(IamError::Throttled { .. }) => "throttled",
-            Some(IamError::Unavailable { .. }) => "unavailable",
-            Some(IamError::Busy { .. }) => "busy",
-            Some(IamError::Invalid { .. }) => "invalid",
-        };
+    /// One IAM or STS call; `outcome` is `ok` or the error's `IamError::outcome`.
+    pub fn iam_call(&self, operation: &'static str, outcome: &'static str) {
         self.iam_calls.get_or_create(&IamCallLabels { operation, outcome }).inc();
     }
 

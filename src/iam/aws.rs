@@ -58,7 +58,7 @@ impl AwsIam {
     fn record<T>(&self, operation: &'static str, permit: Permit, result: Result<T, IamError>) -> Result<T, IamError> {
         let error = result.as_ref().err();
         self.limiter.observe(permit, error.is_some_and(IamError::is_throttling));
-        self.metrics.iam_call(operation, error);
+        self.metrics.iam_call(operation, error.map_or("ok", IamError::outcome));
         self.metrics.set_iam_rate_limit(self.limiter.rate());
         result
     }

@@ -30,6 +30,32 @@ pub enum IamError {
 }
 
 impl IamError {
+    /// The `Ready` condition's reason for a reconcile this error ended.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            IamError::NotFound { .. } => "IamNotFound",
+            IamError::LimitExceeded { .. } => "KeyLimitExceeded",
+            IamError::AccessDenied { .. } => "NotAuthorized",
+            IamError::Throttled { .. } => "Throttled",
+            IamError::Unavailable { .. } => "IamUnavailable",
+            IamError::Busy { .. } => "IamBusy",
+            IamError::Invalid { .. } => "IamRejected",
+        }
+    }
+
+    /// The `outcome` label of `iam_key_operator_iam_calls_total`.
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            IamError::NotFound { .. } => "not_found",
+            IamError::LimitExceeded { .. } => "limit_exceeded",
+            IamError::AccessDenied { .. } => "access_denied",
+            IamError::Throttled { .. } => "throttled",
+            IamError::Unavailable { .. } => "unavailable",
+            IamError::Busy { .. } => "busy",
+            IamError::Invalid { .. } => "invalid",
+        }
+    }
+
     /// Whether trying the same call again later can succeed without anyone changing anything.
     pub fn is_retryable(&self) -> bool {
         matches!(self, IamError::Throttled { .. } | IamError::Unavailable { .. } | IamError::Busy { .. })
