@@ -69,6 +69,19 @@ fn reason(o: &IamAccessKey) -> String {
     ready(o).map(|(_, r, _)| r).unwrap_or_default()
 }
 
+/// The Ready reasons of the fixture's resources, sampled every half second until `end`, with
+/// how often each was seen.
+async fn reasons_until(f: &Fixture, end: Instant) -> BTreeMap<String, usize> {
+    let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+    while Instant::now() < end {
+        for o in list(f).await.values() {
+            *seen.entry(reason(o)).or_default() += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    seen
+}
+
 fn is_ready(o: &IamAccessKey) -> bool {
     ready(o).is_some_and(|(s, _, _)| s == "True")
 }
@@ -255,13 +268,7 @@ async fn throttling_and_server_errors_show_in_conditions_back_off_and_converge()
     // Phase 2: 50% Throttling, and 20% of the rest 500/503.
     proxy.set(Faults { throttle: 0.5, server_error: 0.2, ..Faults::none() });
     let t2 = Instant::now();
-    let mut seen: BTreeMap<String, usize> = BTreeMap::new();
-    while t2.elapsed() < PARTIAL {
-        for o in list(&f).await.values() {
-            *seen.entry(reason(o)).or_default() += 1;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    let seen = reasons_until(&f, t2 + PARTIAL).await;
     let phase2 = proxy.calls_since(t2);
     // Throttling and 5xx show as what they are, and nothing else: all were Throttled when the
     // phase began.
@@ -1114,13 +1121,7 @@ async fn concurrent_modification_is_transient_and_converges() {
     let obj = f.keys_api().get(&all[N - 1]).await.unwrap();
     let message = ready(&obj).unwrap().2;
     assert!(message.contains("IAM entity busy"), "clear message: {message}");
-    let mut seen: BTreeMap<String, usize> = BTreeMap::new();
-    while t0.elapsed() < FAULT {
-        for o in list(&f).await.values() {
-            *seen.entry(reason(o)).or_default() += 1;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    let seen = reasons_until(&f, t0 + FAULT).await;
     assert_eq!(condition_gauges(&op.metrics().await, "IamBusy"), N, "condition gauge per resource");
     let metrics = op.metrics().await;
     let busy_outcomes = metrics
