@@ -325,6 +325,7 @@ impl<'a> Run<'a> {
             Step::UntagStale { tag_keys } => self.untag_stale(&tag_keys).await,
             Step::ForgetKey { access_key_id, expected } => self.forget_key(&access_key_id, expected).await,
             Step::DisownKey { access_key_id } => self.disown_key(&access_key_id).await,
+            Step::ReleaseKey { access_key_id } => self.release_key(&access_key_id).await,
             Step::MakeRoom { access_key_id } => self.make_room(&access_key_id).await,
             Step::StartCreate { existing_key_ids } => self.start_create(existing_key_ids).await,
             Step::ClearPending => self.clear_pending().await,

@@ -223,6 +223,11 @@ pub enum Step {
     DisownKey {
         access_key_id: String,
     },
+    /// The user is claimed by another resource (two claimed it at once; the last claim
+    /// stands): delete our key on it, tracked or not, so that the owner keeps the user's slots.
+    ReleaseKey {
+        access_key_id: String,
+    },
     /// Free a slot for a new key by deleting our retired (Inactive-phase) key.
     MakeRoom {
         access_key_id: String,
@@ -335,6 +340,7 @@ impl Step {
         matches!(
             self,
             Step::DeleteOrphan { .. }
+                | Step::ReleaseKey { .. }
                 | Step::MakeRoom { .. }
                 | Step::DeleteRetired { .. }
                 | Step::DeactivateUnused { .. }
@@ -411,9 +417,21 @@ pub fn plan_next_step(obs: &Observation) -> Step {
                 })
             };
         }
-        None => return Step::ClaimUser,
+        // Unclaimed, a create recorded: the new key's own TagUser carries the claim. Anything
+        // else (the remains of an interrupted create) happens under a claim written first.
+        None => {
+            let step = plan_owned_keys(obs, keys, Some(tags));
+            return if matches!(step, Step::CreateKey { .. }) { step } else { Step::ClaimUser };
+        }
+        // Claimed by another. Claiming does not lock: two resources that read the user unclaimed
+        // at once both claim and create, and the last claim stands. The others give their keys
+        // up, so that one owner is left with the user's slots.
         Some(by) if *by != obs.owner.0 => {
-            return Step::Blocked(Blocked::UserClaimed { by: by.clone() });
+            let ours = keys.iter().find(|k| tags.get(&k.access_key_id) == Some(&obs.owner.key_tag_value()));
+            return match ours {
+                Some(key) => Step::ReleaseKey { access_key_id: key.access_key_id.clone() },
+                None => Step::Blocked(Blocked::UserClaimed { by: by.clone() }),
+            };
         }
         Some(_) => {}
     }

@@ -11,7 +11,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use super::{NewKeyReason, UserObservation, after, rotation_due_at};
 use crate::{
     crd::{
-        IamAccessKeySpec, IamAccessKeyStatus, KeyPhase, KeyStatus, LastUsed, OwnedKey, PendingCreate, RotationRecord,
+        IamAccessKeySpec, IamAccessKeyStatus, KeyPhase, KeyStatus, LastUsed, OWNER_TAG, OwnedKey, PendingCreate,
+        RotationRecord,
     },
     keys::{IamKey, KeyLastUsed},
     policy::Limits,
@@ -257,6 +258,14 @@ impl UserObservation {
     }
 
     /// Tags written to the user (`ClaimUser`, `TakeOverTags`, the tag of a new key).
+    /// Whether the tags, if read, lack this claim (a first key's TagUser then writes it).
+    pub fn lacks_claim(&self, owner: &str) -> bool {
+        match self {
+            UserObservation::Found { tags: Some(tags), .. } => tags.get(OWNER_TAG).map(String::as_str) != Some(owner),
+            _ => false,
+        }
+    }
+
     pub fn tagged(&mut self, written: impl IntoIterator<Item = (String, String)>) {
         if let Some(tags) = self.tags_mut() {
             tags.extend(written);

@@ -111,16 +111,35 @@ fn converged() -> World {
 }
 
 #[test]
-fn new_resource_reads_tags_records_a_pending_create_then_claims_and_creates() {
+fn new_resource_reads_tags_records_a_pending_create_then_creates_with_the_claim() {
     let mut w = World::new(vec![], None);
     assert_eq!(w.plan(), Step::ReadUser);
     // Status records that a key may come before anything is written to IAM (the claim).
     w.user = UserObservation::Found { keys: vec![], tags: Some(BTreeMap::new()) };
     assert_eq!(w.plan(), Step::StartCreate { existing_key_ids: vec![] });
     pending(&mut w, &[], 100);
-    assert_eq!(w.plan(), Step::ClaimUser);
+    // The claim is written with the new key's tag (one TagUser).
+    assert_eq!(w.plan(), Step::CreateKey { reason: NewKeyReason::Initial });
     w.user = UserObservation::Found { keys: vec![], tags: Some(claimed_with(&[])) };
     assert_eq!(w.plan(), Step::CreateKey { reason: NewKeyReason::Initial });
+}
+
+#[test]
+fn a_claim_lost_to_a_racing_resource_gives_up_only_our_keys_then_waits() {
+    // Both read the user unclaimed and created a key; the other's claim was written last.
+    let other = Owner::new("test", "team", "rival");
+    let mut t = claimed_with(&["A"]);
+    t.insert(OWNER_TAG.into(), other.0.clone());
+    t.insert("B".into(), other.key_tag_value());
+    let mut w = World::new(vec![iam_key("A", KeyStatus::Active), iam_key("B", KeyStatus::Active)], Some(t.clone()));
+    w.ledger.keys = vec![owned("A", KeyPhase::Current)];
+    w.secret = SecretObservation::Ours { access_key_id: Some("A".into()) };
+    assert_eq!(w.plan(), Step::ReleaseKey { access_key_id: "A".into() });
+    // Once ours is gone, the other's key and claim stand: wait, touching nothing.
+    t.remove("A");
+    w.user = UserObservation::Found { keys: vec![iam_key("B", KeyStatus::Active)], tags: Some(t) };
+    w.ledger.keys.clear();
+    assert_eq!(w.plan(), Step::Blocked(Blocked::UserClaimed { by: other.0 }));
 }
 
 #[test]
@@ -633,7 +652,14 @@ proptest! {
         match &step {
             Step::ReadUser => prop_assert!(tags.is_none()),
             Step::Blocked(Blocked::UserClaimed { by }) => {
-                prop_assert!(tag(OWNER_TAG).as_ref() == Some(by) && *by != owner().0)
+                prop_assert!(tag(OWNER_TAG).as_ref() == Some(by) && *by != owner().0);
+                // Keys it created are given up first.
+                prop_assert!(!ids.iter().any(|k| tag(k).is_some_and(|v| oracle_our_tag(k, &v))), "{step:?}");
+            }
+            // The user claimed by another: only a key with our tag is given up.
+            Step::ReleaseKey { access_key_id: id } => {
+                prop_assert!(tag(OWNER_TAG).is_some_and(|c| c != owner().0), "{step:?}");
+                prop_assert!(in_iam(id) && tag(id).is_some_and(|v| oracle_our_tag(id, &v)), "{step:?}");
             }
             Step::Blocked(Blocked::SecretConflict) => prop_assert_eq!(&w.secret, &SecretObservation::NotOurs),
             Step::Blocked(Blocked::KeyLimitExceeded { blocking }) => {

@@ -1236,3 +1236,40 @@ async fn adaptive_rate_learns_the_account_quota() {
     }
     assert!(max_rate <= 50.0, "never above the ceiling");
 }
+
+/// Two resources racing for one IAM user: both read it unclaimed before either claim lands (the
+/// proxy holds every `TagUser` for a second). However the writes interleave, the end is one
+/// owner with one key, and the other resource says `UserClaimed` and holds none.
+#[tokio::test]
+async fn two_resources_racing_for_one_user_end_with_one_owner_and_one_key() {
+    let f = Fixture::new("race").await;
+    let proxy = FaultProxy::start(f.env).await;
+    proxy.set(Faults { delay: Duration::from_secs(1), only: vec!["TagUser".into()], ..Faults::none() });
+    let _op = via_proxy(&f, &proxy, &[]);
+    let (a, b) = (f.create("a", json!({"secret": {"name": "a"}})), f.create("b", json!({"secret": {"name": "b"}})));
+    tokio::join!(a, b);
+    let both = ["a".to_string(), "b".to_string()];
+    // The loser notices at its next look at the user (it sees the winner's key): a resync.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let l = loop {
+        let l = list(&f).await;
+        let claimed =
+            |n: &String| reason(&l[n]) == "UserClaimed" && l[n].status.as_ref().is_some_and(|s| s.keys.is_empty());
+        if both.iter().filter(|n| settled(&l[*n])).count() == 1 && both.iter().any(claimed) {
+            break l;
+        }
+        let states: Vec<_> = both.iter().map(|n| (n, reason(&l[n]))).collect();
+        assert!(Instant::now() < deadline, "no single owner after 90 s: {states:?}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    let owners: Vec<&String> = both.iter().filter(|n| is_ready(&l[*n])).collect();
+    assert_eq!(owners.len(), 1, "exactly one owner: {:?}", both.iter().map(|n| (n, reason(&l[n]))).collect::<Vec<_>>());
+    let owner = owners[0];
+    let keys = iam_keys(f.env, &f.user).await;
+    assert_eq!(keys.len(), 1, "one key on the user, the owner's: {keys:?}");
+    assert_user_consistent(&f, owner, &f.user, &[]).await;
+    let (id, secret) = f.secret_creds(owner).await.expect("the owner's Secret");
+    assert!(f.authenticates(&id, &secret).await, "the owner's key works");
+    let created = proxy.calls().iter().filter(|c| c.action == "CreateAccessKey" && c.outcome.reached_iam()).count();
+    println!("race: owner {owner}, {created} CreateAccessKey reached IAM, keys left {keys:?}");
+}

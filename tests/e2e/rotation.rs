@@ -351,9 +351,10 @@ async fn a_first_key_and_a_rotation_take_few_iam_calls() {
         total(&new_key),
         total(&retired)
     );
-    // The first key: list the keys, read the user (claim, ARN, path), claim it, create, tag the
-    // key, verify it with STS.
-    assert!(total(&first_key) <= 6, "first key: {first_key:?}");
+    // The first key: list the keys, read the user (claim, ARN, path), create, tag the key and
+    // claim the user in one TagUser, verify the key with STS.
+    assert!(total(&first_key) <= 5, "first key: {first_key:?}");
+    assert_eq!(first_key.get("TagUser"), Some(&1), "{first_key:?}");
     // A rotation's new key: list the keys, create, tag, verify (the user's ARN is known, and a
     // new key changes no existing one, so the tags are not read).
     assert_eq!(total(&new_key), 4, "rotation, new key: {new_key:?}");

@@ -122,7 +122,7 @@ async fn users_outside_the_operators_path_prefix_are_refused_before_any_write() 
     f.wait_ready("inside").await;
     let obj = f.wait_reason("outside", "NotAuthorized").await;
     assert!(ready(&obj).unwrap().2.contains("--iam-user-path-prefix"));
-    assert_eq!(op.iam_calls(&["TagUser"]).await, 2, "claim + key tag for the inside user only");
+    assert_eq!(op.iam_calls(&["TagUser"]).await, 1, "one TagUser (claim and key tag) for the inside user only");
 }
 
 #[tokio::test]

@@ -96,6 +96,18 @@ impl Run<'_> {
         Ok(())
     }
 
+    pub(super) async fn release_key(&mut self, access_key_id: &str) -> Result<(), Error> {
+        self.delete_key(access_key_id, true).await?;
+        record::forget_key(&mut self.status, access_key_id);
+        self.save_status().await?;
+        let note = format!(
+            "IAM user {} is claimed by another IamAccessKey (both claimed it at once): deleted access key {access_key_id}, which this resource had created on it",
+            self.user_name()
+        );
+        self.note(EventType::Warning, "KeyReleased", note).await;
+        Ok(())
+    }
+
     pub(super) async fn make_room(&mut self, access_key_id: &str) -> Result<(), Error> {
         let note = format!("deleted retired access key {access_key_id} early to make room for a new key");
         self.delete_tracked_key(access_key_id, note).await
@@ -143,8 +155,14 @@ impl Run<'_> {
         let NewKey { key, secret } = self.ctx.iam.create_access_key(&user).await?;
         let id = key.access_key_id.clone();
         failpoint!("after-create-key");
-        self.ctx.iam.tag_user(&user, &[(id.clone(), self.owner.key_tag_value())]).await?;
+        // A first key's tag carries the claim too (written with it, it costs no call of its own).
+        let mut tags = vec![(id.clone(), self.owner.key_tag_value())];
+        if self.user.lacks_claim(&self.owner.0) {
+            tags.push((OWNER_TAG.to_owned(), self.owner.0.clone()));
+        }
+        self.ctx.iam.tag_user(&user, &tags).await?;
         failpoint!("after-tag");
+        self.user.tagged(tags);
         self.user.key_created(key.clone(), self.owner.key_tag_value());
         if let Err(e) = self.verify(&id, &secret, &user_arn).await {
             // The user may have been recreated: read it again next time.

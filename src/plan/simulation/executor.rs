@@ -226,7 +226,9 @@ impl Sim {
                 record::forget_key(&mut run.status, &access_key_id);
                 self.save_status(run)
             }
-            Step::MakeRoom { access_key_id } | Step::DeleteRetired { access_key_id } => {
+            Step::ReleaseKey { access_key_id }
+            | Step::MakeRoom { access_key_id }
+            | Step::DeleteRetired { access_key_id } => {
                 self.delete_key(run, &access_key_id, true)?;
                 record::forget_key(&mut run.status, &access_key_id);
                 self.save_status(run)
@@ -291,7 +293,12 @@ impl Sim {
         let id = key.id.clone();
         self.created_by_operator.insert(id.clone());
         self.failpoint(Failpoint::AfterCreateKey)?;
+        let claim = run.user.lacks_claim(&self.owner.0);
         self.tags.insert(id.clone(), self.owner.key_tag_value());
+        if claim {
+            self.tags.insert(OWNER_TAG.to_owned(), self.owner.0.clone());
+            run.user.tagged([(OWNER_TAG.to_owned(), self.owner.0.clone())]);
+        }
         self.failpoint(Failpoint::AfterTag)?;
         let iam_key = IamKey { access_key_id: id.clone(), status: key.status, create_date: key.create_date };
         run.user.key_created(iam_key.clone(), self.owner.key_tag_value());

@@ -54,6 +54,11 @@ impl Sim {
             Step::Blocked(
                 Blocked::Paused | Blocked::UserNotFound | Blocked::UserClaimed { .. } | Blocked::SecretConflict,
             ) => require(false, "blocked_only_for_a_reason_the_world_has"),
+            Step::ReleaseKey { access_key_id: id } => {
+                let claim = view_tags.and_then(|t| t.get(crate::crd::OWNER_TAG));
+                require(claim.is_some_and(|c| *c != self.owner.0), "releases_keys_only_on_a_lost_claim");
+                require(view_tags.and_then(|t| t.get(id)) == Some(&ours), "releases_only_keys_tagged_as_ours");
+            }
             Step::ClaimUser => require(
                 view_tags.is_some_and(|t| !t.contains_key(crate::crd::OWNER_TAG)),
                 "claims_only_an_unclaimed_user",
