@@ -53,13 +53,12 @@ pub async fn read_status(client: &Client, namespace: &str, name: &str) -> Result
     Ok(StatusFacts { key, secret, grant_policy })
 }
 
-/// The Secret the resource writes: as status names it, else as the spec says.
+/// The Secret the resource writes: as status names it, else as the operator names it.
 fn secret_name(key: &IamAccessKey) -> String {
     key.status
         .as_ref()
         .and_then(|s| s.secret_name.clone())
-        .or_else(|| key.spec.secret.name.clone())
-        .unwrap_or_else(|| key.name_any())
+        .unwrap_or_else(|| crate::controller::secret::secret_name(key))
 }
 
 /// The report of `kubectl iak status`.

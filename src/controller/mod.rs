@@ -183,7 +183,6 @@ impl Context {
         held.is_some() && published.get(&key) == held
     }
 
-    /// A user's IAM path read within the last day.
     /// A user's ARN and path, read within a day: they change only when the user is recreated,
     /// which a key's verification notices (and then forgets the sighting).
     fn recent_user(&self, user: &str) -> Option<UserSighting> {

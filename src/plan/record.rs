@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use jiff::{SignedDuration, Timestamp};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
-use super::{NewKeyReason, UserObservation, after, rotation_due_at};
+use super::{NewKeyReason, Owner, UserObservation, after, rotation_due_at};
 use crate::{
     crd::{
         IamAccessKeySpec, IamAccessKeyStatus, KeyPhase, KeyStatus, LastUsed, OWNER_TAG, OwnedKey, PendingCreate,
@@ -79,7 +79,7 @@ pub fn record_created(
     }
 }
 
-/// `ForgetKey`, `DisownKey`, `MakeRoom`, `DeleteRetired`: status stops tracking the key.
+/// `ForgetKey`, `DisownKey`, `ReleaseKey`, `MakeRoom`, `DeleteRetired`: status stops tracking the key.
 pub fn forget_key(status: &mut IamAccessKeyStatus, access_key_id: &str) {
     status.keys.retain(|k| k.access_key_id != access_key_id);
 }
@@ -257,15 +257,19 @@ impl UserObservation {
         }
     }
 
-    /// Tags written to the user (`ClaimUser`, `TakeOverTags`, the tag of a new key).
-    /// Whether the tags, if read, lack this claim (a first key's TagUser then writes it).
-    pub fn lacks_claim(&self, owner: &str) -> bool {
-        match self {
-            UserObservation::Found { tags: Some(tags), .. } => tags.get(OWNER_TAG).map(String::as_str) != Some(owner),
-            _ => false,
+    /// What a new key's `TagUser` writes: the key's tag, and the claim when the tags were read
+    /// and lack it (a first key: the claim costs no call of its own).
+    pub fn new_key_tags(&self, owner: &Owner, access_key_id: &str) -> Vec<(String, String)> {
+        let mut tags = vec![(access_key_id.to_owned(), owner.key_tag_value())];
+        if let UserObservation::Found { tags: Some(read), .. } = self
+            && read.get(OWNER_TAG) != Some(&owner.0)
+        {
+            tags.push((OWNER_TAG.to_owned(), owner.0.clone()));
         }
+        tags
     }
 
+    /// Tags written to the user (`ClaimUser`, `TakeOverTags`, a new key's tags).
     pub fn tagged(&mut self, written: impl IntoIterator<Item = (String, String)>) {
         if let Some(tags) = self.tags_mut() {
             tags.extend(written);
@@ -279,13 +283,12 @@ impl UserObservation {
         }
     }
 
-    /// A key created (and tagged with `tag_value`).
-    pub fn key_created(&mut self, key: IamKey, tag_value: String) {
-        let id = key.access_key_id.clone();
+    /// A key created, and its `new_key_tags` written.
+    pub fn key_created(&mut self, key: IamKey, tags: Vec<(String, String)>) {
         if let Some(keys) = self.keys_mut() {
             keys.push(key);
         }
-        self.tagged([(id, tag_value)]);
+        self.tagged(tags);
     }
 
     /// A key deleted (its tag, if any, stays until it is untagged).

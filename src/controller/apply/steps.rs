@@ -97,28 +97,29 @@ impl Run<'_> {
     }
 
     pub(super) async fn release_key(&mut self, access_key_id: &str) -> Result<(), Error> {
-        self.delete_key(access_key_id, true).await?;
-        record::forget_key(&mut self.status, access_key_id);
-        self.save_status().await?;
         let note = format!(
             "IAM user {} is claimed by another IamAccessKey (both claimed it at once): deleted access key {access_key_id}, which this resource had created on it",
             self.user_name()
         );
-        self.note(EventType::Warning, "KeyReleased", note).await;
-        Ok(())
+        self.delete_tracked_key(access_key_id, (EventType::Warning, "KeyReleased", note)).await
     }
 
     pub(super) async fn make_room(&mut self, access_key_id: &str) -> Result<(), Error> {
         let note = format!("deleted retired access key {access_key_id} early to make room for a new key");
-        self.delete_tracked_key(access_key_id, note).await
+        self.delete_tracked_key(access_key_id, (EventType::Normal, "KeyDeleted", note)).await
     }
 
-    /// `MakeRoom`, `DeleteRetired`: one of our retired keys is deleted and no longer tracked.
-    async fn delete_tracked_key(&mut self, access_key_id: &str, note: String) -> Result<(), Error> {
+    /// `ReleaseKey`, `MakeRoom`, `DeleteRetired`: one of our keys is deleted (and untagged) and
+    /// no longer tracked; then the event.
+    async fn delete_tracked_key(
+        &mut self,
+        access_key_id: &str,
+        (type_, reason, note): (EventType, &str, String),
+    ) -> Result<(), Error> {
         self.delete_key(access_key_id, true).await?;
         record::forget_key(&mut self.status, access_key_id);
         self.save_status().await?;
-        self.note(EventType::Normal, "KeyDeleted", note).await;
+        self.note(type_, reason, note).await;
         Ok(())
     }
 
@@ -155,15 +156,10 @@ impl Run<'_> {
         let NewKey { key, secret } = self.ctx.iam.create_access_key(&user).await?;
         let id = key.access_key_id.clone();
         failpoint!("after-create-key");
-        // A first key's tag carries the claim too (written with it, it costs no call of its own).
-        let mut tags = vec![(id.clone(), self.owner.key_tag_value())];
-        if self.user.lacks_claim(&self.owner.0) {
-            tags.push((OWNER_TAG.to_owned(), self.owner.0.clone()));
-        }
+        let tags = self.user.new_key_tags(&self.owner, &id);
         self.ctx.iam.tag_user(&user, &tags).await?;
         failpoint!("after-tag");
-        self.user.tagged(tags);
-        self.user.key_created(key.clone(), self.owner.key_tag_value());
+        self.user.key_created(key.clone(), tags);
         if let Err(e) = self.verify(&id, &secret, &user_arn).await {
             // The user may have been recreated: read it again next time.
             self.ctx.forget_user(&user);
@@ -291,7 +287,7 @@ impl Run<'_> {
 
     pub(super) async fn delete_retired(&mut self, access_key_id: &str) -> Result<(), Error> {
         let note = format!("previous access key {access_key_id} deleted after its rollback window");
-        self.delete_tracked_key(access_key_id, note).await
+        self.delete_tracked_key(access_key_id, (EventType::Normal, "KeyDeleted", note)).await
     }
 
     pub(super) async fn refresh_last_used(&mut self, access_key_id: String) -> Result<(), Error> {

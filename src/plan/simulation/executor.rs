@@ -293,15 +293,11 @@ impl Sim {
         let id = key.id.clone();
         self.created_by_operator.insert(id.clone());
         self.failpoint(Failpoint::AfterCreateKey)?;
-        let claim = run.user.lacks_claim(&self.owner.0);
-        self.tags.insert(id.clone(), self.owner.key_tag_value());
-        if claim {
-            self.tags.insert(OWNER_TAG.to_owned(), self.owner.0.clone());
-            run.user.tagged([(OWNER_TAG.to_owned(), self.owner.0.clone())]);
-        }
+        let tags = run.user.new_key_tags(&self.owner, &id);
+        self.tags.extend(tags.clone());
         self.failpoint(Failpoint::AfterTag)?;
         let iam_key = IamKey { access_key_id: id.clone(), status: key.status, create_date: key.create_date };
-        run.user.key_created(iam_key.clone(), self.owner.key_tag_value());
+        run.user.key_created(iam_key.clone(), tags);
         if std::mem::take(&mut self.verify_fails) {
             // Never publish a key that does not work; nobody else has its secret.
             self.delete_key(run, &id, true)?;
