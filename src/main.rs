@@ -84,7 +84,7 @@ struct RunArgs {
     iam_rate: Option<f64>,
     /// Ceiling of the adaptive rate (IAM/STS calls per second): raised towards it while IAM
     /// answers, cut when IAM throttles. The most this process ever takes of the account's quota.
-    #[arg(long, env = "IKO_IAM_RATE_MAX", default_value_t = 20.0, value_parser = parse_rate)]
+    #[arg(long, env = "IKO_IAM_RATE_MAX", default_value_t = 50.0, value_parser = parse_rate)]
     iam_rate_max: f64,
     /// Floor of the adaptive rate (IAM/STS calls per second): however much IAM throttles, the
     /// operator keeps making progress at this rate.
