@@ -1215,7 +1215,7 @@ fn rendered_arguments_are_accepted_by_the_binary() {
         strings(&deploy["spec"]["template"]["spec"]["containers"][0]["args"])
     };
     let default = args(&[]);
-    assert!(default.iter().any(|a| a == "--iam-rate-max=20") && default.iter().any(|a| a == "--iam-rate-min=1"));
+    assert!(default.iter().any(|a| a == "--iam-rate-max=50") && default.iter().any(|a| a == "--iam-rate-min=1"));
     assert!(!default.iter().any(|a| a.starts_with("--iam-rate=")), "adaptive by default: {default:?}");
     assert!(args(&["--set", "operator.iamRate=0"]).iter().any(|a| a == "--iam-rate=0"), "0 stays unlimited");
 }
