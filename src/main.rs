@@ -98,7 +98,8 @@ struct RunArgs {
     /// write. Keep it equal to the path the operator's IAM policy allows (e.g. /k8s/).
     #[arg(long, env = "IKO_IAM_USER_PATH_PREFIX", default_value = "/")]
     iam_user_path_prefix: String,
-    /// Resources reconciled at the same time.
+    /// Resources reconciled at the same time, not counting those waiting for a new key to
+    /// authenticate (they hold no slot).
     #[arg(long, env = "IKO_CONCURRENCY", default_value_t = 8)]
     concurrency: u16,
     /// Only reconcile IamAccessKeys with these labels (e.g. `shard=a`): lets several instances

@@ -34,6 +34,10 @@ pub struct Metrics {
     pub resources: ResourceGauges,
     /// The IAM/STS rate the limiter grants now (calls per second; 0: unlimited).
     pub iam_rate_limit: Gauge<f64, AtomicU64>,
+    /// New keys waiting to authenticate (their reconciles hold no slot meanwhile).
+    pub keys_verifying: Gauge,
+    /// How long after its creation a new key is first checked (learned from recent keys).
+    pub verify_first_check: Gauge<f64, AtomicU64>,
 }
 
 impl Default for Metrics {
@@ -55,6 +59,18 @@ impl Default for Metrics {
             "IAM and STS calls per second the rate limiter grants now (adaptive: lowered when IAM throttles; 0: unlimited)",
             iam_rate_limit.clone(),
         );
+        let keys_verifying = Gauge::default();
+        registry.register(
+            "keys_verifying",
+            "New keys created and not yet accepted by STS (IAM is eventually consistent); none is published before",
+            keys_verifying.clone(),
+        );
+        let verify_first_check = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "verify_first_check_seconds",
+            "How long after its creation a new key is first checked against STS, learned from the keys before it",
+            verify_first_check.clone(),
+        );
         Metrics {
             registry: Mutex::new(registry),
             iam_calls,
@@ -63,6 +79,8 @@ impl Default for Metrics {
             kube_writes,
             resources,
             iam_rate_limit,
+            keys_verifying,
+            verify_first_check,
         }
     }
 }

@@ -12,7 +12,7 @@ use kube::{
 use tracing::debug;
 
 use super::{
-    Context,
+    Context, Slot,
     secret::{build_secret, layout_stale, observe_secret, secret_name},
     status::{POLICY_OVERRIDE, set_policy_override, set_ready},
 };
@@ -34,8 +34,8 @@ use crate::{
 mod revoke;
 mod steps;
 
-pub async fn apply(obj: &Arc<IamAccessKey>, ctx: &Context) -> Result<Action, Error> {
-    let mut run = Run::new(obj, ctx);
+pub async fn apply(obj: &Arc<IamAccessKey>, ctx: &Context, slot: Slot) -> Result<Action, Error> {
+    let mut run = Run::new(obj, ctx, slot);
     let result = async {
         // The policies first: they decide whether the resource may act at all, and whether its
         // pause holds (a pause they do not allow is ignored, and the resource says so).
@@ -206,10 +206,11 @@ struct Run<'a> {
     overrides: Option<Overrides>,
     secret: SecretObservation,
     secret_layout_stale: bool,
+    slot: Slot,
 }
 
 impl<'a> Run<'a> {
-    fn new(obj: &'a IamAccessKey, ctx: &'a Context) -> Self {
+    fn new(obj: &'a IamAccessKey, ctx: &'a Context, slot: Slot) -> Self {
         let ns = obj.namespace().unwrap_or_default();
         Run {
             obj,
@@ -228,6 +229,7 @@ impl<'a> Run<'a> {
             overrides: None,
             secret: SecretObservation::Missing,
             secret_layout_stale: false,
+            slot,
         }
     }
 
@@ -390,25 +392,46 @@ impl<'a> Run<'a> {
         Ok(())
     }
 
-    /// Wait until the new key authenticates as the user (IAM is eventually consistent).
-    async fn verify(&self, id: &str, secret: &crate::iam::SecretAccessKey, user_arn: &str) -> Result<(), Error> {
-        let deadline = std::time::Instant::now() + self.ctx.settings.verify_timeout;
-        let mut delay = Duration::from_millis(250);
-        loop {
-            let answer = match self.ctx.iam.caller_identity(id, secret).await {
-                Ok(arn) if arn == user_arn => return Ok(()),
+    /// Wait until the new key (created at `created`) authenticates as the user: IAM is
+    /// eventually consistent. The first check comes when recent keys had authenticated; the
+    /// waits hold no reconcile slot.
+    async fn verify(
+        &mut self,
+        id: &str,
+        secret: &crate::iam::SecretAccessKey,
+        user_arn: &str,
+        created: std::time::Instant,
+    ) -> Result<(), Error> {
+        let deadline = created + self.ctx.settings.verify_timeout;
+        let mut next = (created + self.ctx.first_check()).min(deadline);
+        let (mut refusals, mut refused_at) = (0, None);
+        let verifying = &self.ctx.metrics.keys_verifying;
+        verifying.inc();
+        let result = loop {
+            self.slot.idle(self.ctx, next.saturating_duration_since(std::time::Instant::now())).await;
+            let refusal = match self.ctx.iam.caller_identity(id, secret).await {
+                Ok(arn) if arn == user_arn => {
+                    self.ctx.key_accepted(refused_at, created.elapsed());
+                    break Ok(());
+                }
                 Ok(arn) => arn,
-                // A brand-new key is often refused for a few seconds.
-                Err(e @ IamError::AccessDenied { .. }) => e.to_string(),
+                // A brand-new key is refused for a while.
+                Err(e @ IamError::AccessDenied { .. }) => {
+                    refusals += 1;
+                    refused_at = Some(created.elapsed());
+                    e.to_string()
+                }
                 Err(e) if e.is_retryable() => e.to_string(),
-                Err(e) => return Err(e.into()),
+                Err(e) => break Err(e.into()),
             };
-            if std::time::Instant::now() + delay > deadline {
-                return Err(Error::VerifyFailed { access_key_id: id.into(), user_arn: user_arn.into(), answer });
+            next = std::time::Instant::now() + self.ctx.retry_after(refusals);
+            if next > deadline {
+                let (access_key_id, user_arn) = (id.into(), user_arn.into());
+                break Err(Error::VerifyFailed { access_key_id, user_arn, answer: refusal });
             }
-            tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(Duration::from_secs(5));
-        }
+        };
+        verifying.dec();
+        result
     }
 
     /// Write the Secret: created when missing (so a Secret someone else just created is never

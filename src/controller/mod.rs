@@ -32,6 +32,7 @@ use kube::{
     },
 };
 use rand::Rng;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::{Instrument, info, info_span, warn};
 
 use crate::{
@@ -64,9 +65,13 @@ pub struct Settings {
     pub selector: Option<String>,
     /// IAM path the managed users must be under (`/`: any).
     pub iam_user_path_prefix: String,
-    /// Resources reconciled at once.
+    /// Resources reconciled at once (not counting those waiting for a new key to authenticate).
     pub concurrency: u16,
 }
+
+/// Reconciles that may wait for a new key to authenticate without holding a slot, beyond
+/// `concurrency`: enough for IAM's propagation delay at any rate IAM allows one account.
+const WAITING_AT_ONCE: u16 = 128;
 
 /// Shared by every reconcile.
 pub struct Context {
@@ -86,6 +91,13 @@ pub struct Context {
     /// The access key id this process last wrote to each Secret (namespace, name): the watch
     /// event of our own write is not a reason to reconcile again.
     published: Mutex<HashMap<(String, String), String>>,
+    /// `concurrency` slots for reconciles at work. One waiting for its new key to authenticate
+    /// gives its slot up, and comes back through `resume_slots`, so that it does not queue
+    /// behind the new work that took its place.
+    work_slots: Arc<Semaphore>,
+    resume_slots: Arc<Semaphore>,
+    /// When new keys are first checked against STS.
+    propagation: Mutex<crate::iam::Propagation>,
 }
 
 #[derive(Clone)]
@@ -103,13 +115,20 @@ impl Context {
             client,
             iam,
             metrics,
-            settings,
             tenancy,
             failures: Mutex::default(),
             last_use_reads: Mutex::default(),
             users: Mutex::default(),
             published: Mutex::default(),
+            work_slots: Arc::new(Semaphore::new(settings.concurrency.into())),
+            resume_slots: Arc::new(Semaphore::new(settings.concurrency.into())),
+            propagation: Mutex::default(),
+            settings,
         }
+    }
+
+    async fn work_slot(&self) -> Slot {
+        Slot(Some(self.work_slots.clone().acquire_owned().await.expect("the slots are never closed")))
     }
 
     /// Publish an event about the resource; failures are logged, never fatal.
@@ -199,6 +218,20 @@ impl Context {
             .insert(user.to_owned(), (sighting, std::time::Instant::now()));
     }
 
+    fn first_check(&self) -> Duration {
+        self.propagation.lock().unwrap_or_else(|e| e.into_inner()).first_check()
+    }
+
+    fn retry_after(&self, refusals: u32) -> Duration {
+        self.propagation.lock().unwrap_or_else(|e| e.into_inner()).retry_after(refusals)
+    }
+
+    fn key_accepted(&self, refused_at: Option<Duration>, accepted_at: Duration) {
+        let mut propagation = self.propagation.lock().unwrap_or_else(|e| e.into_inner());
+        propagation.accepted(refused_at, accepted_at);
+        self.metrics.verify_first_check.set(propagation.first_check().as_secs_f64());
+    }
+
     fn forget_user(&self, user: &str) {
         self.users.lock().unwrap_or_else(|e| e.into_inner()).remove(user);
     }
@@ -210,6 +243,21 @@ impl Context {
         }
         let secret = (obj.namespace().unwrap_or_default(), secret::secret_name(obj));
         self.published.lock().unwrap_or_else(|e| e.into_inner()).remove(&secret);
+    }
+}
+
+/// A reconcile's right to work (see `Context::work_slots`).
+struct Slot(Option<OwnedSemaphorePermit>);
+
+impl Slot {
+    /// Wait without holding the slot, then take one back from the resuming reconciles' slots.
+    async fn idle(&mut self, ctx: &Context, wait: Duration) {
+        if wait.is_zero() {
+            return;
+        }
+        self.0 = None;
+        tokio::time::sleep(wait).await;
+        self.0 = Some(ctx.resume_slots.clone().acquire_owned().await.expect("the slots are never closed"));
     }
 }
 
@@ -238,6 +286,7 @@ async fn reconcile(watched: Arc<Watched>, ctx: Arc<Context>) -> Result<Action, E
     let trace_id = format!("{:08x}", rand::rng().random::<u32>());
     let span = info_span!("reconcile", namespace = %ns, name = %watched.name_any(), trace_id = %trace_id);
     async move {
+        let slot = ctx.work_slot().await;
         let timer = std::time::Instant::now();
         let api: Api<IamAccessKey> = Api::namespaced(ctx.client.clone(), &ns);
         // The watch cache can lag behind our own last status write; deciding on a stale
@@ -255,9 +304,10 @@ async fn reconcile(watched: Arc<Watched>, ctx: Arc<Context>) -> Result<Action, E
         };
         let result = finalizer(&api, FINALIZER, obj.clone(), |event| async {
             match event {
-                FinalizerEvent::Apply(o) => apply::apply(&o, &ctx).await,
+                FinalizerEvent::Apply(o) => apply::apply(&o, &ctx, slot).await,
                 FinalizerEvent::Cleanup(o) => {
                     let result = cleanup::cleanup(&o, &ctx).await;
+                    drop(slot);
                     // Deletion has no status to speak through: a stuck deletion says why in events.
                     if let Err(e) = &result {
                         ctx.event(&o, EventType::Warning, e.reason(), format!("deletion waits: {e}")).await;
@@ -361,7 +411,10 @@ pub async fn run(ctx: Arc<Context>, ready: Arc<std::sync::atomic::AtomicBool>) {
             // A policy change can allow or deny any resource: look at all of them again.
             .reconcile_all_on(ctx.tenancy.changes())
             .owns_stream(secret_events)
-            .with_config(kube::runtime::controller::Config::default().concurrency(ctx.settings.concurrency))
+            .with_config(
+                kube::runtime::controller::Config::default()
+                    .concurrency(ctx.settings.concurrency.saturating_add(WAITING_AT_ONCE)),
+            )
             .shutdown_on_signal();
         let store = controller.store();
         let ready = ready.clone();

@@ -5,6 +5,7 @@
 
 mod aws;
 mod error;
+mod propagation;
 mod rate;
 
 use std::{collections::BTreeMap, fmt};
@@ -13,6 +14,7 @@ use async_trait::async_trait;
 
 pub use aws::AwsIam;
 pub use error::IamError;
+pub use propagation::Propagation;
 pub use rate::RateLimiter;
 
 use crate::crd::KeyStatus;

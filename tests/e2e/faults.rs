@@ -1086,7 +1086,60 @@ async fn aws_like_iam_converges_with_every_guarantee() {
     );
     assert!(refused > 0, "the profile refused new keys for a while: verification had to wait");
     assert!(proxy.calls_since(t1).iter().all(|c| c.outcome != Outcome::Rejected), "nothing refused as invalid");
+    // The rotations' new keys are first checked when the first keys had authenticated.
+    let checks = sts_checks(&proxy.calls_since(t1));
+    println!("STS checks of the {} rotated keys: {checks}", N / 2);
+    assert!(checks <= N, "{checks} STS checks for {} new keys: the first check is not timed from recent keys", N / 2);
     op.assert_log_free_of(&f.secret_creds(&all[0]).await.unwrap().1);
+}
+
+fn sts_checks(calls: &[proxy::Call]) -> usize {
+    calls.iter().filter(|c| c.action == "GetCallerIdentity").count()
+}
+
+/// A reconcile waiting for its new key to authenticate gives its slot to others: with one slot,
+/// several keys wait at once. Once the first keys have shown how long IAM takes, a new key is
+/// checked about once.
+#[tokio::test]
+async fn keys_waiting_to_authenticate_hold_no_reconcile_slot() {
+    const N: usize = 8;
+    let f = Fixture::new("propagation").await;
+    let users = make_users(&f, N).await;
+    let all = names("r", 0..N);
+    let proxy = FaultProxy::start(f.env).await;
+    let refused_for = (Duration::from_secs(3), Duration::from_secs(4));
+    proxy.set(Faults { new_key_refused_for: Some(refused_for), ..Faults::none() });
+    let op = via_proxy(&f, &proxy, &["--concurrency", "1"]);
+    let verifying = |metrics: &str| {
+        let line = metrics.lines().find(|l| l.starts_with("iam_key_operator_keys_verifying "));
+        line.and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).expect("keys_verifying gauge") as usize
+    };
+    // Two keys teach the operator how long IAM takes.
+    for (name, user) in all.iter().zip(&users).take(2) {
+        create_for(&f, name, user, json!({})).await;
+    }
+    wait_all(&f, &all[..2], Duration::from_secs(60), "settled", settled).await;
+    let t0 = Instant::now();
+    for (name, user) in all.iter().zip(&users).skip(2) {
+        create_for(&f, name, user, json!({})).await;
+    }
+    let mut most_waiting = 0;
+    while list(&f).await.values().filter(|o| settled(o)).count() < N {
+        assert!(t0.elapsed() < Duration::from_secs(60), "not all settled in 60 s");
+        most_waiting = most_waiting.max(verifying(&op.metrics().await));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let checks = sts_checks(&proxy.calls_since(t0));
+    println!(
+        "{} keys made with one reconcile slot: at most {most_waiting} waited to authenticate at once; {checks} STS checks",
+        N - 2
+    );
+    assert!(most_waiting >= 2, "with one slot, keys waiting to authenticate must not hold it ({most_waiting} at most)");
+    assert_eq!(verifying(&op.metrics().await), 0, "no key left waiting");
+    assert!(checks <= 2 * (N - 2), "{checks} STS checks for {} keys", N - 2);
+    for (name, user) in all.iter().zip(&users) {
+        assert_user_consistent(&f, name, user, &[]).await;
+    }
 }
 
 /// IAM's transient 409s (`ConcurrentModification`, `EntityTemporarilyUnmodifiable`), which moto

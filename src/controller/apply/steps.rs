@@ -154,13 +154,14 @@ impl Run<'_> {
             self.save_status().await?;
         }
         let NewKey { key, secret } = self.ctx.iam.create_access_key(&user).await?;
+        let created = std::time::Instant::now();
         let id = key.access_key_id.clone();
         failpoint!("after-create-key");
         let tags = self.user.new_key_tags(&self.owner, &id);
         self.ctx.iam.tag_user(&user, &tags).await?;
         failpoint!("after-tag");
         self.user.key_created(key.clone(), tags);
-        if let Err(e) = self.verify(&id, &secret, &user_arn).await {
+        if let Err(e) = self.verify(&id, &secret, &user_arn, created).await {
             // The user may have been recreated: read it again next time.
             self.ctx.forget_user(&user);
             // Never publish a key that does not work; nobody else has its secret.
