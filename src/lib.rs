@@ -15,3 +15,4 @@ pub mod plugin;
 pub mod policy;
 pub mod server;
 pub mod telemetry;
+pub mod template;

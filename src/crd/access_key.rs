@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
-use kube::{CustomResource, KubeSchema};
+use kube::{CustomResource, KubeSchema, core::Rule};
 use schemars::{Schema, SchemaGenerator, json_schema};
 use serde::{Deserialize, Serialize};
 
@@ -27,6 +27,13 @@ pub const DNS1123_SUBDOMAIN: &str = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9](
 /// annotations may hold, leaving room for the operator's own and other tools'.
 pub const MAX_ANNOTATIONS_SIZE: usize = 128 * 1024;
 
+/// Most entries of `spec.secret.template.data`.
+pub const MAX_TEMPLATE_ENTRIES: usize = 32;
+/// Longest template of one entry, in characters.
+pub const MAX_TEMPLATE_LENGTH: usize = 16 * 1024;
+/// Most characters of all of a template's entries together.
+pub const MAX_TEMPLATES_SIZE: usize = 64 * 1024;
+
 /// CEL regexes of Kubernetes label and annotation syntax (`[.]` rather than an escaped dot, so
 /// that they sit in a CEL string literal as they are).
 pub(super) mod syntax {
@@ -48,6 +55,8 @@ pub(super) mod syntax {
     );
     /// A label value: empty, or a name (at most 63 characters).
     pub const LABEL_VALUE: &str = concat!("^(", name!(), ")?$");
+    /// A key of a Secret's data (the API server also refuses `.`, `..` and a leading `..`).
+    pub const DATA_KEY: &str = "^[-._a-zA-Z0-9]+$";
 }
 
 /// The desired state of an IAM access key and the Secret that carries it.
@@ -133,6 +142,8 @@ pub enum DeletionPolicy {
 /// The Secret that carries the key.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.template) || self.format == 'Env'").message("spec.secret.format cannot be combined with spec.secret.template: the template is the whole layout (remove format)"))]
+#[x_kube(validation = secret_type_kept())]
 pub struct SecretSpec {
     /// Name of the Secret, in this resource's namespace (a DNS-1123 subdomain: lowercase letters,
     /// digits, `-` and `.`). Default: the resource's name. A Secret of that name that this
@@ -147,7 +158,8 @@ pub struct SecretSpec {
     #[serde(default)]
     pub format: SecretFormat,
 
-    /// Profile name used in the `CredentialsFile` format. Default `default`.
+    /// Profile name used in the `CredentialsFile` format (and `profile` in a template). Default
+    /// `default`.
     #[serde(default = "default_profile")]
     #[schemars(length(min = 1, max = 64), regex(pattern = r"^[A-Za-z0-9_.-]+$"))]
     pub profile: String,
@@ -173,6 +185,50 @@ pub struct SecretSpec {
     #[x_kube(validation = Rule::new(format!("self.all(k, k.matches('{}') && k.lastIndexOf('/') <= 253)", syntax::ANNOTATION_KEY)).message("spec.secret.annotations: every key must be a Kubernetes annotation key: an optional DNS subdomain prefix with a '/' (e.g. example.com/), then 1-63 letters, digits, '-', '_' or '.' starting and ending with a letter or digit"))]
     #[x_kube(validation = Rule::new(format!("self.map(k, bytes(k).size() + bytes(self[k]).size()).sum() <= {MAX_ANNOTATIONS_SIZE}")).message("spec.secret.annotations: keys and values together must be at most 128 KiB (a Secret's annotations may hold 256 KiB in all): shorten them"))]
     pub annotations: BTreeMap<String, String>,
+
+    /// The Secret's type and data as templates (MiniJinja, the Jinja2 syntax), rendered by the
+    /// operator once per key: the whole layout, instead of `format`. Inputs: `access_key_id`,
+    /// `secret_access_key`, `user_name`, `user_arn`, `account_id`, `profile`, `namespace`,
+    /// `name`, `secret_name`; function `ses_smtp_password(secret, region)`; filter `b64encode`
+    /// and the built-in filters (`tojson`, `upper`, ...). A template that does not render is
+    /// refused before any IAM write (condition InvalidTemplate).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<SecretTemplate>,
+}
+
+/// A Secret's type cannot change (the API server refuses it): a new type needs a new Secret.
+fn secret_type_kept() -> Rule {
+    let type_of = |of: &str| format!("(has({of}.template) && has({of}.template.type) ? {of}.template.type : 'Opaque')");
+    let name_of = |of: &str| format!("(has({of}.name) ? {of}.name : '')");
+    Rule::new(format!("{} == {} || {} != {}", type_of("self"), type_of("oldSelf"), name_of("self"), name_of("oldSelf")))
+        .message("spec.secret.template.type cannot change while spec.secret.name stays: a Secret's type is immutable; also give the Secret a new name (a new key is issued into it)")
+}
+
+/// The Secret's type and data, each entry a template.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, KubeSchema)]
+#[x_kube(validation = Rule::new("!has(self.type) || self.type == 'Opaque' || self.type == 'kubernetes.io/basic-auth' || !self.type.startsWith('kubernetes.io/')").message("spec.secret.template.type: of the kubernetes.io/ types only kubernetes.io/basic-auth fits an access key; use Opaque or a type of your own (example.com/aws)"))]
+#[x_kube(validation = Rule::new("!has(self.type) || self.type != 'kubernetes.io/basic-auth' || 'username' in self.data || 'password' in self.data").message("spec.secret.template.type kubernetes.io/basic-auth needs a data entry username or password"))]
+pub struct SecretTemplate {
+    /// The Secret's type. Default `Opaque`. Immutable for a given Secret name.
+    #[serde(default, rename = "type", skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[A-Za-z0-9]([-A-Za-z0-9_./]*[A-Za-z0-9])?$"))]
+    pub type_: Option<String>,
+
+    /// The Secret's data: key (letters, digits, `-`, `_`, `.`; at most 253) to template (at
+    /// most 16 KiB each, 64 KiB together; at most 32 entries).
+    #[schemars(schema_with = "template_data_schema")]
+    #[x_kube(validation = Rule::new(format!("self.all(k, k.matches('{}') && size(k) <= 253 && k != '.' && !k.startsWith('..'))", syntax::DATA_KEY)).message("spec.secret.template.data: every key must be a Secret data key: 1-253 letters, digits, '-', '_' or '.', not '.' and not starting with '..'"))]
+    #[x_kube(validation = Rule::new(format!("self.map(k, size(self[k])).sum() <= {MAX_TEMPLATES_SIZE}")).message("spec.secret.template.data: the templates together must be at most 64 KiB: shorten them"))]
+    pub data: BTreeMap<String, String>,
+}
+
+fn template_data_schema(_: &mut SchemaGenerator) -> Schema {
+    json_schema!({
+        "type": "object",
+        "minProperties": 1,
+        "maxProperties": MAX_TEMPLATE_ENTRIES,
+        "additionalProperties": {"type": "string", "maxLength": MAX_TEMPLATE_LENGTH},
+    })
 }
 
 impl Default for SecretSpec {
@@ -183,6 +239,7 @@ impl Default for SecretSpec {
             profile: default_profile(),
             labels: BTreeMap::new(),
             annotations: BTreeMap::new(),
+            template: None,
         }
     }
 }
