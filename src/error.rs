@@ -42,6 +42,10 @@ pub enum Error {
     #[error("{0}")]
     PolicyViolation(String),
 
+    /// `spec.secret.template` does not render: refused before any IAM write.
+    #[error("{0}")]
+    InvalidTemplate(crate::template::TemplateError),
+
     /// Something about the resource itself makes it impossible to act on.
     #[error("{0}")]
     Invalid(String),
@@ -132,6 +136,7 @@ impl Error {
             Error::NotAuthorized(_) => "NotAuthorized",
             Error::PolicyViolation(_) => "PolicyViolation",
             Error::Invalid(_) => "InvalidSpec",
+            Error::InvalidTemplate(_) => "InvalidTemplate",
             Error::Finalizer { .. } => "FinalizerError",
         }
     }
@@ -144,6 +149,7 @@ impl Error {
             // A bug: retried with the slow backoff, and shown as needing a person.
             Error::Blocked { .. }
             | Error::Invalid(_)
+            | Error::InvalidTemplate(_)
             | Error::NotAuthorized(_)
             | Error::PolicyViolation(_)
             | Error::Internal(_) => false,

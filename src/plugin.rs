@@ -82,10 +82,14 @@ pub fn status_report(facts: &StatusFacts, now: Timestamp) -> String {
         writeln!(out, "Paused:    {}", if paused { format!("yes ({PAUSED_ANNOTATION}=true)") } else { "no".into() });
 
     let secret_name = secret_name(key);
-    let data_keys = match key.spec.secret.format {
-        SecretFormat::Env => "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY".to_string(),
-        SecretFormat::CredentialsFile => format!("credentials (profile {})", key.spec.secret.profile),
-    };
+    let layout = crate::template::Layout::of(&key.spec.secret);
+    let mut data_keys = layout.data.keys().cloned().collect::<Vec<_>>().join(", ");
+    if key.spec.secret.template.is_none() && key.spec.secret.format == SecretFormat::CredentialsFile {
+        data_keys.push_str(&format!(" (profile {})", key.spec.secret.profile));
+    }
+    if layout.type_ != "Opaque" {
+        data_keys.push_str(&format!(", type {}", layout.type_));
+    }
     match &facts.secret {
         Some(secret) => {
             let holds = secret.annotations().get(ACCESS_KEY_ID_ANNOTATION).map(String::as_str).unwrap_or("no key yet");

@@ -13,7 +13,7 @@ use tracing::debug;
 
 use super::{
     Context, Slot,
-    secret::{build_secret, layout_stale, observe_secret, secret_name},
+    secret::{check_template, layout_stale, observe_secret, secret_name},
     status::{POLICY_OVERRIDE, set_policy_override, set_ready},
 };
 use crate::{
@@ -25,7 +25,7 @@ use crate::{
     iam::{IamError, IamUser},
     metrics::ResourceSnapshot,
     plan::{
-        Blocked, Ledger, Observation, Owner, SecretObservation, Step, UserObservation, plan_next_step,
+        Blocked, Ledger, Observation, Owner, SecretLayout, SecretObservation, Step, UserObservation, plan_next_step,
         record::{self, STEP_BUDGET},
     },
     policy::{Decision, Limits, NamespaceFacts, Overrides, UserFacts, authorize},
@@ -43,6 +43,8 @@ pub async fn apply(obj: &Arc<IamAccessKey>, ctx: &Context, slot: Slot) -> Result
         if obj.is_paused() && run.limits.pause_allowed() {
             return Err(run.blocked(Blocked::Paused));
         }
+        // A template that does not render is refused before anything is written.
+        check_template(obj)?;
         run.observe().await?;
         run.converge().await
     }
@@ -103,12 +105,15 @@ pub async fn observe_user(ctx: &Context, user: &str) -> Result<UserObservation, 
     }
 }
 
-pub async fn observe_secret_meta(ctx: &Context, obj: &IamAccessKey) -> Result<(SecretObservation, bool), Error> {
+pub async fn observe_secret_meta(
+    ctx: &Context,
+    obj: &IamAccessKey,
+) -> Result<(SecretObservation, SecretLayout), Error> {
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &obj.namespace().unwrap_or_default());
     let meta = secrets.get_metadata_opt(&secret_name(obj)).await.context("reading the Secret's metadata")?;
     let observation = observe_secret(obj, meta.as_ref());
     let stale = matches!(observation, SecretObservation::Ours { .. }) && layout_stale(obj, meta.as_ref());
-    Ok((observation, stale))
+    Ok((observation, if stale { SecretLayout::Stale } else { SecretLayout::Current }))
 }
 
 /// What the policies say about a resource.
@@ -205,7 +210,7 @@ struct Run<'a> {
     /// What the policies overrule of the resource's settings (`None`: not decided yet).
     overrides: Option<Overrides>,
     secret: SecretObservation,
-    secret_layout_stale: bool,
+    secret_layout: SecretLayout,
     slot: Slot,
 }
 
@@ -228,7 +233,7 @@ impl<'a> Run<'a> {
             limits: Limits::default(),
             overrides: None,
             secret: SecretObservation::Missing,
-            secret_layout_stale: false,
+            secret_layout: SecretLayout::Current,
             slot,
         }
     }
@@ -268,7 +273,7 @@ impl<'a> Run<'a> {
     }
 
     async fn observe(&mut self) -> Result<(), Error> {
-        (self.secret, self.secret_layout_stale) = observe_secret_meta(self.ctx, self.obj).await?;
+        (self.secret, self.secret_layout) = observe_secret_meta(self.ctx, self.obj).await?;
         self.user = observe_user(self.ctx, self.user_name()).await?;
         // The user was read for the policy already: its tags are known.
         if let (UserObservation::Found { tags, .. }, Some(info)) = (&mut self.user, &self.user_info) {
@@ -303,7 +308,7 @@ impl<'a> Run<'a> {
                 last_used_read_at,
                 current_last_used: self.current_last_used(),
                 limits: &self.limits,
-                secret_layout_stale: self.secret_layout_stale,
+                secret_layout: self.secret_layout,
             });
             debug!(?step, "planned");
             if let Step::Done { wake_at } = step {
@@ -436,10 +441,9 @@ impl<'a> Run<'a> {
 
     /// Write the Secret: created when missing (so a Secret someone else just created is never
     /// taken over), server-side applied when it is ours.
-    async fn publish(&mut self, id: &str, secret: &crate::iam::SecretAccessKey) -> Result<(), Error> {
+    async fn publish(&mut self, id: &str, mut object: Secret) -> Result<(), Error> {
         let ns = self.obj.namespace().unwrap_or_default();
         let api: Api<Secret> = Api::namespaced(self.ctx.client.clone(), &ns);
-        let mut object = build_secret(self.obj, id, secret);
         let params = PostParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() };
         // Before the write: its watch event can arrive before the call returns.
         self.ctx.remember_published(&ns, &self.secret_name, id);

@@ -20,6 +20,13 @@ pub const ACCESS_KEY_ID_ANNOTATION: &str = "iam.keyop.dev/access-key-id";
 /// Secret annotation with a fingerprint of `spec.secret` (format, profile, labels, annotations)
 /// the Secret was written with: a change of the spec shows up in the metadata-only watch.
 pub const LAYOUT_ANNOTATION: &str = "iam.keyop.dev/secret-layout";
+/// Secret annotation with a fingerprint of the data layout alone (type and templates): a change
+/// of labels or annotations only keeps the data as it is.
+pub const DATA_LAYOUT_ANNOTATION: &str = "iam.keyop.dev/secret-data-layout";
+/// Secret annotation saying where the secret access key stands verbatim in the data
+/// (`<data key>:<offset>:<length>`), so that a new layout can be written with the same key;
+/// absent when the data holds only values derived from it.
+pub const SECRET_AT_ANNOTATION: &str = "iam.keyop.dev/secret-at";
 /// Pod-template annotation whose change makes a restart target roll out.
 pub const RESTARTED_FOR_ANNOTATION: &str = "iam.keyop.dev/restarted-for";
 

@@ -131,8 +131,21 @@ pub struct Observation<'a> {
     pub last_used_read_at: Option<Timestamp>,
     /// What the tenancy policies impose.
     pub limits: &'a Limits,
-    /// The Secret (ours) was written for another format, profile, labels or annotations.
-    pub secret_layout_stale: bool,
+    /// How the Secret (ours) stands to the layout `spec.secret` asks for.
+    pub secret_layout: SecretLayout,
+}
+
+/// How the Secret (ours) stands to the layout `spec.secret` asks for.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SecretLayout {
+    #[default]
+    Current,
+    /// Written for another template, format, profile, labels or annotations: rewrite it with the
+    /// same key.
+    Stale,
+    /// Stale, and its key cannot be read back from it (the old layout holds only values derived
+    /// from the secret): only a new key can be written in the new layout.
+    Unrecoverable,
 }
 
 /// Why a new key is issued.
@@ -152,6 +165,8 @@ pub enum NewKeyReason {
     Requested,
     /// A policy's `maxKeyAge` was reached.
     MaxKeyAge,
+    /// `spec.secret`'s layout changed and the Secret's key cannot be read back for it.
+    LayoutChanged,
 }
 
 impl NewKeyReason {
@@ -164,6 +179,7 @@ impl NewKeyReason {
             NewKeyReason::Serial => "Serial",
             NewKeyReason::Requested => "Requested",
             NewKeyReason::MaxKeyAge => "MaxKeyAge",
+            NewKeyReason::LayoutChanged => "LayoutChanged",
         }
     }
 }
@@ -518,7 +534,7 @@ fn plan_owned_keys(obs: &Observation, keys: &[IamKey], tags: Option<&BTreeMap<St
     };
 
     // 3b. The Secret follows spec.secret's layout; workloads roll out once per published key.
-    if obs.secret_layout_stale {
+    if obs.secret_layout == SecretLayout::Stale {
         return Step::RewriteSecret { access_key_id: current.access_key_id.clone() };
     }
     if !obs.spec.restart_targets.is_empty() && ledger.restarted_for.as_deref() != Some(current.access_key_id.as_str()) {
@@ -669,6 +685,9 @@ fn new_key_reason(obs: &Observation, current: Option<&OwnedKey>, secret_key_id: 
     // Requested rotations wait for a previous one to finish draining: one rotation at a time.
     if obs.ledger.keys.iter().any(|k| k.phase == KeyPhase::Draining) {
         return None;
+    }
+    if obs.secret_layout == SecretLayout::Unrecoverable {
+        return Some(NewKeyReason::LayoutChanged);
     }
     let rotation = obs.spec.rotation.as_ref();
     if rotation.is_some_and(|r| r.serial > obs.ledger.rotated_serial) {

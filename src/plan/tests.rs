@@ -63,6 +63,7 @@ struct World {
     current_last_used: Option<Timestamp>,
     last_used_read_at: Option<Timestamp>,
     limits: crate::policy::Limits,
+    secret_layout: SecretLayout,
 }
 
 impl World {
@@ -78,6 +79,7 @@ impl World {
             current_last_used: None,
             last_used_read_at: None,
             limits: Default::default(),
+            secret_layout: SecretLayout::Current,
         }
     }
 
@@ -96,7 +98,7 @@ impl World {
             current_last_used: self.current_last_used,
             last_used_read_at: self.last_used_read_at,
             limits: &self.limits,
-            secret_layout_stale: false,
+            secret_layout: self.secret_layout,
         })
     }
 }
@@ -108,6 +110,27 @@ fn converged() -> World {
     w.ledger.key_status = Some(KeyStatus::Active);
     w.secret = SecretObservation::Ours { access_key_id: Some("A".into()) };
     w
+}
+
+#[test]
+fn a_stale_layout_is_rewritten_and_one_that_cannot_be_read_back_takes_a_new_key_after_any_drain() {
+    let mut w = converged();
+    w.secret_layout = SecretLayout::Stale;
+    assert_eq!(w.plan(), Step::RewriteSecret { access_key_id: "A".into() });
+    w.secret_layout = SecretLayout::Unrecoverable;
+    assert_eq!(w.plan(), Step::StartCreate { existing_key_ids: vec!["A".into()] });
+    pending(&mut w, &["A"], 100);
+    assert_eq!(w.plan(), Step::CreateKey { reason: NewKeyReason::LayoutChanged });
+    // One rotation at a time: while a previous key drains, the Secret keeps its old layout and
+    // is not read again in a loop.
+    let mut w = converged();
+    w.user = UserObservation::Found {
+        keys: vec![iam_key("A", KeyStatus::Active), iam_key("B", KeyStatus::Active)],
+        tags: Some(claimed_with(&["A", "B"])),
+    };
+    w.ledger.keys.push(OwnedKey { deactivate_at: Some(Time(t(500))), ..owned("B", KeyPhase::Draining) });
+    w.secret_layout = SecretLayout::Unrecoverable;
+    assert!(matches!(w.plan(), Step::Done { wake_at: Some(_) }), "{:?}", w.plan());
 }
 
 #[test]

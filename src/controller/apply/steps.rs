@@ -7,14 +7,14 @@ use kube::{Api, ResourceExt, runtime::events::EventType};
 
 use super::Run;
 use crate::{
-    controller::secret::secret_in,
+    controller::secret::{build_secret, data_layout_current, held_content, recover_secret, render_secret},
     crd::{ACCESS_KEY_ID_ANNOTATION, KeyStatus, OWNER_TAG, ROTATE_REQUESTED_AT_ANNOTATION},
     error::{Error, KubeContext},
     failpoint,
     iam::NewKey,
     keys::IamKey,
     metrics::ReasonLabels,
-    plan::{NewKeyReason, SecretObservation, record},
+    plan::{NewKeyReason, SecretLayout, SecretObservation, record},
 };
 
 impl Run<'_> {
@@ -135,11 +135,11 @@ impl Run<'_> {
 
     /// Create -> tag -> verify -> publish -> record. The secret exists only in this function's
     /// memory; a crash anywhere leaves something the planner recognises and cleans up.
-    pub(super) async fn create_key(&mut self, reason: NewKeyReason) -> Result<(), Error> {
+    /// The user's ARN: read this reconcile, or recently (a rotation of a converged resource
+    /// reads nothing but the key list).
+    async fn user_arn(&mut self) -> Result<String, Error> {
         let user = self.user_name().to_owned();
-        // What the new key must authenticate as: read this reconcile, or recently (a rotation of
-        // a converged resource reads nothing but the key list).
-        let user_arn = match (&self.user_info, self.ctx.recent_user(&user)) {
+        Ok(match (&self.user_info, self.ctx.recent_user(&user)) {
             (Some(info), _) => info.arn.clone(),
             (None, Some(seen)) => seen.arn,
             (None, None) => {
@@ -147,7 +147,13 @@ impl Run<'_> {
                 self.ctx.remember_user(&user, &info);
                 info.arn
             }
-        };
+        })
+    }
+
+    pub(super) async fn create_key(&mut self, reason: NewKeyReason) -> Result<(), Error> {
+        let user = self.user_name().to_owned();
+        // What the new key must authenticate as, and the template's user_arn and account_id.
+        let user_arn = self.user_arn().await?;
         // By the real clock, not the reconcile's: a long reconcile or a late restart renews the
         // record first, so that a key this create leaves untagged falls inside its window.
         if record::renew_pending_create(&mut self.status, record::whole_seconds(Timestamp::now())) {
@@ -161,6 +167,15 @@ impl Run<'_> {
         self.ctx.iam.tag_user(&user, &tags).await?;
         failpoint!("after-tag");
         self.user.key_created(key.clone(), tags);
+        // Rendered once per key. The dry run passed, so this fails only on the key's own
+        // values; the key is then of no use.
+        let object = match render_secret(self.obj, &id, &secret, &user_arn) {
+            Ok(object) => object,
+            Err(e) => {
+                self.delete_key(&id, true).await?;
+                return Err(e);
+            }
+        };
         if let Err(e) = self.verify(&id, &secret, &user_arn, created).await {
             // The user may have been recreated: read it again next time.
             self.ctx.forget_user(&user);
@@ -168,7 +183,7 @@ impl Run<'_> {
             self.delete_key(&id, true).await?;
             return Err(e);
         }
-        if let Err(e) = self.publish(&id, &secret).await {
+        if let Err(e) = self.publish(&id, object).await {
             // A key whose Secret could not be written is a key nobody can use: delete it now.
             // Should that fail too, it is an orphan the next reconcile deletes before anything else.
             if let Err(cleanup) = self.delete_key(&id, true).await {
@@ -228,25 +243,37 @@ impl Run<'_> {
         self.save_status().await
     }
 
+    /// The same key in the layout the spec now asks for: the data kept as it is when only
+    /// labels or annotations changed, else rendered again with the secret read back from the
+    /// Secret. Where it cannot be (the data holds only values derived from it), only a new key
+    /// can take the new layout (`SecretLayout::Unrecoverable`).
     pub(super) async fn rewrite_secret(&mut self, access_key_id: &str) -> Result<(), Error> {
         let api: Api<k8s_openapi::api::core::v1::Secret> =
             Api::namespaced(self.ctx.client.clone(), &self.obj.namespace().unwrap_or_default());
         let held = api.get(&self.secret_name).await.context("reading the Secret")?; // the one read of secret data
         let id_held = held.metadata.annotations.as_ref().and_then(|a| a.get(ACCESS_KEY_ID_ANNOTATION));
-        match secret_in(&held) {
-            Some(secret) if id_held.is_some_and(|id| id == access_key_id) => {
-                self.publish(access_key_id, &secret).await?;
-                self.secret_layout_stale = false;
-                // A new key is announced by KeyCreated; this is the same key, new layout.
-                let note = format!(
-                    "rewrote Secret {} with access key {access_key_id} in the layout the spec asks for",
-                    self.secret_name
-                );
-                self.note(EventType::Normal, "SecretWritten", note).await;
-            }
-            // Unreadable: treat its key as lost, which issues a new one through the grace steps.
-            _ => self.secret = SecretObservation::Ours { access_key_id: None },
+        if id_held.is_none_or(|id| id != access_key_id) {
+            // Not the key status names: treat it as lost, which issues a new one through the grace steps.
+            self.secret = SecretObservation::Ours { access_key_id: None };
+            return Ok(());
         }
+        let object = if data_layout_current(self.obj, &held) {
+            build_secret(self.obj, access_key_id, held_content(&held))
+        } else if let Some(secret) = recover_secret(&held) {
+            let user_arn = self.user_arn().await?;
+            render_secret(self.obj, access_key_id, &secret, &user_arn)?
+        } else {
+            self.secret_layout = SecretLayout::Unrecoverable;
+            return Ok(());
+        };
+        self.publish(access_key_id, object).await?;
+        self.secret_layout = SecretLayout::Current;
+        // A new key is announced by KeyCreated; this is the same key, new layout.
+        let note = format!(
+            "rewrote Secret {} with access key {access_key_id} in the layout the spec asks for",
+            self.secret_name
+        );
+        self.note(EventType::Normal, "SecretWritten", note).await;
         Ok(())
     }
 

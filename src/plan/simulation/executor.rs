@@ -14,7 +14,8 @@ use crate::{
     crd::{IamAccessKeySpec, IamAccessKeyStatus, KEY_TAG_PREFIX, KeyStatus, OWNER_TAG},
     keys::{IamKey, KeyLastUsed},
     plan::{
-        Blocked, Ledger, NewKeyReason, Observation, SecretObservation, Step, UserObservation, plan_next_step,
+        Blocked, Ledger, NewKeyReason, Observation, SecretLayout, SecretObservation, Step, UserObservation,
+        plan_next_step,
         record::{self, LastUseSchedule, STEP_BUDGET},
     },
 };
@@ -147,7 +148,7 @@ impl Sim {
             current_last_used,
             last_used_read_at: schedule.read_at,
             limits: &self.limits,
-            secret_layout_stale: false,
+            secret_layout: SecretLayout::Current,
         });
         self.log(format!("  plan: {step:?}"));
         *self.coverage.steps.entry(step_name(&step)).or_default() += 1;
