@@ -19,7 +19,7 @@ help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
 .PHONY: tools
-tools: ## Build/install the real parts: kube-apiserver, etcd, kubectl, helm, Argo CD's gopher-lua (Go modules), moto (PyPI), Lua 5.1
+tools: ## Build/install the real parts: kube-apiserver, etcd, kubectl, helm, Argo CD's gopher-lua (Go modules), moto and the AWS CLI (PyPI), Lua 5.1
 	hack/k8s-tools.sh >/dev/null
 	hack/argocd-lua.sh >/dev/null
 	hack/moto.sh >/dev/null

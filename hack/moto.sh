@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Installs moto's server (the IAM and STS endpoint the tests and the demo talk to), pinned by
-# MOTO_VERSION in hack/versions.env, into a per-version virtualenv outside the repo. Idempotent:
+# MOTO_VERSION in hack/versions.env, into a per-version virtualenv outside the repo, and the AWS
+# CLI (AWSCLI_VERSION) beside it, which the tests run against rendered Secrets. Idempotent:
 # an installed, complete venv is reused. Prints the path of its `moto_server` executable last.
 #
-#   hack/moto.sh          install if missing, print the moto_server path
-#   hack/moto.sh --path   only print the path (exit 1 if not installed)
+#   hack/moto.sh              install if missing, print the moto_server path
+#   hack/moto.sh --path       only print the path (exit 1 if not installed)
+#   hack/moto.sh --aws-path   only print the path of the venv's `aws` (exit 1 if not installed)
 #
 # Environment: IKO_TOOLS_CACHE (default ${XDG_CACHE_HOME:-$HOME/.cache}/iam-key-operator),
 # IKO_PYTHON (the interpreter the venv is made from; default python3, needs >= 3.9).
@@ -19,15 +21,31 @@ venv="$cache/moto-$MOTO_VERSION"
 server="$venv/bin/moto_server"
 # Written last, only after a complete install: a half-made venv is never taken as installed.
 marker="$venv/.installed"
+aws="$venv/bin/aws"
+aws_marker="$venv/.awscli-$AWSCLI_VERSION"
 
 log() { echo "moto: $*" >&2; }
 die() { echo "moto: error: $*" >&2; exit 1; }
 
 installed() { [ -f "$marker" ] && [ -x "$server" ] && [ -x "$venv/bin/python" ]; }
+aws_installed() { [ -f "$aws_marker" ] && [ -x "$aws" ]; }
+
+# Into an installed venv: pip keeps moto's botocore, which this AWS CLI version requires.
+install_awscli() {
+  log "installing awscli==$AWSCLI_VERSION from PyPI into $venv"
+  "$venv/bin/python" -m pip install --quiet "awscli==$AWSCLI_VERSION" >&2 \
+    || die "pip could not install awscli==$AWSCLI_VERSION (is PyPI reachable?)"
+  [ -x "$aws" ] || die "awscli installed but $aws is missing"
+  touch "$aws_marker"
+}
 
 if [ "${1:-}" = "--path" ]; then
   installed || die "moto $MOTO_VERSION is not installed: run hack/moto.sh (or make tools)"
   echo "$server"; exit 0
+fi
+if [ "${1:-}" = "--aws-path" ]; then
+  installed && aws_installed || die "awscli $AWSCLI_VERSION is not installed: run hack/moto.sh (or make tools)"
+  echo "$aws"; exit 0
 fi
 [ $# -eq 0 ] || die "usage: $0 [--path]"
 
@@ -38,6 +56,7 @@ if command -v flock >/dev/null; then flock 9; fi
 
 if installed; then
   log "moto $MOTO_VERSION already installed in $venv"
+  aws_installed || install_awscli
   echo "$server"; exit 0
 fi
 
@@ -62,4 +81,5 @@ got=$("$venv/bin/python" -c 'import moto; print(moto.__version__)') \
 [ "$got" = "$MOTO_VERSION" ] || { rm -rf "$venv"; die "pip installed moto $got, wanted $MOTO_VERSION"; }
 touch "$marker"
 log "moto $MOTO_VERSION installed"
+install_awscli
 echo "$server"

@@ -417,6 +417,12 @@ fn every_ready_error() -> Vec<Error> {
         Error::NotAuthorized("no IamAccessKeyPolicy allows it".into()),
         Error::PolicyViolation("spec.rotation.interval is too short".into()),
         Error::Invalid("spec.secret.name is taken".into()),
+        Error::InvalidTemplate(iam_key_operator::template::TemplateError {
+            key: Some("password".into()),
+            line: Some(1),
+            column: Some(4),
+            problem: "missing argument; fix the template".into(),
+        }),
         Error::Finalizer { what: "could not add the finalizer", source: None },
     ];
     for e in &errors {
@@ -454,6 +460,7 @@ fn listed_in_every_ready_error(e: &Error) {
         | Error::NotAuthorized(_)
         | Error::PolicyViolation(_)
         | Error::Invalid(_)
+        | Error::InvalidTemplate(_)
         | Error::Finalizer { .. } => {}
     }
 }

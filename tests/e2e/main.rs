@@ -26,6 +26,7 @@ mod reconcile;
 mod rotation;
 mod secrecy;
 mod soak;
+mod templates;
 mod tenancy;
 mod tenant_escapes;
 mod upgrade;
