@@ -304,6 +304,20 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_template_examples_render() {
+        use serde::Deserialize;
+        let text = include_str!("../../deploy/examples/templates.yaml");
+        let mut seen = 0;
+        for doc in serde_yaml::Deserializer::from_str(text) {
+            let obj = IamAccessKey::deserialize(doc).unwrap();
+            check_template(&obj).unwrap_or_else(|e| panic!("{}: {e}", obj.metadata.name.as_deref().unwrap_or("?")));
+            assert!(obj.spec.secret.template.is_some());
+            seen += 1;
+        }
+        assert_eq!(seen, 2);
+    }
+
+    #[test]
     fn a_secret_owned_by_another_uid_is_not_ours() {
         let obj = resource("Env");
         let mut meta = PartialObjectMeta::<Secret>::default();
