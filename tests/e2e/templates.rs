@@ -263,6 +263,9 @@ async fn the_api_server_refuses_what_it_can_check() {
     let refused = attempt(json!({"template": {"data": {"a": "x".repeat(16 * 1024 + 1)}}})).await;
     assert!(refused.contains("spec.secret.template.data"), "{refused}");
 
+    assert_eq!(attempt(json!({"template": null})).await, "", "an explicit null is no template");
+    api.delete("x", &Default::default()).await.expect("delete");
+
     // The type of a Secret is immutable: it changes only with the Secret's name.
     f.create("typed", json!({"secret": {"template": {"type": "example.com/aws", "data": {"a": "x"}}}})).await;
     let change = |spec: serde_json::Value| {
