@@ -1,9 +1,10 @@
 //! The secret access key lives only in the Secret: never in logs (at trace level), events,
 //! status, metrics or error messages — through every path on which the operator holds one:
-//! create in both formats, rotation, a layout rewrite, adoption after a crash, a key whose
-//! verification fails, a Secret write the API server refuses, and deletion. The secrets scanned
-//! for are every one IAM handed out (recorded by the proxy in front of it), published or not,
-//! in plain, base64 and URL-encoded form.
+//! create in both formats, rotation, a layout rewrite (formats and templates), a new key for a
+//! template that cannot be rewritten, adoption after a crash, a key whose verification fails, a
+//! Secret write the API server refuses, and deletion. The secrets scanned for are every one IAM
+//! handed out (recorded by the proxy in front of it), published or not, in plain, base64 and
+//! URL-encoded form.
 
 use crate::support;
 use std::time::Duration;
@@ -53,6 +54,17 @@ async fn the_secret_appears_nowhere_but_in_the_secret() {
     let relayout = json!({"spec": {"secret": {"format": "CredentialsFile", "profile": "ci"}}});
     f.keys_api().patch("app", &PatchParams::default(), &Patch::Merge(&relayout)).await.unwrap();
     wait_secret_has(&f, "app", "credentials").await;
+    // Templates: a JSON rewrite of the same key (read back where the last render put it), a
+    // layout of derived values only, then a change of it, which takes a new key.
+    for (data, key) in [
+        (json!({"aws.json": "{{ {'id': access_key_id, 'secret': secret_access_key} | tojson }}"}), "aws.json"),
+        (json!({"aws.json": null, "password": "{{ ses_smtp_password(secret_access_key, 'eu-west-1') }}"}), "password"),
+        (json!({"password": null, "smtp": "{{ ses_smtp_password(secret_access_key, 'us-east-1') }}"}), "smtp"),
+    ] {
+        let relayout = json!({"spec": {"secret": {"format": null, "template": {"data": data}}}});
+        f.keys_api().patch("app", &PatchParams::default(), &Patch::Merge(&relayout)).await.unwrap();
+        wait_secret_has(&f, "app", key).await;
+    }
 
     // The credentials-file format from the start.
     f.create("file", json!({"userName": user("file"), "secret": {"format": "CredentialsFile"}})).await;
@@ -93,13 +105,16 @@ async fn the_secret_appears_nowhere_but_in_the_secret() {
     seen.push_str(&op.metrics().await);
     let log = op.log();
     assert!(log.contains("TRACE"), "the operator ran at trace level");
-    for reason in ["KeyCreated", "KeyAdopted", "SecretWritten", "KeyVerificationFailed", "SecretConflict"] {
+    for reason in
+        ["KeyCreated", "KeyAdopted", "SecretWritten", "LayoutChanged", "KeyVerificationFailed", "SecretConflict"]
+    {
         assert!(seen.contains(reason), "the scan saw {reason}: the path ran");
     }
 
     let secrets = proxy.secrets_seen();
-    // app: first + rotation; file; verify: at least one, as sent and as corrupted; refused.
-    assert!(secrets.len() >= 6, "IAM handed out the secrets of every path: {}", secrets.len());
+    // app: first + rotation + layout change; file; verify: at least one, as sent and as
+    // corrupted; refused.
+    assert!(secrets.len() >= 7, "IAM handed out the secrets of every path: {}", secrets.len());
     println!(
         "scanned {} secrets IAM handed out, 6 forms each, in {} bytes of log and {} bytes of status, events and metrics",
         secrets.len(),
