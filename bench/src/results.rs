@@ -5,7 +5,7 @@ use std::{collections::BTreeMap, path::Path};
 
 use serde::{Deserialize, Serialize};
 
-use crate::procfs::CpuUse;
+use crate::{operator::Flags, procfs::CpuUse};
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Results {
@@ -268,6 +268,11 @@ impl Results {
         self.aws_like.retain(|x| !(x.run.n == a.run.n && x.throttle_rps == a.throttle_rps));
         self.aws_like.push(a);
         self.aws_like.sort_by(|a, b| a.run.n.cmp(&b.run.n).then(a.throttle_rps.total_cmp(&b.throttle_rps)));
+    }
+
+    /// The operator's run at N on moto with every flag at its default.
+    pub fn operator_defaults(&self, n: usize) -> Option<&Convergence> {
+        self.convergence.iter().find(|c| c.who == "operator" && c.n == n && c.flags == Flags::default().describe())
     }
 
     pub fn floor(&self, n: usize) -> Option<&Convergence> {
