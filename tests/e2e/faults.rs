@@ -1106,7 +1106,7 @@ async fn keys_waiting_to_authenticate_hold_no_reconcile_slot() {
     let f = Fixture::new("propagation").await;
     let users = make_users(&f, N).await;
     let all = names("r", 0..N);
-    let proxy = FaultProxy::start(f.env).await;
+    let proxy = fault_proxy(f.env).await;
     let refused_for = (Duration::from_secs(3), Duration::from_secs(4));
     proxy.set(Faults { new_key_refused_for: Some(refused_for), ..Faults::none() });
     let op = via_proxy(&f, &proxy, &["--concurrency", "1"]);
