@@ -39,9 +39,9 @@ use crate::{
     results::{AwsLike, Convergence, Empty, Idle, Latency, Restart, Results, RunInfo, Steady, Unrelated, percentile},
 };
 
-/// The rate the operator's default (adaptive) limit starts at, in calls per second: half of
-/// `--iam-rate-max` (20). Against moto, which never throttles, it rises to 20 within seconds, so
-/// timeouts computed from this are conservative.
+/// A rate the operator's default (adaptive) limit stays above, in calls per second, for
+/// timeouts: it starts at half of `--iam-rate-max` (50) and rises against moto; under the
+/// AWS-like profile it settles near the quota (20/s by default).
 const OPERATOR_DEFAULT_RATE: f64 = 10.0;
 /// The operator's own default `--iam-burst`.
 const OPERATOR_DEFAULT_BURST: u32 = 20;
