@@ -534,6 +534,33 @@ async fn a_lost_create_access_key_response_leaves_no_extra_key() {
     assert_no_extra_keys(&f, &proxy, &all, &users).await;
 }
 
+/// A new key's tag whose answer is lost is tried again at once, with the key's secret still in
+/// hand: the key is kept (a later reconcile could only delete it and make another).
+#[tokio::test]
+async fn a_lost_tag_answer_after_a_create_keeps_the_new_key() {
+    const N: usize = 3;
+    let f = Fixture::new("losttag").await;
+    let users = make_users(&f, N).await;
+    let all = names("r", 0..N);
+    let proxy = fault_proxy(f.env).await;
+    proxy.set(Faults { lose_first_response_of: Some("TagUser".into()), ..Faults::none() });
+    let _op = via_proxy(&f, &proxy, &[]);
+    let t0 = Instant::now();
+    for (name, user) in all.iter().zip(&users) {
+        create_for(&f, name, user, json!({})).await;
+    }
+    wait_all(&f, &all, Duration::from_secs(60), "settled", settled).await;
+    let calls = proxy.calls_since(t0);
+    let lost = calls.iter().filter(|c| c.action == "TagUser" && c.outcome == Outcome::Dropped).count();
+    let deleted = calls.iter().filter(|c| c.action == "DeleteAccessKey").count();
+    assert_eq!(lost, N, "every first TagUser answer was lost");
+    assert_eq!((keys_created_since(&proxy, t0), deleted), (N, 0), "one key per resource, none deleted");
+    assert_no_extra_keys(&f, &proxy, &all, &users).await;
+    for (name, user) in all.iter().zip(&users) {
+        assert_user_consistent(&f, name, user, &[]).await;
+    }
+}
+
 #[tokio::test]
 async fn a_failed_untag_after_a_key_deletion_leaves_no_tag_behind() {
     let f = Fixture::new("untag").await;
