@@ -3,8 +3,8 @@
 //! set. See docs/benchmarks.md, which `--report` writes.
 //!
 //! ```text
-//! cargo build --release && cargo run --release -p bench -- --all --report   # what make bench does
-//! cargo run --release -p bench -- --convergence --floor --n 200              # one part, small
+//! hack/build-image-binary.sh && cargo run --release -p bench -- --all --report   # what make bench does
+//! cargo run --release -p bench -- --convergence --floor --n 200                  # one part, small
 //! cargo run -p bench -- --timeline      # redraw the rotation timeline in docs/ (no environment)
 //! ```
 
@@ -136,8 +136,9 @@ struct Args {
     unrelated_secrets: usize,
     #[arg(long, default_value_t = 10_240)]
     unrelated_bytes: usize,
-    /// The operator binary (default: release/iam-key-operator in $CARGO_TARGET_DIR, else in this
-    /// repository's target/).
+    /// The operator binary (default: the one the image ships, as hack/build-image-binary.sh
+    /// builds it: <arch>-unknown-linux-musl/release/iam-key-operator in $CARGO_TARGET_DIR, else in
+    /// this repository's target/).
     #[arg(long)]
     operator_bin: Option<PathBuf>,
     /// Results file (default: target/bench/results.json).
@@ -214,8 +215,9 @@ async fn run(mut args: Args) {
         let started_at = now_string();
         let loadavg_start = procfs::loadavg();
         let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
-        let bin = args.operator_bin.clone().unwrap_or_else(|| target.join("release/iam-key-operator"));
-        assert!(bin.is_file(), "{} is missing: run `cargo build --release` first (make bench does)", bin.display());
+        let musl = format!("{}-unknown-linux-musl/release/iam-key-operator", std::env::consts::ARCH);
+        let bin = args.operator_bin.clone().unwrap_or_else(|| target.join(musl));
+        assert!(bin.is_file(), "{} is missing: run hack/build-image-binary.sh first (make bench does)", bin.display());
         eprintln!("bench: starting etcd, kube-apiserver, kube-controller-manager and moto ...");
         let env = TestEnv::start_async(testenv::Options::default().crds_dir(root.join("crds")))
             .await

@@ -282,14 +282,18 @@ fn generated(r: &Results, s: &mut String, images: bool) {
     w(s, "\n## How these numbers were taken\n".into());
     w(
         s,
-        "`make bench` builds the operator in release mode (`cargo build --release --locked`) and runs \
-         `cargo run --release --locked -p bench -- --all --report --fresh`: it starts a real etcd, \
-         kube-apiserver and kube-controller-manager and moto on loopback (the `testenv` crate), runs the \
-         operator's release binary (`target/release/iam-key-operator`) as a child process, and writes this \
-         section and `docs/img/*.svg`. Every part runs alone too (`--floor`, `--convergence`, `--latency`, \
-         `--steady`, `--restart`, `--empty`, `--unrelated`, with `--n`; see `--help`). Raw data: \
-         `target/bench/results.json`."
-            .into(),
+        format!(
+            "`make bench` builds the operator as the image ships it, with the script the Dockerfile runs \
+             (`hack/build-image-binary.sh`: `cargo build --release --locked --target {arch}-unknown-linux-musl \
+             --bin iam-key-operator`, a static musl binary whose allocator is mimalloc), and runs \
+             `cargo run --release --locked -p bench -- --all --report --fresh`: it starts a real etcd, \
+             kube-apiserver and kube-controller-manager and moto on loopback (the `testenv` crate), runs that \
+             binary (`target/{arch}-unknown-linux-musl/release/iam-key-operator`) as a child process, and writes this \
+             section and `docs/img/*.svg`. Every part runs alone too (`--floor`, `--convergence`, `--latency`, \
+             `--steady`, `--restart`, `--empty`, `--unrelated`, with `--n`; see `--help`). Raw data: \
+             `target/bench/results.json`.",
+            arch = std::env::consts::ARCH
+        ),
     );
     w(s, String::new());
     for run in &r.runs {
