@@ -185,16 +185,10 @@ async fn run(mut args: Args) {
         args.unrelated = true;
         args.aws_like = true;
     }
-    let chosen = args.floor
-        || args.convergence
-        || args.latency
-        || args.steady
-        || args.restart
-        || args.empty
-        || args.unrelated
-        || args.aws_like
-        || args.report;
-    if !chosen {
+    let measures = |a: &Args| {
+        a.floor || a.convergence || a.latency || a.steady || a.restart || a.empty || a.unrelated || a.aws_like
+    };
+    if !measures(&args) && !args.report {
         // `bench --n 1000`: the floor and the operator's convergence.
         args.floor = true;
         args.convergence = true;
@@ -202,14 +196,7 @@ async fn run(mut args: Args) {
     let root = testenv::repo_root();
     let results_path = args.results.clone().unwrap_or_else(|| root.join("target/bench/results.json"));
     let mut results = if args.fresh { Results::default() } else { Results::load(&results_path) };
-    let measuring = args.floor
-        || args.convergence
-        || args.latency
-        || args.steady
-        || args.restart
-        || args.empty
-        || args.unrelated
-        || args.aws_like;
+    let measuring = measures(&args);
     if measuring {
         let started = Instant::now();
         let started_at = now_string();

@@ -1163,7 +1163,9 @@ async fn keys_waiting_to_authenticate_hold_no_reconcile_slot() {
     );
     assert!(most_waiting >= 2, "with one slot, keys waiting to authenticate must not hold it ({most_waiting} at most)");
     assert_eq!(verifying(&op.metrics().await), 0, "no key left waiting");
-    assert!(checks <= 2 * (N - 2), "{checks} STS checks for {} keys", N - 2);
+    // Learned from two keys, the first wait can fall short by the retry step: at most three
+    // checks a key (a fixed schedule from 250 ms would take five or six).
+    assert!(checks <= 3 * (N - 2), "{checks} STS checks for {} keys", N - 2);
     for (name, user) in all.iter().zip(&users) {
         assert_user_consistent(&f, name, user, &[]).await;
     }
