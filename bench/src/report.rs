@@ -533,7 +533,8 @@ fn peer(r: &Results, s: &mut String) {
     row("IAM calls per key to converge", "4.0", per_key(moto_run, &iam), per_key(aws_run, &iam));
     row("Kubernetes write requests per key to converge", "17.5", per_key(moto_run, &writes), per_key(aws_run, &writes));
     let steady = |f: &dyn Fn(&crate::results::Steady) -> f64| {
-        r.steady.as_ref().map_or_else(dash, |st| format!("{:.2}", st.per_key_hour(f(st))))
+        // `+ 0.0` turns a negative zero (a difference of counters) into 0.00, not -0.00.
+        r.steady.as_ref().map_or_else(dash, |st| format!("{:.2}", st.per_key_hour(f(st)) + 0.0))
     };
     row("steady state: IAM calls per key per hour", "59.6", steady(&|st| total(&st.iam_calls)), dash());
     row(
