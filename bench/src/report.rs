@@ -379,13 +379,22 @@ fn targets(r: &Results, s: &mut String) {
             verdict(iam_w == 0.0 && kube_w == 0.0),
         ));
     }
-    if let Some(o) = r.operator_fast(5000)
-        && let (Some(st), Some(pk)) = (o.rss_steady_kib, o.rss_peak_kib)
-    {
+    // The target is the memory kept after a burst and a fresh operator's; the peak
+    // during the burst is shown beside it.
+    let bursts: Vec<&Convergence> =
+        r.convergence.iter().filter(|c| c.who == "operator" && c.n == 5000 && c.rss_steady_kib.is_some()).collect();
+    if let Some(after) = bursts.iter().filter_map(|c| c.rss_steady_kib).max() {
+        let peak = bursts.iter().filter_map(|c| c.rss_peak_kib).max().unwrap_or(after);
+        let fresh = r.restart.as_ref().filter(|x| x.n == 5000).map(|x| x.rss_steady_kib);
+        let fresh_text = fresh.map_or("not measured".into(), |f| format!("{} MiB", mib(f)));
         rows.push((
-            "RSS < 50 MiB at 5,000 resources".into(),
-            format!("{} MiB steady, {} MiB peak", mib(st), mib(pk)),
-            verdict(pk < 50 * 1024),
+            "RSS < 50 MiB at 5,000 resources, after a burst and in a fresh operator".into(),
+            format!(
+                "after the burst {} MiB (at most {} MiB during it); fresh (restart run) {fresh_text}",
+                mib(after),
+                mib(peak)
+            ),
+            verdict(after < 50 * 1024 && fresh.is_some_and(|f| f < 50 * 1024)),
         ));
     }
     if let Some(u) = &r.unrelated {

@@ -398,8 +398,8 @@ impl<'a> Run<'a> {
     }
 
     /// Wait until the new key (created at `created`) authenticates as the user: IAM is
-    /// eventually consistent. The first check comes when recent keys had authenticated; the
-    /// waits hold no reconcile slot.
+    /// eventually consistent. The first check comes when recent keys had authenticated (before
+    /// any has, one key finds out while the others hold); the waits hold no reconcile slot.
     async fn verify(
         &mut self,
         id: &str,
@@ -408,13 +408,17 @@ impl<'a> Run<'a> {
         created: std::time::Instant,
     ) -> Result<(), Error> {
         let deadline = created + self.ctx.settings.verify_timeout;
-        let mut next = (created + self.ctx.first_check()).min(deadline);
-        let (mut refusals, mut refused_at) = (0, None);
         let verifying = &self.ctx.metrics.keys_verifying;
         verifying.inc();
+        if !self.ctx.start_first_check() {
+            let until = (created + crate::iam::propagation::HOLD).min(deadline);
+            self.slot.idle_until(self.ctx, self.ctx.learn_first_check(until)).await;
+        }
+        let (mut checks, mut refused_at) = (0, None);
+        let mut wait = self.ctx.next_check(created.elapsed(), 0).min(deadline.saturating_duration_since(created));
         let result = loop {
-            self.slot.idle(self.ctx, next.saturating_duration_since(std::time::Instant::now())).await;
-            let refusal = match self.ctx.iam.caller_identity(id, secret).await {
+            self.slot.idle(self.ctx, wait).await;
+            let answer = match self.ctx.iam.caller_identity(id, secret).await {
                 Ok(arn) if arn == user_arn => {
                     self.ctx.key_accepted(refused_at, created.elapsed());
                     break Ok(());
@@ -422,17 +426,19 @@ impl<'a> Run<'a> {
                 Ok(arn) => arn,
                 // A brand-new key is refused for a while.
                 Err(e @ IamError::AccessDenied { .. }) => {
-                    refusals += 1;
-                    refused_at = Some(created.elapsed());
+                    let age = created.elapsed();
+                    refused_at = Some(age);
+                    self.ctx.key_refused(age);
                     e.to_string()
                 }
                 Err(e) if e.is_retryable() => e.to_string(),
                 Err(e) => break Err(e.into()),
             };
-            next = std::time::Instant::now() + self.ctx.retry_after(refusals);
-            if next > deadline {
+            checks += 1;
+            wait = self.ctx.next_check(created.elapsed(), checks);
+            if std::time::Instant::now() + wait > deadline {
                 let (access_key_id, user_arn) = (id.into(), user_arn.into());
-                break Err(Error::VerifyFailed { access_key_id, user_arn, answer: refusal });
+                break Err(Error::VerifyFailed { access_key_id, user_arn, answer });
             }
         };
         verifying.dec();

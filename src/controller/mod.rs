@@ -32,7 +32,7 @@ use kube::{
     },
 };
 use rand::Rng;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tracing::{Instrument, info, info_span, warn};
 
 use crate::{
@@ -96,8 +96,8 @@ pub struct Context {
     /// behind the new work that took its place.
     work_slots: Arc<Semaphore>,
     resume_slots: Arc<Semaphore>,
-    /// When new keys are first checked against STS.
-    propagation: Mutex<crate::iam::Propagation>,
+    /// When new keys are checked against STS; a change wakes the keys holding their first check.
+    propagation: watch::Sender<crate::iam::Propagation>,
 }
 
 #[derive(Clone)]
@@ -122,7 +122,7 @@ impl Context {
             published: Mutex::default(),
             work_slots: Arc::new(Semaphore::new(settings.concurrency.into())),
             resume_slots: Arc::new(Semaphore::new(settings.concurrency.into())),
-            propagation: Mutex::default(),
+            propagation: watch::Sender::new(Default::default()),
             settings,
         }
     }
@@ -218,18 +218,40 @@ impl Context {
             .insert(user.to_owned(), (sighting, std::time::Instant::now()));
     }
 
-    fn first_check(&self) -> Duration {
-        self.propagation.lock().unwrap_or_else(|e| e.into_inner()).first_check()
+    /// How long from now a new key `age` old, refused `refusals` times, is checked next.
+    fn next_check(&self, age: Duration, refusals: u32) -> Duration {
+        self.propagation.borrow().next_check(age, refusals)
     }
 
-    fn retry_after(&self, refusals: u32) -> Duration {
-        self.propagation.lock().unwrap_or_else(|e| e.into_inner()).retry_after(refusals)
+    /// Whether a new key may be checked now (`false`: it holds its first check while another
+    /// finds out how long keys take).
+    fn start_first_check(&self) -> bool {
+        let mut go = true;
+        // Those holding wait for a key to be accepted, not for this: no need to wake them.
+        self.propagation.send_if_modified(|p| {
+            go = p.start_first_check();
+            false
+        });
+        go
+    }
+
+    /// Until a key has authenticated and taught the wait, or `until`.
+    async fn learn_first_check(&self, until: std::time::Instant) {
+        let mut learned = self.propagation.subscribe();
+        let _ = tokio::time::timeout_at(until.into(), learned.wait_for(|p| p.learned())).await;
+    }
+
+    fn key_refused(&self, age: Duration) {
+        self.propagation.send_if_modified(|p| {
+            p.refused(age);
+            false
+        });
+        self.metrics.verify_first_check.set(self.propagation.borrow().first_check().as_secs_f64());
     }
 
     fn key_accepted(&self, refused_at: Option<Duration>, accepted_at: Duration) {
-        let mut propagation = self.propagation.lock().unwrap_or_else(|e| e.into_inner());
-        propagation.accepted(refused_at, accepted_at);
-        self.metrics.verify_first_check.set(propagation.first_check().as_secs_f64());
+        self.propagation.send_modify(|p| p.accepted(refused_at, accepted_at));
+        self.metrics.verify_first_check.set(self.propagation.borrow().first_check().as_secs_f64());
     }
 
     fn forget_user(&self, user: &str) {
@@ -252,11 +274,15 @@ struct Slot(Option<OwnedSemaphorePermit>);
 impl Slot {
     /// Wait without holding the slot, then take one back from the resuming reconciles' slots.
     async fn idle(&mut self, ctx: &Context, wait: Duration) {
-        if wait.is_zero() {
-            return;
+        if !wait.is_zero() {
+            self.idle_until(ctx, tokio::time::sleep(wait)).await;
         }
+    }
+
+    /// The same, until `done` completes.
+    async fn idle_until(&mut self, ctx: &Context, done: impl Future<Output = ()>) {
         self.0 = None;
-        tokio::time::sleep(wait).await;
+        done.await;
         self.0 = Some(ctx.resume_slots.clone().acquire_owned().await.expect("the slots are never closed"));
     }
 }

@@ -5,7 +5,7 @@
 
 mod aws;
 mod error;
-mod propagation;
+pub mod propagation;
 mod rate;
 
 use std::{collections::BTreeMap, fmt};
