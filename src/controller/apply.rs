@@ -13,7 +13,7 @@ use tracing::debug;
 
 use super::{
     Context, Slot,
-    secret::{check_template, layout_stale, observe_secret, secret_name},
+    secret::{check_template, layout_stale, secret_name},
     status::{POLICY_OVERRIDE, set_policy_override, set_ready},
 };
 use crate::{
@@ -31,6 +31,7 @@ use crate::{
     policy::{Decision, Limits, NamespaceFacts, Overrides, UserFacts, authorize},
 };
 
+mod adopt;
 mod revoke;
 mod steps;
 
@@ -105,15 +106,17 @@ pub async fn observe_user(ctx: &Context, user: &str) -> Result<UserObservation, 
     }
 }
 
+/// The Secret as the planner sees it, how it stands to the spec's layout, and, when it is not
+/// the resource's to write, why.
 pub async fn observe_secret_meta(
     ctx: &Context,
     obj: &IamAccessKey,
-) -> Result<(SecretObservation, SecretLayout), Error> {
+) -> Result<(SecretObservation, SecretLayout, Option<String>), Error> {
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &obj.namespace().unwrap_or_default());
     let meta = secrets.get_metadata_opt(&secret_name(obj)).await.context("reading the Secret's metadata")?;
-    let observation = observe_secret(obj, meta.as_ref());
+    let (observation, conflict) = super::secret_policy::classify(obj, meta.as_ref().map(|m| &m.metadata));
     let stale = matches!(observation, SecretObservation::Ours { .. }) && layout_stale(obj, meta.as_ref());
-    Ok((observation, if stale { SecretLayout::Stale } else { SecretLayout::Current }))
+    Ok((observation, if stale { SecretLayout::Stale } else { SecretLayout::Current }, conflict))
 }
 
 /// What the policies say about a resource.
@@ -211,6 +214,8 @@ struct Run<'a> {
     overrides: Option<Overrides>,
     secret: SecretObservation,
     secret_layout: SecretLayout,
+    /// Why the Secret is not this resource's to write (`NotOurs`), for the message.
+    secret_conflict: Option<String>,
     slot: Slot,
 }
 
@@ -234,6 +239,7 @@ impl<'a> Run<'a> {
             overrides: None,
             secret: SecretObservation::Missing,
             secret_layout: SecretLayout::Current,
+            secret_conflict: None,
             slot,
         }
     }
@@ -273,7 +279,7 @@ impl<'a> Run<'a> {
     }
 
     async fn observe(&mut self) -> Result<(), Error> {
-        (self.secret, self.secret_layout) = observe_secret_meta(self.ctx, self.obj).await?;
+        (self.secret, self.secret_layout, self.secret_conflict) = observe_secret_meta(self.ctx, self.obj).await?;
         self.user = observe_user(self.ctx, self.user_name()).await?;
         // The user was read for the policy already: its tags are known.
         if let (UserObservation::Found { tags, .. }, Some(info)) = (&mut self.user, &self.user_info) {
@@ -329,6 +335,7 @@ impl<'a> Run<'a> {
             Step::TakeOverTags { tags } => self.take_over_tags(tags).await,
             Step::DeleteOrphan { access_key_id, tagged } => self.delete_orphan(&access_key_id, tagged).await,
             Step::AdoptSecretKey { key } => self.adopt_secret_key(key).await,
+            Step::AdoptKey => self.adopt_key().await,
             Step::UntagStale { tag_keys } => self.untag_stale(&tag_keys).await,
             Step::ForgetKey { access_key_id, expected } => self.forget_key(&access_key_id, expected).await,
             Step::DisownKey { access_key_id } => self.disown_key(&access_key_id).await,
@@ -366,10 +373,23 @@ impl<'a> Run<'a> {
                 OWNER_TAG
             ),
             Blocked::SecretConflict => format!(
-                "Secret {}/{} exists and was not created by this IamAccessKey: delete it or set spec.secret.name to a free name",
+                "Secret {}/{} exists and {}",
+                self.obj.namespace().unwrap_or_default(),
+                self.secret_name,
+                self.secret_conflict.as_deref().unwrap_or(
+                    "was not created by this IamAccessKey: delete it, set spec.secret.name to a free name, or set spec.secret.creationPolicy to Adopt to take it over"
+                )
+            ),
+            Blocked::SecretNotFound => format!(
+                "Secret {}/{} does not exist: creationPolicy Merge writes into a Secret someone else owns and never creates one; create it (or let its owner do so), or use creationPolicy Owner",
                 self.obj.namespace().unwrap_or_default(),
                 self.secret_name
             ),
+            Blocked::MergeNotAllowed { policies } => format!(
+                "spec.secret.creationPolicy Merge is not allowed: IamAccessKeyPolicy {} does not allow writing into a Secret this resource does not own (spec.rules[].allowSecretMerge); nothing was written. Ask a platform admin for allowSecretMerge in every rule that allows this resource, or use creationPolicy Owner with a Secret of its own",
+                policies.iter().map(|p| format!("{p:?}")).collect::<Vec<_>>().join(", ")
+            ),
+            Blocked::AdoptionRefused(refusal) => refusal.to_string(),
             Blocked::KeyUnused { access_key_id, since } => format!(
                 "access key {access_key_id} is Inactive: unused since {since}, longer than deactivateUnusedAfter of policy {}; rotate (iam-key-operator rotate, or the {ROTATE_REQUESTED_AT_ANNOTATION} annotation) to issue a new key",
                 self.limits.policies.join(", ")
@@ -446,24 +466,40 @@ impl<'a> Run<'a> {
     }
 
     /// Write the Secret: created when missing (so a Secret someone else just created is never
-    /// taken over), server-side applied when it is ours.
-    async fn publish(&mut self, id: &str, mut object: Secret) -> Result<(), Error> {
+    /// taken over), replaced when it is ours; under `creationPolicy` Adopt and Merge, what the
+    /// operator did not write is kept (`secret_policy::prepare_write`).
+    async fn publish(&mut self, id: &str, object: Secret) -> Result<(), Error> {
+        use super::secret_policy::{classify, prepare_write};
         let ns = self.obj.namespace().unwrap_or_default();
         let api: Api<Secret> = Api::namespaced(self.ctx.client.clone(), &ns);
         let params = PostParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() };
+        let keeps_others = self.obj.spec.secret.creation_policy.keeps_others();
         // Before the write: its watch event can arrive before the call returns.
         self.ctx.remember_published(&ns, &self.secret_name, id);
         match self.secret {
+            SecretObservation::Missing if self.obj.spec.secret.creation_policy == crate::crd::CreationPolicy::Merge => {
+                return Err(self.blocked(Blocked::SecretNotFound));
+            }
             SecretObservation::Missing => {
-                api.create(&params, &object).await.context("creating the Secret")?;
+                api.create(&params, &prepare_write(self.obj, object, None)).await.context("creating the Secret")?;
                 self.ctx.metrics.kube_write("Secret", "create");
             }
-            // Replaced whole, conditional on the version just read: exactly the data and labels
-            // the spec asks for (nothing left from an older layout), and never over someone
-            // else's concurrent change.
-            SecretObservation::Ours { .. } => {
-                let held = api.get_metadata(&self.secret_name).await.context("reading the Secret's metadata")?;
-                object.metadata.resource_version = held.metadata.resource_version;
+            // Replaced, conditional on the version just read: exactly the data and labels the
+            // spec asks for (nothing left from an older layout), and never over someone else's
+            // concurrent change. Where other entries are kept, the whole Secret is read first,
+            // and checked again: it may have changed hands since it was observed.
+            SecretObservation::Ours { .. } | SecretObservation::Available => {
+                let held = if keeps_others {
+                    api.get(&self.secret_name).await.context("reading the Secret")?
+                } else {
+                    let meta = api.get_metadata(&self.secret_name).await.context("reading the Secret's metadata")?;
+                    Secret { metadata: meta.metadata, ..Default::default() }
+                };
+                if let (SecretObservation::NotOurs, why) = classify(self.obj, Some(&held.metadata)) {
+                    self.secret_conflict = why;
+                    return Err(self.blocked(Blocked::SecretConflict));
+                }
+                let object = prepare_write(self.obj, object, Some(&held));
                 api.replace(&self.secret_name, &params, &object).await.context("replacing the Secret")?;
                 self.ctx.metrics.kube_write("Secret", "replace");
             }

@@ -73,13 +73,14 @@ pub async fn cleanup(obj: &Arc<IamAccessKey>, ctx: &Context) -> Result<Action, E
     let previous_owner = ctx.settings.previous_cluster_name.as_deref().map(|c| Owner::new(c, &ns, &obj.name_any()));
     let user_name = obj.spec.user_name.as_str();
     let mut user = observe_user(ctx, user_name).await?;
-    let (mut secret, _) = observe_secret_meta(ctx, obj).await?;
+    let (mut secret, _, _) = observe_secret_meta(ctx, obj).await?;
     let mut deleted = vec![];
     for _ in 0..MAX_STEPS {
         let step = plan_cleanup(&CleanupObservation {
             owner: &owner,
             previous_owner: previous_owner.as_ref(),
             policy: deletion_policy,
+            creation_policy: obj.spec.secret.creation_policy,
             ledger: &ledger,
             user: &user,
             secret: &secret,
@@ -125,6 +126,11 @@ pub async fn cleanup(obj: &Arc<IamAccessKey>, ctx: &Context) -> Result<Action, E
             CleanupStep::DeleteSecret => {
                 delete_secret(ctx, &ns, &secret_name(obj)).await?;
                 secret = SecretObservation::Missing;
+            }
+            // Orphan: the Secret stays (unmarked); Merge: only this resource's entries go.
+            CleanupStep::LeaveSecret | CleanupStep::UnmergeSecret => {
+                super::secret_policy::release(ctx, obj).await?;
+                secret = SecretObservation::NotOurs;
             }
             CleanupStep::Done => {
                 if !deleted.is_empty() {

@@ -6,6 +6,7 @@ mod events;
 pub mod policy_status;
 mod restart;
 pub mod secret;
+pub mod secret_policy;
 mod status;
 pub mod tenancy;
 

@@ -88,11 +88,16 @@ fn render(
     template::render(&Layout::of(&obj.spec.secret), &inputs, values).map_err(Error::InvalidTemplate)
 }
 
-/// The data a Secret holds, as it is (a new layout of its labels or annotations only).
+/// The data a Secret holds, as it is (a new layout of its labels or annotations only): what the
+/// operator wrote of it, where it keeps entries it did not write (`creationPolicy` Adopt, Merge).
 pub fn held_content(held: &Secret) -> Content {
+    let mut data = held.data.clone().unwrap_or_default();
+    if let Some(written) = super::secret_policy::written_keys(held) {
+        data.retain(|k, _| written.contains(k));
+    }
     Content {
         type_: held.type_.clone().unwrap_or_else(|| "Opaque".into()),
-        data: held.data.clone().unwrap_or_default(),
+        data,
         secret_at: held.metadata.annotations.as_ref().and_then(|a| a.get(SECRET_AT_ANNOTATION)).cloned(),
     }
 }
@@ -185,18 +190,11 @@ pub fn recover_secret(held: &Secret) -> Option<SecretAccessKey> {
         .map(|(_, v)| SecretAccessKey::new(v.trim().to_owned()))
 }
 
-/// Classify the Secret's metadata: ours only if it names this very resource (by UID) as owner.
+/// Classify the Secret's metadata: ours only if it names this very resource (by UID): as owner,
+/// or, under `creationPolicy` Merge and Orphan, in its `written-for` annotation
+/// (`secret_policy::classify`, which also says why a Secret is not ours to write).
 pub fn observe_secret(obj: &IamAccessKey, meta: Option<&PartialObjectMeta<Secret>>) -> SecretObservation {
-    let Some(meta) = meta else {
-        return SecretObservation::Missing;
-    };
-    let uid = obj.uid();
-    let owned = meta.metadata.owner_references.iter().flatten().any(|r| Some(&r.uid) == uid.as_ref());
-    if !owned {
-        return SecretObservation::NotOurs;
-    }
-    let access_key_id = meta.metadata.annotations.as_ref().and_then(|a| a.get(ACCESS_KEY_ID_ANNOTATION)).cloned();
-    SecretObservation::Ours { access_key_id }
+    super::secret_policy::classify(obj, meta.map(|m| &m.metadata)).0
 }
 
 #[cfg(test)]

@@ -36,7 +36,7 @@ pub const MAX_TEMPLATES_SIZE: usize = 64 * 1024;
 
 /// CEL regexes of Kubernetes label and annotation syntax (`[.]` rather than an escaped dot, so
 /// that they sit in a CEL string literal as they are).
-pub(super) mod syntax {
+pub(crate) mod syntax {
     /// The name part of a qualified name: 1-63 characters, alphanumeric at both ends.
     macro_rules! name {
         () => {
@@ -76,7 +76,8 @@ pub(super) mod syntax {
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
     printcolumn = r#"{"name":"Reason","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].reason"}"#,
     printcolumn = r#"{"name":"Last Used","type":"date","jsonPath":".status.lastUsed.date"}"#,
-    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
+    validation = super::adopt::adopt_in_place_needs_a_policy()
 )]
 #[serde(rename_all = "camelCase")]
 pub struct IamAccessKeySpec {
@@ -112,6 +113,17 @@ pub struct IamAccessKeySpec {
     /// keys are deleted, and the condition PolicyOverride says so beforehand.
     #[serde(default)]
     pub deletion_policy: DeletionPolicy,
+
+    /// An access key made outside the operator (by Terraform, Crossplane, Vault or by hand) to
+    /// take over as this resource's first key, read from a Secret of this namespace: it must be
+    /// one of the user's keys, carry no other owner's tag and authenticate as the user (STS);
+    /// then it is tagged as this resource's, published in `spec.secret`'s layout and managed
+    /// like a key the operator created (rotation, deletion). Read only before the resource's
+    /// first key; only where an IamAccessKeyPolicy rule allows it (`allowAdoption`). A key that
+    /// cannot be taken over is refused (condition AdoptionRefused, naming why) and nothing is
+    /// changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adopt: Option<super::AdoptSpec>,
 }
 
 /// Whether AWS accepts requests signed with the key.
@@ -144,10 +156,13 @@ pub enum DeletionPolicy {
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("!has(self.template) || self.format == 'Env'").message("spec.secret.format cannot be combined with spec.secret.template: the template is the whole layout (remove format)"))]
 #[x_kube(validation = secret_type_kept())]
+#[x_kube(validation = super::adopt::merge_writes_data_only())]
+#[x_kube(validation = super::adopt::creation_policy_kind_kept())]
 pub struct SecretSpec {
     /// Name of the Secret, in this resource's namespace (a DNS-1123 subdomain: lowercase letters,
     /// digits, `-` and `.`). Default: the resource's name. A Secret of that name that this
-    /// resource did not create is never overwritten (condition SecretConflict).
+    /// resource did not create is never overwritten (condition SecretConflict), unless
+    /// `creationPolicy` says otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 253), regex(pattern = DNS1123_SUBDOMAIN))]
     pub name: Option<String>,
@@ -194,6 +209,16 @@ pub struct SecretSpec {
     /// refused before any IAM write (condition InvalidTemplate).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub template: Option<SecretTemplate>,
+
+    /// Whose the Secret is: `Owner` (default: created by the operator, owned by this resource,
+    /// deleted with it; an existing Secret is refused), `Adopt` (as Owner, and an existing Secret
+    /// no other controller owns is taken over, its other entries kept), `Merge` (never created
+    /// nor owned: this resource's entries are written into an existing Secret, and removed from
+    /// it at deletion; where a policy rule allows it, `allowSecretMerge`), `Orphan` (as Owner,
+    /// without the owner reference: the Secret stays when the resource is deleted). Changes
+    /// between Owner and Adopt only, unless `name` changes too.
+    #[serde(default)]
+    pub creation_policy: super::CreationPolicy,
 }
 
 /// A Secret's type cannot change (the API server refuses it): a new type needs a new Secret.
@@ -240,6 +265,7 @@ impl Default for SecretSpec {
             labels: BTreeMap::new(),
             annotations: BTreeMap::new(),
             template: None,
+            creation_policy: super::CreationPolicy::Owner,
         }
     }
 }

@@ -1,11 +1,13 @@
 //! The custom resources: `IamAccessKey` (namespaced) and `IamAccessKeyPolicy` (cluster-scoped).
 
 mod access_key;
+mod adopt;
 mod duration;
 mod names;
 mod policy;
 
 pub use access_key::*;
+pub use adopt::*;
 pub use duration::{BOUNDARY_CASES, DURATION_PATTERN, Duration, MAX_DURATION_LEN, ParseDurationError};
 pub use names::*;
 pub use policy::*;

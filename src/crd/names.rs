@@ -27,6 +27,13 @@ pub const DATA_LAYOUT_ANNOTATION: &str = "iam.keyop.dev/secret-data-layout";
 /// (`<data key>:<offset>:<length>`), so that a new layout can be written with the same key;
 /// absent when the data holds only values derived from it.
 pub const SECRET_AT_ANNOTATION: &str = "iam.keyop.dev/secret-at";
+/// Secret annotation naming the UID of the IamAccessKey whose entries a Secret holds, where no
+/// owner reference says it (`creationPolicy` `Orphan` and `Merge`).
+pub const WRITTEN_FOR_ANNOTATION: &str = "iam.keyop.dev/written-for";
+/// Secret annotation listing the data keys the operator wrote (comma-separated), in a Secret
+/// whose other entries it keeps (`creationPolicy` `Adopt` and `Merge`): the next write replaces
+/// exactly these, and a `Merge` resource's deletion removes them.
+pub const WRITTEN_KEYS_ANNOTATION: &str = "iam.keyop.dev/written-keys";
 /// Pod-template annotation whose change makes a restart target roll out.
 pub const RESTARTED_FOR_ANNOTATION: &str = "iam.keyop.dev/restarted-for";
 

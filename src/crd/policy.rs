@@ -99,6 +99,19 @@ pub struct PolicyRule {
     /// allow it.
     #[serde(default, skip_serializing_if = "is_false")]
     pub allow_retain: bool,
+    /// Whether the resources this rule allows may take over an access key made outside the
+    /// operator (`spec.adopt`): a key of the user, held in a Secret of their namespace, that
+    /// carries no other owner's tag and authenticates as the user. Default false: such a
+    /// resource waits with the condition AdoptionRefused. When several rules allow a resource,
+    /// all of them must allow it.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub allow_adoption: bool,
+    /// Whether the resources this rule allows may write their entries into a Secret someone
+    /// else owns (`spec.secret.creationPolicy: Merge`). Default false: such a resource waits
+    /// with the condition MergeNotAllowed and nothing is written. When several rules allow a
+    /// resource, all of them must allow it.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub allow_secret_merge: bool,
 }
 
 fn is_false(b: &bool) -> bool {

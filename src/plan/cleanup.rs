@@ -3,13 +3,15 @@
 use std::collections::BTreeMap;
 
 use super::{Ledger, Owner, SecretObservation, UserObservation, left_by_interrupted_create};
-use crate::crd::{DeletionPolicy, OWNER_TAG};
+use crate::crd::{CreationPolicy, DeletionPolicy, OWNER_TAG};
 
 pub struct CleanupObservation<'a> {
     pub owner: &'a Owner,
     /// The owner under the cluster's previous name, whose tags count as this owner's.
     pub previous_owner: Option<&'a Owner>,
     pub policy: DeletionPolicy,
+    /// Whose the Secret is: what happens to it (deleted, left, or our entries removed).
+    pub creation_policy: CreationPolicy,
     pub ledger: &'a Ledger,
     pub user: &'a UserObservation,
     pub secret: &'a SecretObservation,
@@ -31,6 +33,12 @@ pub enum CleanupStep {
         tag_keys: Vec<String>,
     },
     DeleteSecret,
+    /// `creationPolicy: Orphan`: leave the Secret, without the mark that makes it this
+    /// resource's (so that a later resource may adopt it).
+    LeaveSecret,
+    /// `creationPolicy: Merge`: remove this resource's entries (and marks) from the Secret,
+    /// which stays with its owner.
+    UnmergeSecret,
     /// Everything is gone: release the finalizer.
     Done,
 }
@@ -72,7 +80,11 @@ pub fn plan_cleanup(obs: &CleanupObservation) -> CleanupStep {
         }
     }
     if matches!(obs.secret, SecretObservation::Ours { .. }) {
-        return CleanupStep::DeleteSecret;
+        return match obs.creation_policy {
+            CreationPolicy::Owner | CreationPolicy::Adopt => CleanupStep::DeleteSecret,
+            CreationPolicy::Orphan => CleanupStep::LeaveSecret,
+            CreationPolicy::Merge => CleanupStep::UnmergeSecret,
+        };
     }
     CleanupStep::Done
 }

@@ -5,6 +5,7 @@
 //! crash recovery and rotation is tested here directly (see `tests.rs`). The controller executes
 //! the step, records it, observes again and asks for the next one until the plan says `Done`.
 
+pub mod adopt;
 mod cleanup;
 pub mod record;
 mod revoke;
@@ -17,11 +18,14 @@ use std::collections::BTreeMap;
 
 use jiff::{SignedDuration, Timestamp};
 
+pub use adopt::{AdoptionRefusal, adoption_pending};
 pub use cleanup::{CleanupObservation, CleanupStep, plan_cleanup};
 pub use revoke::{RevokeStep, plan_revoke};
 
 use crate::{
-    crd::{IamAccessKeySpec, IamAccessKeyStatus, KEY_TAG_PREFIX, KeyPhase, KeyStatus, OWNER_TAG, OwnedKey},
+    crd::{
+        CreationPolicy, IamAccessKeySpec, IamAccessKeyStatus, KEY_TAG_PREFIX, KeyPhase, KeyStatus, OWNER_TAG, OwnedKey,
+    },
     keys::IamKey,
     policy::Limits,
 };
@@ -47,6 +51,7 @@ impl Ledger {
             rotated_serial: rotation.serial,
             rotate_requested_at: rotation.requested_at,
             restarted_for: status.restarted_for.clone(),
+            installed: status.rotation.is_some(),
         }
     }
 }
@@ -78,6 +83,10 @@ pub enum SecretObservation {
     Missing,
     /// Exists but was not written for this resource: never overwritten.
     NotOurs,
+    /// Exists, was not written for this resource, and `spec.secret.creationPolicy` lets it write
+    /// there (`Adopt`: take it over; `Merge`: write its entries into it). Planned like a missing
+    /// Secret: no key of this resource is in it yet.
+    Available,
     /// Ours; the access key ID its annotation names.
     Ours {
         access_key_id: Option<String>,
@@ -109,6 +118,9 @@ pub struct Ledger {
     pub rotate_requested_at: Option<String>,
     /// The key ID the restart targets were rolled out for.
     pub restarted_for: Option<String>,
+    /// Whether a key was ever installed as current (`status.rotation` is set then): `spec.adopt`
+    /// is read only before that.
+    pub installed: bool,
 }
 
 pub struct Observation<'a> {
@@ -202,6 +214,14 @@ pub enum Blocked {
         access_key_id: String,
         since: Timestamp,
     },
+    /// `spec.adopt`'s key cannot be taken over (why); nothing was changed.
+    AdoptionRefused(AdoptionRefusal),
+    /// `creationPolicy: Merge`, and a matching policy rule does not allow it (`allowSecretMerge`).
+    MergeNotAllowed {
+        policies: Vec<String>,
+    },
+    /// `creationPolicy: Merge`, and the Secret to merge into does not exist (it is never created).
+    SecretNotFound,
 }
 
 /// The one next thing to do.
@@ -225,6 +245,9 @@ pub enum Step {
     AdoptSecretKey {
         key: IamKey,
     },
+    /// `spec.adopt`: read the key from its Secret, check it against IAM (`adopt::check_candidate`)
+    /// and STS, publish it in the resource's Secret, tag it as ours, record it as current.
+    AdoptKey,
     /// Our per-key tags whose key is gone (a crash or failure between delete and untag).
     UntagStale {
         tag_keys: Vec<String>,
@@ -376,7 +399,22 @@ pub fn plan_next_step(obs: &Observation) -> Step {
     // that is gone. A converged resource skips the read, also to start a create: a new key
     // touches no existing one.
     let all_tracked = keys.iter().all(|k| obs.ledger.keys.iter().any(|o| o.access_key_id == k.access_key_id));
-    if *obs.secret == SecretObservation::NotOurs {
+    // What the platform team has not allowed is refused before anything is written.
+    let merge = obs.spec.secret.creation_policy == CreationPolicy::Merge;
+    if merge && !obs.limits.merge_allowed() {
+        return Step::Blocked(Blocked::MergeNotAllowed { policies: refused_by(obs, &obs.limits.merge_refused_by) });
+    }
+    let adopting = adoption_pending(obs.spec, obs.ledger);
+    if adopting && !obs.limits.adoption_allowed() {
+        let policies = refused_by(obs, &obs.limits.adoption_refused_by);
+        return Step::Blocked(Blocked::AdoptionRefused(AdoptionRefusal::NotAllowed { policies }));
+    }
+    let secret_blocked = match obs.secret {
+        SecretObservation::NotOurs => Some(Blocked::SecretConflict),
+        SecretObservation::Missing if merge => Some(Blocked::SecretNotFound),
+        _ => None,
+    };
+    if let Some(blocked) = secret_blocked {
         // A key of ours that no Secret holds (its write was refused: the name was taken in
         // between) is deleted before the resource settles on the conflict.
         let maybe_orphans = !all_tracked || obs.ledger.pending_create.is_some();
@@ -392,8 +430,8 @@ pub fn plan_next_step(obs: &Observation) -> Step {
                         tagged: own == Ownership::Ours,
                     }),
                 })
-                .unwrap_or(Step::Blocked(Blocked::SecretConflict)),
-            _ => Step::Blocked(Blocked::SecretConflict),
+                .unwrap_or(Step::Blocked(blocked)),
+            _ => Step::Blocked(blocked),
         };
     }
     // A tracked key gone from IAM may have left its tag behind.
@@ -421,6 +459,10 @@ pub fn plan_next_step(obs: &Observation) -> Step {
         // Nothing is written to IAM before status records that a key may come: a resource
         // whose status records none is deleted without IAM calls.
         None if obs.ledger.keys.is_empty() && obs.ledger.pending_create.is_none() => {
+            // The key to adopt is on the user already: no slot needed, and its tag carries the claim.
+            if adopting {
+                return Step::AdoptKey;
+            }
             let ours_left = keys.iter().any(|k| tags.get(&k.access_key_id) == Some(&obs.owner.key_tag_value()));
             return if keys.len() < MAX_KEYS_PER_USER {
                 Step::StartCreate { existing_key_ids: keys.iter().map(|k| k.access_key_id.clone()).collect() }
@@ -452,6 +494,11 @@ pub fn plan_next_step(obs: &Observation) -> Step {
         Some(_) => {}
     }
     plan_owned_keys(obs, keys, Some(tags))
+}
+
+/// The policies that refuse something (all that allow the resource, if the list is empty).
+fn refused_by(obs: &Observation, refusing: &[String]) -> Vec<String> {
+    if refusing.is_empty() { obs.limits.policies.clone() } else { refusing.to_vec() }
 }
 
 /// The tags `previous` wrote (the claim, per-key tags), with the values `owner` writes.
@@ -521,8 +568,12 @@ fn plan_owned_keys(obs: &Observation, keys: &[IamKey], tags: Option<&BTreeMap<St
         }
     }
 
-    // 3. A new key, when there is none or the current one must be replaced.
+    // 3. A new key, when there is none or the current one must be replaced; before the first,
+    // the key `spec.adopt` names is taken over instead.
     let current = ledger.keys.iter().find(|k| k.phase == KeyPhase::Current);
+    if current.is_none() && adoption_pending(obs.spec, ledger) {
+        return Step::AdoptKey;
+    }
     if let Some(reason) = new_key_reason(obs, current, secret_key_id) {
         return plan_new_key(obs, keys, reason);
     }

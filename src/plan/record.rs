@@ -79,6 +79,26 @@ pub fn record_created(
     }
 }
 
+/// `AdoptKey`: a key made outside the operator, now published and tagged, is current. Its
+/// consumers hold it already: the restart targets are not rolled out for it.
+pub fn record_adopted(
+    status: &mut IamAccessKeyStatus,
+    spec: &IamAccessKeySpec,
+    requested_at: Option<String>,
+    key: IamKey,
+    now: Timestamp,
+) {
+    let id = key.access_key_id.clone();
+    install_current(status, spec, requested_at, key, now);
+    if let Some(r) = status.rotation.as_mut() {
+        r.last_reason = Some(ADOPTED.into());
+    }
+    status.restarted_for = Some(id);
+}
+
+/// `status.rotation.lastReason` of an adopted key.
+pub const ADOPTED: &str = "Adopted";
+
 /// `ForgetKey`, `DisownKey`, `ReleaseKey`, `MakeRoom`, `DeleteRetired`: status stops tracking the key.
 pub fn forget_key(status: &mut IamAccessKeyStatus, access_key_id: &str) {
     status.keys.retain(|k| k.access_key_id != access_key_id);

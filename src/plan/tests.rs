@@ -287,6 +287,7 @@ fn forged_pending_create_from_long_ago_with_no_existing_keys_deletes_nothing() {
             owner: &o,
             previous_owner: None,
             policy: DeletionPolicy::Delete,
+            creation_policy: crate::crd::CreationPolicy::Owner,
             ledger: &w.ledger,
             user: &user,
             secret: &SecretObservation::Missing,
@@ -357,6 +358,7 @@ fn cleanup_deletes_only_keys_iam_shows_as_ours_whatever_status_lists() {
             owner: &o,
             previous_owner: None,
             policy,
+            creation_policy: crate::crd::CreationPolicy::Owner,
             ledger: &ledger,
             user: &user,
             secret: &SecretObservation::Ours { access_key_id: Some("PERSON".into()) },
@@ -504,6 +506,7 @@ fn cleanup_deletes_our_keys_untags_then_deletes_the_secret_and_never_touches_for
             owner: &o,
             previous_owner: None,
             policy,
+            creation_policy: crate::crd::CreationPolicy::Owner,
             ledger: &ledger,
             user: &user,
             secret: &secret,
@@ -691,8 +694,13 @@ proptest! {
             }
             Step::Blocked(Blocked::KeyUnused { access_key_id: id, .. }) => prop_assert!(is_current(id)),
             Step::Blocked(Blocked::Paused | Blocked::UserNotFound) => prop_assert!(false, "{step:?} with a user found"),
+            // Owner, no spec.adopt, no policy limits on them in this world.
+            Step::Blocked(Blocked::AdoptionRefused(_) | Blocked::MergeNotAllowed { .. } | Blocked::SecretNotFound) => {
+                prop_assert!(false, "{step:?} without spec.adopt or creationPolicy Merge")
+            }
             Step::ClaimUser => prop_assert!(tags.is_some() && tag(OWNER_TAG).is_none()),
             Step::TakeOverTags { .. } => prop_assert!(false, "{step:?} without a previous cluster name"),
+            Step::AdoptKey => prop_assert!(false, "{step:?} without spec.adopt"),
             Step::DeleteOrphan { access_key_id: id, tagged } => {
                 prop_assert!(oracle_ours(&w, id), "{step:?} on a key IAM does not show as ours");
                 prop_assert!(tracked(id).is_none() && !is_current(id));
@@ -756,11 +764,20 @@ proptest! {
     }
 
     #[test]
-    fn cleanup_deletes_and_retains_only_keys_iam_shows_as_ours(w in arb_world(), retain in any::<bool>()) {
+    fn cleanup_deletes_and_retains_only_keys_iam_shows_as_ours(
+        w in arb_world(),
+        retain in any::<bool>(),
+        creation_policy in prop_oneof![
+            Just(crate::crd::CreationPolicy::Owner),
+            Just(crate::crd::CreationPolicy::Adopt),
+            Just(crate::crd::CreationPolicy::Merge),
+            Just(crate::crd::CreationPolicy::Orphan),
+        ],
+    ) {
         let o = owner();
         let policy = if retain { DeletionPolicy::Retain } else { DeletionPolicy::Delete };
         let step = plan_cleanup(&CleanupObservation {
-            owner: &o, previous_owner: None, policy, ledger: &w.ledger, user: &w.user, secret: &w.secret,
+            owner: &o, previous_owner: None, policy, creation_policy, ledger: &w.ledger, user: &w.user, secret: &w.secret,
         });
         let tags = match &w.user {
             UserObservation::Found { tags, .. } => tags.clone(),
@@ -782,7 +799,14 @@ proptest! {
                     prop_assert!(oracle_our_tag(k, tags.get(k).map_or("", String::as_str)), "{step:?}");
                 }
             }
-            CleanupStep::DeleteSecret => prop_assert!(secret_ours, "{step:?}"),
+            // Only a Secret the resource owns is deleted; Orphan leaves it, Merge takes back its entries.
+            CleanupStep::DeleteSecret => prop_assert!(secret_ours && creation_policy.owns(), "{step:?}"),
+            CleanupStep::LeaveSecret => {
+                prop_assert!(secret_ours && creation_policy == crate::crd::CreationPolicy::Orphan, "{step:?}")
+            }
+            CleanupStep::UnmergeSecret => {
+                prop_assert!(secret_ours && creation_policy == crate::crd::CreationPolicy::Merge, "{step:?}")
+            }
             CleanupStep::Done => prop_assert!(!secret_ours, "{step:?}"),
         }
     }
@@ -973,4 +997,130 @@ fn a_rotation_held_back_by_a_draining_key_does_not_wake_in_the_past() {
     w.last_used_due = Some(t(7200));
     // The scheduled rotation (due at t(3600)) waits for K1, which retires at t(4000).
     assert_eq!(w.plan(), Step::Done { wake_at: Some(t(4000)) });
+}
+
+/// Limits from one policy, `p`, with `allow` of adoption and merging.
+fn allowing(adoption: bool, merge: bool) -> crate::policy::Limits {
+    let refused = |allowed: bool| if allowed { vec![] } else { vec!["p".to_string()] };
+    crate::policy::Limits {
+        policies: vec!["p".into()],
+        adoption_refused_by: refused(adoption),
+        merge_refused_by: refused(merge),
+        ..Default::default()
+    }
+}
+
+/// A fresh resource with `spec.adopt`, its user holding the key X (made by Terraform) and
+/// another key of someone else.
+fn adopting() -> World {
+    let mut w =
+        World::new(vec![iam_key("X", KeyStatus::Active), iam_key("Y", KeyStatus::Active)], Some(BTreeMap::new()));
+    w.spec.adopt = Some(crate::crd::AdoptSpec::default());
+    w.spec.secret.creation_policy = crate::crd::CreationPolicy::Adopt;
+    w.limits = allowing(true, false);
+    w.secret = SecretObservation::Available;
+    w
+}
+
+#[test]
+fn adoption_needs_every_matching_rule_to_allow_it_and_changes_nothing_until_then() {
+    let mut w = adopting();
+    w.limits = allowing(false, false);
+    assert_eq!(
+        w.plan(),
+        Step::Blocked(Blocked::AdoptionRefused(AdoptionRefusal::NotAllowed { policies: vec!["p".into()] }))
+    );
+    // Not even read: the refusal comes before the user's tags are needed.
+    w.user = UserObservation::Found { keys: vec![iam_key("X", KeyStatus::Active)], tags: None };
+    assert!(matches!(w.plan(), Step::Blocked(Blocked::AdoptionRefused(_))));
+    w.limits = allowing(true, false);
+    assert_eq!(w.plan(), Step::ReadUser, "the tags tell whose the key is");
+}
+
+#[test]
+fn adoption_takes_the_key_over_instead_of_creating_one_even_with_both_slots_taken() {
+    let w = adopting();
+    assert_eq!(w.plan(), Step::AdoptKey, "no slot is needed: the key is on the user already");
+    // In place, under Merge too; from another Secret into a missing one.
+    let mut merge = adopting();
+    merge.spec.secret.creation_policy = crate::crd::CreationPolicy::Merge;
+    merge.limits = allowing(true, true);
+    assert_eq!(merge.plan(), Step::AdoptKey);
+    let mut elsewhere = adopting();
+    elsewhere.secret = SecretObservation::Missing;
+    assert_eq!(elsewhere.plan(), Step::AdoptKey);
+    // A user another resource claims, or a Secret that is not ours to write: those reasons first.
+    let mut claimed = adopting();
+    claimed.user = UserObservation::Found {
+        keys: vec![iam_key("X", KeyStatus::Active)],
+        tags: Some(tags(&[(OWNER_TAG, "c/ns/other")])),
+    };
+    assert_eq!(claimed.plan(), Step::Blocked(Blocked::UserClaimed { by: "c/ns/other".into() }));
+    let mut conflict = adopting();
+    conflict.secret = SecretObservation::NotOurs;
+    assert_eq!(conflict.plan(), Step::Blocked(Blocked::SecretConflict));
+}
+
+#[test]
+fn an_interrupted_adoption_resumes_and_never_deletes_the_adopted_key() {
+    // Crash after the Secret was written, before the tag: the key is in our Secret, untagged.
+    let mut w = adopting();
+    w.secret = SecretObservation::Ours { access_key_id: Some("X".into()) };
+    assert_eq!(w.plan(), Step::AdoptKey);
+    // Crash after the tag (which carries the claim), before status: recorded as found in the Secret.
+    w.user = UserObservation::Found {
+        keys: vec![iam_key("X", KeyStatus::Active), iam_key("Y", KeyStatus::Active)],
+        tags: Some(claimed_with(&["X"])),
+    };
+    assert_eq!(w.plan(), Step::AdoptSecretKey { key: iam_key("X", KeyStatus::Active) });
+    // Claimed by this resource already (a key of an earlier one, say), nothing tracked: adopt.
+    w.user = UserObservation::Found { keys: vec![iam_key("X", KeyStatus::Active)], tags: Some(claimed_with(&[])) };
+    w.secret = SecretObservation::Available;
+    assert_eq!(w.plan(), Step::AdoptKey);
+}
+
+#[test]
+fn spec_adopt_is_read_only_before_the_first_key() {
+    // Adopted: managed like a created key from then on.
+    let mut w = converged();
+    w.spec.adopt = Some(crate::crd::AdoptSpec::default());
+    w.ledger.installed = true;
+    assert_eq!(w.plan(), Step::Done { wake_at: Some(t(10_000)) });
+    // The adopted key deleted outside: a new key, not another adoption.
+    let mut lost = adopting();
+    lost.ledger.installed = true;
+    lost.user = UserObservation::Found { keys: vec![], tags: Some(claimed_with(&[])) };
+    assert_eq!(lost.plan(), Step::StartCreate { existing_key_ids: vec![] });
+}
+
+#[test]
+fn merge_needs_every_matching_rule_to_allow_it_and_an_existing_secret() {
+    let mut w = World::new(vec![], Some(BTreeMap::new()));
+    w.spec.secret.creation_policy = crate::crd::CreationPolicy::Merge;
+    w.limits = allowing(false, false);
+    assert_eq!(w.plan(), Step::Blocked(Blocked::MergeNotAllowed { policies: vec!["p".into()] }));
+    w.limits = allowing(false, true);
+    assert_eq!(w.plan(), Step::Blocked(Blocked::SecretNotFound), "never created");
+    w.secret = SecretObservation::Available;
+    assert_eq!(w.plan(), Step::StartCreate { existing_key_ids: vec![] });
+    // Allowed once and no longer: nothing more is written (the keys stay as they are).
+    let mut merged = converged();
+    merged.spec.secret.creation_policy = crate::crd::CreationPolicy::Merge;
+    merged.limits = allowing(false, false);
+    merged.spec.rotation = Some(RotationSpec { serial: 1, ..Default::default() });
+    assert!(matches!(merged.plan(), Step::Blocked(Blocked::MergeNotAllowed { .. })));
+    // A Secret gone under Merge: a key of ours that nobody holds is deleted, then it waits.
+    let mut gone = converged();
+    gone.spec.secret.creation_policy = crate::crd::CreationPolicy::Merge;
+    gone.limits = allowing(false, true);
+    gone.secret = SecretObservation::Missing;
+    assert_eq!(gone.plan(), Step::Blocked(Blocked::SecretNotFound));
+}
+
+#[test]
+fn adopt_plans_an_available_secret_like_a_missing_one() {
+    let mut w = World::new(vec![], Some(BTreeMap::new()));
+    w.spec.secret.creation_policy = crate::crd::CreationPolicy::Adopt;
+    w.secret = SecretObservation::Available;
+    assert_eq!(w.plan(), Step::StartCreate { existing_key_ids: vec![] });
 }

@@ -49,6 +49,12 @@ pub struct Limits {
     /// Policies with a matching rule that does not allow `deletionPolicy: Retain`
     /// (`allowRetain`); empty: the resource may retain its keys.
     pub retain_refused_by: Vec<String>,
+    /// Policies with a matching rule that does not allow adopting a key made outside the
+    /// operator (`allowAdoption`); empty: the resource may adopt one.
+    pub adoption_refused_by: Vec<String>,
+    /// Policies with a matching rule that does not allow `creationPolicy: Merge`
+    /// (`allowSecretMerge`); empty: the resource may merge into a Secret it does not own.
+    pub merge_refused_by: Vec<String>,
 }
 
 /// The rule whose grant a resource records: of the matching rules, the one with the strictest
@@ -90,6 +96,17 @@ impl Limits {
 
     pub fn retain_allowed(&self) -> bool {
         self.retain_refused_by.is_empty()
+    }
+
+    /// Whether the resource may adopt a key made outside the operator: some rule allows the
+    /// resource, and every one that does allows adoption.
+    pub fn adoption_allowed(&self) -> bool {
+        !self.policies.is_empty() && self.adoption_refused_by.is_empty()
+    }
+
+    /// Whether the resource may write into a Secret someone else owns (`creationPolicy: Merge`).
+    pub fn merge_allowed(&self) -> bool {
+        !self.policies.is_empty() && self.merge_refused_by.is_empty()
     }
 
     /// The deletion policy that applies: `Retain` only where every matching rule allows it.
@@ -192,6 +209,12 @@ pub fn authorize(policies: &[Arc<IamAccessKeyPolicy>], ns: &NamespaceFacts, user
                     }
                     if !rule.allow_retain {
                         note_policy(&mut limits.retain_refused_by, policy.name_any());
+                    }
+                    if !rule.allow_adoption {
+                        note_policy(&mut limits.adoption_refused_by, policy.name_any());
+                    }
+                    if !rule.allow_secret_merge {
+                        note_policy(&mut limits.merge_refused_by, policy.name_any());
                     }
                     limits.max_key_age = strictest(limits.max_key_age, rule.max_key_age);
                     limits.deactivate_unused_after =

@@ -89,7 +89,7 @@ impl Run<'_> {
         let user = self.user_name().to_owned();
         let ledger = Ledger::from_status(&self.status);
         self.user = observe_user(self.ctx, &user).await?;
-        (self.secret, _) = observe_secret_meta(self.ctx, self.obj).await?;
+        (self.secret, _, _) = observe_secret_meta(self.ctx, self.obj).await?;
         let (mut deleted, mut secret_deleted) = (vec![], false);
         for _ in 0..MAX_STEPS {
             let step = plan_revoke(
@@ -99,6 +99,7 @@ impl Run<'_> {
                     previous_owner: self.previous_owner.as_ref(),
                     // What deletion would do; plan_revoke decides by onRevoke.
                     policy: DeletionPolicy::Delete,
+                    creation_policy: self.obj.spec.secret.creation_policy,
                     ledger: &ledger,
                     user: &self.user,
                     secret: &self.secret,
@@ -135,6 +136,10 @@ impl Run<'_> {
                     delete_secret(self.ctx, &self.obj.namespace().unwrap_or_default(), &self.secret_name).await?;
                     self.secret = SecretObservation::Missing;
                     secret_deleted = true;
+                }
+                RevokeStep::Cleanup(CleanupStep::LeaveSecret | CleanupStep::UnmergeSecret) => {
+                    crate::controller::secret_policy::release(self.ctx, self.obj).await?;
+                    self.secret = SecretObservation::NotOurs;
                 }
                 // Only for deletionPolicy Retain, which a revocation never plans with.
                 RevokeStep::Cleanup(CleanupStep::MarkRetained { .. } | CleanupStep::Done) => break,

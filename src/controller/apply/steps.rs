@@ -68,7 +68,12 @@ impl Run<'_> {
     pub(super) async fn adopt_secret_key(&mut self, key: IamKey) -> Result<(), Error> {
         let id = key.access_key_id.clone();
         let requested_at = self.requested_at();
-        record::install_current(&mut self.status, &self.obj.spec, requested_at, key, self.now);
+        // An adoption interrupted after its tag: the key the Secret holds is the adopted one.
+        if crate::plan::adoption_pending(&self.obj.spec, &crate::plan::Ledger::from_status(&self.status)) {
+            record::record_adopted(&mut self.status, &self.obj.spec, requested_at, key, self.now);
+        } else {
+            record::install_current(&mut self.status, &self.obj.spec, requested_at, key, self.now);
+        }
         self.save_status().await?;
         let note = format!("recorded access key {id} found in Secret {}", self.secret_name);
         self.note(EventType::Normal, "KeyAdopted", note).await;
@@ -142,7 +147,7 @@ impl Run<'_> {
     /// memory; a crash anywhere leaves something the planner recognises and cleans up.
     /// The user's ARN: read this reconcile, or recently (a rotation of a converged resource
     /// reads nothing but the key list).
-    async fn user_arn(&mut self) -> Result<String, Error> {
+    pub(super) async fn user_arn(&mut self) -> Result<String, Error> {
         let user = self.user_name().to_owned();
         Ok(match (&self.user_info, self.ctx.recent_user(&user)) {
             (Some(info), _) => info.arn.clone(),
@@ -214,7 +219,7 @@ impl Run<'_> {
     /// The new key's secret is in hand only now: a transient refusal of its tag (throttling,
     /// IAM busy) is retried here, not by the next reconcile, which could only delete the key
     /// and make another. Tagging is idempotent, so a lost answer does no harm either.
-    async fn tag_new_key(&mut self, user: &str, tags: &[(String, String)]) -> Result<(), Error> {
+    pub(super) async fn tag_new_key(&mut self, user: &str, tags: &[(String, String)]) -> Result<(), Error> {
         let mut wait = Duration::from_millis(250);
         for _ in 0..TAG_ATTEMPTS - 1 {
             match self.ctx.iam.tag_user(user, tags).await {
@@ -350,7 +355,7 @@ impl Run<'_> {
         Ok(())
     }
 
-    fn requested_at(&self) -> Option<String> {
+    pub(super) fn requested_at(&self) -> Option<String> {
         self.obj.annotations().get(ROTATE_REQUESTED_AT_ANNOTATION).cloned()
     }
 }

@@ -264,6 +264,7 @@ impl Sim {
             }
             // The Secret's layout (format, labels) is not modelled: the world never asks for it.
             Step::RewriteSecret { .. } => Err(Stop::Failed("RewriteSecret: the layout is not modelled".into())),
+            Step::AdoptKey => Err(Stop::Failed("AdoptKey: spec.adopt is not modelled".into())),
             Step::RestartTargets { access_key_id } => {
                 // The rollout makes the client read the Secret again.
                 if !run.spec.restart_targets.is_empty() {
@@ -309,6 +310,7 @@ impl Sim {
             (SecretObservation::Missing, SecretObservation::Missing) | (SecretObservation::Ours { .. }, _) => {}
             (SecretObservation::Missing, _) => return Err(Stop::Failed("Secret AlreadyExists".into())),
             (SecretObservation::NotOurs, _) => return Err(Stop::Failed("SecretConflict".into())),
+            (SecretObservation::Available, _) => return Err(Stop::Failed("creationPolicy is not modelled".into())),
         }
         self.secret = SecretObservation::Ours { access_key_id: Some(id.clone()) };
         self.failpoint(Failpoint::AfterSecret)?;

@@ -52,7 +52,13 @@ impl Sim {
                 require(is_current(access_key_id), "key_unused_only_for_the_current_key")
             }
             Step::Blocked(
-                Blocked::Paused | Blocked::UserNotFound | Blocked::UserClaimed { .. } | Blocked::SecretConflict,
+                Blocked::Paused
+                | Blocked::UserNotFound
+                | Blocked::UserClaimed { .. }
+                | Blocked::SecretConflict
+                | Blocked::AdoptionRefused(_)
+                | Blocked::MergeNotAllowed { .. }
+                | Blocked::SecretNotFound,
             ) => require(false, "blocked_only_for_a_reason_the_world_has"),
             Step::ReleaseKey { access_key_id: id } => {
                 let claim = view_tags.and_then(|t| t.get(crate::crd::OWNER_TAG));
@@ -64,6 +70,7 @@ impl Sim {
                 "claims_only_an_unclaimed_user",
             ),
             Step::TakeOverTags { .. } => require(false, "takes_over_tags_only_under_a_previous_name"),
+            Step::AdoptKey => require(false, "adopts_only_what_spec_adopt_names"),
             Step::DeleteOrphan { access_key_id: id, tagged } => {
                 require(!foreign(id), "never_touches_foreign_keys");
                 require(!current_or_published(id), "never_deletes_the_current_key");
