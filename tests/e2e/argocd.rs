@@ -409,6 +409,12 @@ fn every_ready_error() -> Vec<Error> {
             access_key_id: "AKIARZPUZDIKINXY7HTD".into(),
             since: jiff::Timestamp::UNIX_EPOCH,
         }),
+        blocked(Blocked::AdoptionRefused(iam_key_operator::plan::AdoptionRefusal::NotTheUsersKey {
+            access_key_id: "AKIARZPUZDIKAAAAAAAA".into(),
+            user: "billing-uploader".into(),
+        })),
+        blocked(Blocked::MergeNotAllowed { policies: vec!["tenants".into()] }),
+        blocked(Blocked::SecretNotFound),
         Error::VerifyFailed {
             access_key_id: "AKIARZPUZDIKQ3M5WJ2P".into(),
             user_arn: "arn:aws:iam::123456789012:user/billing-uploader".into(),
@@ -453,7 +459,10 @@ fn listed_in_every_ready_error(e: &Error) {
                 | Blocked::UserClaimed { .. }
                 | Blocked::SecretConflict
                 | Blocked::KeyLimitExceeded { .. }
-                | Blocked::KeyUnused { .. },
+                | Blocked::KeyUnused { .. }
+                | Blocked::AdoptionRefused(_)
+                | Blocked::MergeNotAllowed { .. }
+                | Blocked::SecretNotFound,
             ..
         }
         | Error::VerifyFailed { .. }

@@ -12,6 +12,7 @@ mod etcd;
 mod support;
 
 mod admission;
+mod adoption;
 mod argocd;
 mod chart;
 mod crash;
