@@ -455,3 +455,41 @@ async fn invalid_combinations_are_refused_by_the_api_server_naming_the_field_and
         .await
         .expect("with a new name");
 }
+
+/// The operator aborts right after each write of an adoption, is restarted, and ends with the
+/// adopted key current, tagged and published, no key created or deleted, and a consumer that
+/// never saw a non-working key.
+async fn crash_during_adoption_then_recover(point: &str) {
+    let f = Fixture::new(&format!("adopt-{}", point.replace("after-adopt-", ""))).await;
+    f.allow_own_user(json!({"allowAdoption": true})).await;
+    let (id, secret) = key_made_outside(&f, &f.user).await;
+    let data = [("AWS_ACCESS_KEY_ID", id.as_str()), ("AWS_SECRET_ACCESS_KEY", secret.as_str())];
+    hand_made_secret(&f, "app", json!({"stringData": {"OTHER": "kept"}}), &data).await;
+    let consumer = Consumer::start(&f, "app", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY");
+    let mut op = f.operator(&[("IKO_FAILPOINT", point)]);
+    f.create("app", json!({"secret": {"creationPolicy": "Adopt"}, "adopt": {}})).await;
+    let status = op.wait_exit(Duration::from_secs(60)).await;
+    assert!(!status.success() && op.log().contains(&format!("failpoint {point}")), "stopped at {point}");
+    op.restart(&[]);
+    let obj = f.wait_ready("app").await;
+    let status = status_of(&obj);
+    assert_eq!(status.access_key_id.as_ref(), Some(&id), "the adopted key, not a new one");
+    assert_eq!(status.rotation.and_then(|r| r.last_reason).as_deref(), Some("Adopted"));
+    assert_eq!(f.iam_keys().await.len(), 1, "nothing created, nothing deleted");
+    assert_eq!(op.iam_calls(&["CreateAccessKey", "DeleteAccessKey"]).await, 0);
+    assert_eq!(f.user_tags().await[&id], format!("iam-key-operator:test/{}/app", f.ns));
+    assert_eq!(entries(&f.secrets().get("app").await.unwrap())["OTHER"], "kept");
+    f.assert_consistent("app", &[]).await;
+    consumer.assert_never_broken().await;
+    op.assert_log_free_of(&secret);
+}
+
+#[tokio::test]
+async fn crash_after_publishing_the_adopted_key() {
+    crash_during_adoption_then_recover("after-adopt-publish").await;
+}
+
+#[tokio::test]
+async fn crash_after_tagging_the_adopted_key() {
+    crash_during_adoption_then_recover("after-adopt-tag").await;
+}
