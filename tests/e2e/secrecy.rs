@@ -4,7 +4,8 @@
 //! template that cannot be rewritten, adoption after a crash, a key whose verification fails, a
 //! Secret write the API server refuses, and deletion. The secrets scanned for are every one IAM
 //! handed out (recorded by the proxy in front of it), published or not, in plain, base64 and
-//! URL-encoded form.
+//! URL-encoded form. Likewise for keys made outside the operator and adopted (`spec.adopt`), or
+//! refused: the secret read from a Secret, a wrong one, and another user's.
 
 use crate::support;
 use std::time::Duration;
@@ -128,6 +129,82 @@ async fn the_secret_appears_nowhere_but_in_the_secret() {
                 "a secret (or its encoding) found in the operator's log {}",
                 op.log_path.display()
             );
+        }
+    }
+}
+
+#[tokio::test]
+async fn an_adopted_or_refused_keys_secret_appears_nowhere_but_in_the_secret() {
+    let f = Fixture::new("secrecy-adopt").await;
+    f.allow_own_user(json!({"allowAdoption": true})).await;
+    let iam = f.env.iam_client();
+    let user = |suffix: &str| format!("{}-{suffix}", f.user);
+    for suffix in ["wrong", "stranger"] {
+        iam.create_user().user_name(user(suffix)).send().await.expect("CreateUser");
+    }
+    let made = |u: String| {
+        let iam = iam.clone();
+        async move {
+            let out = iam.create_access_key().user_name(u).send().await.expect("CreateAccessKey");
+            let key = out.access_key().expect("key").clone();
+            (key.access_key_id().to_string(), key.secret_access_key().to_string())
+        }
+    };
+    let secret_of = |name: &str, pairs: &[(&str, &str)]| -> Secret {
+        let data: serde_json::Map<String, serde_json::Value> =
+            pairs.iter().map(|(k, v)| (k.to_string(), json!(v))).collect();
+        serde_json::from_value(json!({"metadata": {"name": name}, "stringData": data})).unwrap()
+    };
+    // Adopted in place from a Crossplane-shaped Secret, rotated, deleted.
+    let (id, adopted) = made(f.user.clone()).await;
+    let conn = secret_of("app", &[("username", &id), ("password", &adopted)]);
+    f.secrets().create(&Default::default(), &conn).await.unwrap();
+    // Refused: a wrong secret for a real key; a key of another user.
+    let (wrong_id, _) = made(user("wrong")).await;
+    let wrong = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYSECRECYTEST";
+    let bad = secret_of("wrong", &[("AWS_ACCESS_KEY_ID", &wrong_id), ("AWS_SECRET_ACCESS_KEY", wrong)]);
+    f.secrets().create(&Default::default(), &bad).await.unwrap();
+    let (stranger_id, stranger) = made(user("wrong")).await;
+    let theirs = secret_of("stranger", &[("AWS_ACCESS_KEY_ID", &stranger_id), ("AWS_SECRET_ACCESS_KEY", &stranger)]);
+    f.secrets().create(&Default::default(), &theirs).await.unwrap();
+
+    let op = Operator::start(f.env, &f.ns, &[("RUST_LOG", "trace")], &[]);
+    let spec = |u: String, name: &str| {
+        json!({"userName": u, "secret": {"name": name, "creationPolicy": "Adopt"}, "adopt": {},
+               "rotation": {"gracePeriod": "1s", "retainInactive": "1s"}})
+    };
+    f.create("app", spec(f.user.clone(), "app")).await;
+    f.create("wrong", spec(user("wrong"), "wrong")).await;
+    f.create("stranger", spec(user("stranger"), "stranger")).await;
+    f.wait_ready("app").await;
+    f.wait_reason("wrong", "AdoptionRefused").await;
+    f.wait_reason("stranger", "AdoptionRefused").await;
+    let rotate = json!({"spec": {"rotation": {"serial": 1}}});
+    f.keys_api().patch("app", &PatchParams::default(), &Patch::Merge(&rotate)).await.unwrap();
+    f.wait_for("app", Duration::from_secs(60), "rotated", |o| {
+        o.status.as_ref().is_some_and(|s| s.keys.len() == 1 && s.access_key_id.as_ref() != Some(&id))
+    })
+    .await;
+    let (_, rotated) = f.secret_creds("app").await.expect("the rotated key");
+
+    let mut seen = String::new();
+    for obj in f.keys_api().list(&ListParams::default()).await.unwrap().items {
+        seen.push_str(&serde_json::to_string(&obj).unwrap());
+    }
+    seen.push_str(&op.metrics().await);
+    f.delete("app").await;
+    f.wait_gone("app", Duration::from_secs(30)).await;
+    let events: Api<Event> = Api::namespaced(f.client.clone(), &f.ns);
+    seen.push_str(&serde_json::to_string(&events.list(&ListParams::default()).await.unwrap().items).unwrap());
+    let log = op.log();
+    assert!(log.contains("TRACE"), "the operator ran at trace level");
+    for reason in ["KeyAdopted", "AdoptionRefused", "KeyCreated"] {
+        assert!(seen.contains(reason), "the scan saw {reason}: the path ran");
+    }
+    for secret in [adopted.as_str(), wrong, stranger.as_str(), rotated.as_str()] {
+        for form in encodings(secret) {
+            assert!(!seen.contains(&form), "a secret (or its encoding) found in status, events or metrics");
+            assert!(!log.contains(&form), "a secret (or its encoding) found in the log {}", op.log_path.display());
         }
     }
 }
