@@ -212,9 +212,14 @@ async fn a_crossplane_connection_secret_is_adopted_in_place_keeping_its_shape_an
         "{message}"
     );
     assert!(f.user_tags().await.is_empty(), "nothing written to IAM");
-    // `kubectl delete accesskey ... --cascade=orphan` leaves the Secret without its owner reference.
-    let release = json!({"metadata": {"ownerReferences": null}});
-    f.secrets().patch("app-conn", &PatchParams::default(), &Patch::Merge(&release)).await.unwrap();
+    // As docs/migration.md says for the AccessKey: deleted with --cascade=orphan, which leaves the
+    // Secret without its owner reference (the garbage collector removes it).
+    kubectl_ok(f.env, &["delete", "configmap", "accesskey-app", "-n", &f.ns, "--cascade=orphan"]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while f.secrets().get("app-conn").await.unwrap().metadata.owner_references.is_some_and(|r| !r.is_empty()) {
+        assert!(std::time::Instant::now() < deadline, "the garbage collector orphans the Secret");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let obj = f.wait_ready("app").await;
     assert_eq!(status_of(&obj).access_key_id.as_deref(), Some(id.as_str()));
     let held = f.secrets().get("app-conn").await.unwrap();
@@ -235,6 +240,52 @@ async fn a_crossplane_connection_secret_is_adopted_in_place_keeping_its_shape_an
     assert_ne!(data["username"], id);
     assert_eq!(data["username"], data["AWS_ACCESS_KEY_ID"]);
     assert_eq!(data["attribute.ses_smtp_password_v4"], "derived");
+    consumer.assert_never_broken().await;
+}
+
+/// docs/migration.md's Vault path: a Vault Secrets Operator Secret (`access_key`, `secret_key`,
+/// `_raw`), released by its VaultStaticSecret, adopted in place with the entries named, then
+/// rotated at once so that the key Vault holds is deleted.
+#[tokio::test]
+async fn a_vault_static_role_secret_is_adopted_then_rotated_away() {
+    let f = Fixture::new("adopt-vault").await;
+    f.allow_own_user(json!({"allowAdoption": true})).await;
+    let (id, secret) = key_made_outside(&f, &f.user).await;
+    let vss: ConfigMap = serde_json::from_value(json!({"metadata": {"name": "vaultstaticsecret-uploader"}})).unwrap();
+    let vss = Api::<ConfigMap>::namespaced(f.client.clone(), &f.ns).create(&PostParams::default(), &vss).await.unwrap();
+    let owner = json!({"apiVersion": "v1", "kind": "ConfigMap", "name": "vaultstaticsecret-uploader",
+                       "uid": vss.metadata.uid.unwrap(), "controller": true});
+    let raw = format!("{{\"access_key\":\"{id}\",\"secret_key\":\"{secret}\"}}");
+    let extra = json!({"metadata": {"ownerReferences": [owner]}, "stringData": {"_raw": raw}});
+    hand_made_secret(&f, "uploader-aws", extra, &[("access_key", &id), ("secret_key", &secret)]).await;
+    kubectl_ok(f.env, &["delete", "configmap", "vaultstaticsecret-uploader", "-n", &f.ns, "--cascade=orphan"]);
+    let consumer = Consumer::start(&f, "uploader-aws", "access_key", "secret_key");
+    let _op = f.operator(&[]);
+    f.create(
+        "uploader",
+        json!({
+            "secret": {"name": "uploader-aws", "creationPolicy": "Adopt", "template": {"data": {
+                "access_key": "{{ access_key_id }}", "secret_key": "{{ secret_access_key }}"}}},
+            "adopt": {"accessKeyIdKey": "access_key", "secretAccessKeyKey": "secret_key"},
+            "rotation": {"gracePeriod": "1s", "retainInactive": "1s"},
+        }),
+    )
+    .await;
+    let obj = f.wait_ready("uploader").await;
+    assert_eq!(status_of(&obj).access_key_id.as_ref(), Some(&id));
+    iam_key_operator::controller::request_rotation(f.client.clone(), &f.ns, "uploader").await.unwrap();
+    f.wait_for("uploader", Duration::from_secs(60), "Vault's key rotated away", |o| {
+        o.status.as_ref().is_some_and(|s| s.keys.len() == 1 && s.access_key_id.as_ref() != Some(&id))
+    })
+    .await;
+    assert!(!f.iam_keys().await.contains_key(&id), "the key Vault holds is gone: deleting the role deletes nothing");
+    let data = entries(&f.secrets().get("uploader-aws").await.unwrap());
+    assert_ne!(data["access_key"], id);
+    assert!(data["_raw"].contains(&id), "VSO's _raw entry is kept as it was (the guide says to delete it)");
+    let status = status_of(&f.keys_api().get("uploader").await.unwrap());
+    assert_eq!(f.iam_keys().await.into_keys().collect::<Vec<_>>(), vec![data["access_key"].clone()]);
+    assert_eq!(status.access_key_id.as_ref(), Some(&data["access_key"]));
+    assert!(f.authenticates(&data["access_key"], &data["secret_key"]).await);
     consumer.assert_never_broken().await;
 }
 
@@ -492,4 +543,33 @@ async fn crash_after_publishing_the_adopted_key() {
 #[tokio::test]
 async fn crash_after_tagging_the_adopted_key() {
     crash_during_adoption_then_recover("after-adopt-tag").await;
+}
+
+/// Every IamAccessKey and IamAccessKeyPolicy of docs/migration.md is accepted by the API server as
+/// written (server-side dry run).
+#[tokio::test]
+async fn the_migration_guides_yaml_is_accepted_by_the_api_server() {
+    let env = testenv::shared();
+    let ns = env.fresh_namespace("migration-doc").await.unwrap();
+    let guide = std::fs::read_to_string(testenv::repo_root().join("docs/migration.md")).unwrap();
+    let mut checked = BTreeMap::<String, usize>::new();
+    for block in guide.split("```yaml\n").skip(1) {
+        let yaml = block.split("```").next().expect("closed block");
+        let indent = yaml.lines().find(|l| !l.trim().is_empty()).map_or(0, |l| l.len() - l.trim_start().len());
+        let yaml: String = yaml.lines().map(|l| format!("{}\n", l.get(indent..).unwrap_or(""))).collect();
+        for doc in serde_yaml::Deserializer::from_str(&yaml) {
+            let mut value: Value = serde::Deserialize::deserialize(doc).expect("the guide's YAML parses");
+            let kind = value["kind"].as_str().unwrap_or_default().to_string();
+            if let Some(meta) = value["metadata"].as_object_mut() {
+                meta.remove("namespace");
+            }
+            let path = env.dir().join(format!("migration-{kind}-{}.json", checked.values().sum::<usize>()));
+            std::fs::write(&path, value.to_string()).unwrap();
+            let out = env.kubectl(["apply", "--dry-run=server", "-n", &ns, "-f", path.to_str().unwrap()]);
+            assert!(out.status.success(), "{kind} of docs/migration.md refused:\n{}", text(&out));
+            *checked.entry(kind).or_default() += 1;
+        }
+    }
+    assert_eq!(checked.get("IamAccessKey"), Some(&3), "one per path: {checked:?}");
+    assert_eq!(checked.get("IamAccessKeyPolicy"), Some(&1), "{checked:?}");
 }
