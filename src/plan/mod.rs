@@ -27,7 +27,7 @@ use crate::{
         CreationPolicy, IamAccessKeySpec, IamAccessKeyStatus, KEY_TAG_PREFIX, KeyPhase, KeyStatus, OWNER_TAG, OwnedKey,
     },
     keys::IamKey,
-    policy::Limits,
+    policy::{Limits, Takeover},
 };
 
 /// IAM allows two access keys per user, Inactive ones included.
@@ -401,12 +401,12 @@ pub fn plan_next_step(obs: &Observation) -> Step {
     let all_tracked = keys.iter().all(|k| obs.ledger.keys.iter().any(|o| o.access_key_id == k.access_key_id));
     // What the platform team has not allowed is refused before anything is written.
     let merge = obs.spec.secret.creation_policy == CreationPolicy::Merge;
-    if merge && !obs.limits.merge_allowed() {
-        return Step::Blocked(Blocked::MergeNotAllowed { policies: refused_by(obs, &obs.limits.merge_refused_by) });
+    if merge && !obs.limits.takeover_allowed(Takeover::Merge) {
+        return Step::Blocked(Blocked::MergeNotAllowed { policies: obs.limits.takeover_refused_by(Takeover::Merge) });
     }
     let adopting = adoption_pending(obs.spec, obs.ledger);
-    if adopting && !obs.limits.adoption_allowed() {
-        let policies = refused_by(obs, &obs.limits.adoption_refused_by);
+    if adopting && !obs.limits.takeover_allowed(Takeover::Adoption) {
+        let policies = obs.limits.takeover_refused_by(Takeover::Adoption);
         return Step::Blocked(Blocked::AdoptionRefused(AdoptionRefusal::NotAllowed { policies }));
     }
     let secret_blocked = match obs.secret {
@@ -494,11 +494,6 @@ pub fn plan_next_step(obs: &Observation) -> Step {
         Some(_) => {}
     }
     plan_owned_keys(obs, keys, Some(tags))
-}
-
-/// The policies that refuse something (all that allow the resource, if the list is empty).
-fn refused_by(obs: &Observation, refusing: &[String]) -> Vec<String> {
-    if refusing.is_empty() { obs.limits.policies.clone() } else { refusing.to_vec() }
 }
 
 /// The tags `previous` wrote (the claim, per-key tags), with the values `owner` writes.

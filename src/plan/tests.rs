@@ -1001,13 +1001,13 @@ fn a_rotation_held_back_by_a_draining_key_does_not_wake_in_the_past() {
 
 /// Limits from one policy, `p`, with `allow` of adoption and merging.
 fn allowing(adoption: bool, merge: bool) -> crate::policy::Limits {
-    let refused = |allowed: bool| if allowed { vec![] } else { vec!["p".to_string()] };
-    crate::policy::Limits {
-        policies: vec!["p".into()],
-        adoption_refused_by: refused(adoption),
-        merge_refused_by: refused(merge),
-        ..Default::default()
-    }
+    use crate::policy::Takeover;
+    let refused = [(Takeover::Adoption, adoption), (Takeover::Merge, merge)]
+        .into_iter()
+        .filter(|(_, allowed)| !allowed)
+        .map(|(what, _)| (what, "p".to_string()))
+        .collect();
+    crate::policy::Limits { policies: vec!["p".into()], takeover_refused_by: refused, ..Default::default() }
 }
 
 /// A fresh resource with `spec.adopt`, its user holding the key X (made by Terraform) and

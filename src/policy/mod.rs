@@ -49,12 +49,19 @@ pub struct Limits {
     /// Policies with a matching rule that does not allow `deletionPolicy: Retain`
     /// (`allowRetain`); empty: the resource may retain its keys.
     pub retain_refused_by: Vec<String>,
-    /// Policies with a matching rule that does not allow adopting a key made outside the
-    /// operator (`allowAdoption`); empty: the resource may adopt one.
-    pub adoption_refused_by: Vec<String>,
-    /// Policies with a matching rule that does not allow `creationPolicy: Merge`
-    /// (`allowSecretMerge`); empty: the resource may merge into a Secret it does not own.
-    pub merge_refused_by: Vec<String>,
+    /// Policies with a matching rule that does not allow taking over what exists: adopting a
+    /// key made outside the operator (`allowAdoption`), writing into a Secret the resource does
+    /// not own (`allowSecretMerge`). One list, to keep `Limits` small.
+    pub takeover_refused_by: Vec<(Takeover, String)>,
+}
+
+/// What exists already and a resource may take over, where every matching rule allows it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Takeover {
+    /// `spec.adopt` (`allowAdoption`).
+    Adoption,
+    /// `spec.secret.creationPolicy: Merge` (`allowSecretMerge`).
+    Merge,
 }
 
 /// The rule whose grant a resource records: of the matching rules, the one with the strictest
@@ -98,15 +105,17 @@ impl Limits {
         self.retain_refused_by.is_empty()
     }
 
-    /// Whether the resource may adopt a key made outside the operator: some rule allows the
-    /// resource, and every one that does allows adoption.
-    pub fn adoption_allowed(&self) -> bool {
-        !self.policies.is_empty() && self.adoption_refused_by.is_empty()
+    /// Whether the resource may take this over: some rule allows the resource, and every one
+    /// that does allows it.
+    pub fn takeover_allowed(&self, what: Takeover) -> bool {
+        !self.policies.is_empty() && self.takeover_refused_by.iter().all(|(w, _)| *w != what)
     }
 
-    /// Whether the resource may write into a Secret someone else owns (`creationPolicy: Merge`).
-    pub fn merge_allowed(&self) -> bool {
-        !self.policies.is_empty() && self.merge_refused_by.is_empty()
+    /// The policies with a rule that refuses it (all that allow the resource, if none does).
+    pub fn takeover_refused_by(&self, what: Takeover) -> Vec<String> {
+        let refusing: Vec<String> =
+            self.takeover_refused_by.iter().filter(|(w, _)| *w == what).map(|(_, p)| p.clone()).collect();
+        if refusing.is_empty() { self.policies.clone() } else { refusing }
     }
 
     /// The deletion policy that applies: `Retain` only where every matching rule allows it.
@@ -210,11 +219,13 @@ pub fn authorize(policies: &[Arc<IamAccessKeyPolicy>], ns: &NamespaceFacts, user
                     if !rule.allow_retain {
                         note_policy(&mut limits.retain_refused_by, policy.name_any());
                     }
-                    if !rule.allow_adoption {
-                        note_policy(&mut limits.adoption_refused_by, policy.name_any());
-                    }
-                    if !rule.allow_secret_merge {
-                        note_policy(&mut limits.merge_refused_by, policy.name_any());
+                    for (what, allowed) in
+                        [(Takeover::Adoption, rule.allow_adoption), (Takeover::Merge, rule.allow_secret_merge)]
+                    {
+                        let refusal = (what, policy.name_any());
+                        if !allowed && !limits.takeover_refused_by.contains(&refusal) {
+                            limits.takeover_refused_by.push(refusal);
+                        }
                     }
                     limits.max_key_age = strictest(limits.max_key_age, rule.max_key_age);
                     limits.deactivate_unused_after =

@@ -197,3 +197,24 @@ fn a_user_no_rule_allows_is_refused_with_one_message_whatever_iam_says_of_it() {
     assert!(matches!(&outside, Decision::Denied(_)));
     assert_eq!(outside, unreadable);
 }
+
+#[test]
+fn adoption_and_merge_need_every_matching_rule_to_allow_them() {
+    let lenient = json!([{"namespaces": ["a"], "userNames": ["u"], "allowAdoption": true, "allowSecretMerge": true}]);
+    let Decision::Allowed(one) = decide(&[policy("lenient", lenient.clone())], "a", &[], "u", None) else { panic!() };
+    assert!(one.takeover_allowed(Takeover::Adoption) && one.takeover_allowed(Takeover::Merge));
+    let strict = json!([{"namespaces": ["a"], "userNames": ["u"], "allowAdoption": true}]);
+    let both = [policy("lenient", lenient), policy("strict", strict)];
+    let Decision::Allowed(limits) = decide(&both, "a", &[], "u", None) else { panic!() };
+    assert!(limits.takeover_allowed(Takeover::Adoption));
+    assert!(!limits.takeover_allowed(Takeover::Merge), "strict does not allow Merge");
+    assert_eq!(limits.takeover_refused_by(Takeover::Merge), vec!["strict".to_string()]);
+    // The secure default: a rule that says nothing allows neither; nothing allows without a rule.
+    let Decision::Allowed(silent) =
+        decide(&[policy("p", json!([{"namespaces": ["a"], "userNames": ["u"]}]))], "a", &[], "u", None)
+    else {
+        panic!()
+    };
+    assert!(!silent.takeover_allowed(Takeover::Adoption) && !silent.takeover_allowed(Takeover::Merge));
+    assert!(!Limits::default().takeover_allowed(Takeover::Adoption));
+}
