@@ -104,7 +104,9 @@ pub fn prepare_write(obj: &IamAccessKey, mut ours: Secret, held: Option<&Secret>
         ours.metadata.resource_version = held.metadata.resource_version.clone();
         return ours;
     }
-    let mut out = without_our_entries(held);
+    // A Secret of ours written before `written-keys` existed (under Owner, say) is ours whole.
+    let ours_already = matches!(classify(obj, Some(&held.metadata)).0, SecretObservation::Ours { .. });
+    let mut out = without_our_entries(held, ours_already);
     let meta = &mut out.metadata;
     meta.annotations.get_or_insert_with(BTreeMap::new).extend(ours.metadata.annotations.unwrap_or_default());
     if policy == CreationPolicy::Adopt {
@@ -130,13 +132,18 @@ pub fn written_keys(held: &Secret) -> Option<Vec<String>> {
     Some(list.split(',').filter(|k| !k.is_empty()).map(str::to_owned).collect())
 }
 
-/// `held` without what the operator wrote into it: the entries `written-keys` lists and the
-/// bookkeeping annotations. Labels and owner references stay.
-pub fn without_our_entries(held: &Secret) -> Secret {
+/// `held` without what the operator wrote into it: the entries `written-keys` lists (all of
+/// them, for a Secret of ours that does not say, `ours_whole`) and the bookkeeping annotations.
+/// Labels and owner references stay.
+pub fn without_our_entries(held: &Secret, ours_whole: bool) -> Secret {
     let mut out = held.clone();
-    let written = written_keys(held).unwrap_or_default();
+    let written = written_keys(held);
     if let Some(data) = out.data.as_mut() {
-        data.retain(|k, _| !written.contains(k));
+        match written {
+            Some(written) => data.retain(|k, _| !written.contains(k)),
+            None if ours_whole => data.clear(),
+            None => {}
+        }
     }
     if let Some(annotations) = out.metadata.annotations.as_mut() {
         annotations.retain(|k, _| !BOOKKEEPING.contains(&k.as_str()));
@@ -168,7 +175,7 @@ pub async fn release(ctx: &super::Context, obj: &IamAccessKey) -> Result<(), cra
         return Ok(());
     }
     let out = match obj.spec.secret.creation_policy {
-        CreationPolicy::Merge => without_our_entries(&held),
+        CreationPolicy::Merge => without_our_entries(&held, false),
         _ => left_behind(&held),
     };
     let params = kube::api::PostParams { field_manager: Some(crate::crd::FIELD_MANAGER.into()), ..Default::default() };
@@ -305,6 +312,11 @@ mod tests {
         let again = prepare_write(&file, rendered(&file, "AKIANEW"), Some(&out));
         let d = data(&again);
         assert!(!d.contains_key("AWS_ACCESS_KEY_ID") && d.contains_key("credentials") && d.contains_key("username"));
+        // Owner -> Adopt: a Secret the operator created before is all its own, old entries included.
+        let owner = resource("Owner");
+        let created = prepare_write(&owner, rendered(&owner, "AKIANEW"), None);
+        let relayout = prepare_write(&file, rendered(&file, "AKIANEW"), Some(&created));
+        assert_eq!(data(&relayout).keys().collect::<Vec<_>>(), ["credentials"]);
     }
 
     #[test]
@@ -315,7 +327,7 @@ mod tests {
         assert_eq!(out.metadata.labels, held.metadata.labels, "labels are the owner's");
         assert_eq!(out.metadata.owner_references, held.metadata.owner_references, "no owner reference of ours");
         assert_eq!(out.metadata.annotations.as_ref().unwrap()[WRITTEN_FOR_ANNOTATION], "uid-1");
-        let back = without_our_entries(&out);
+        let back = without_our_entries(&out, true);
         assert_eq!((back.data, back.metadata.annotations), (held.data, held.metadata.annotations));
     }
 
