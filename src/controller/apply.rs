@@ -114,7 +114,15 @@ pub async fn observe_secret_meta(
 ) -> Result<(SecretObservation, SecretLayout, Option<String>), Error> {
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &obj.namespace().unwrap_or_default());
     let meta = secrets.get_metadata_opt(&secret_name(obj)).await.context("reading the Secret's metadata")?;
-    let (observation, conflict) = super::secret_policy::classify(obj, meta.as_ref().map(|m| &m.metadata));
+    let (mut observation, mut conflict) = super::secret_policy::classify(obj, meta.as_ref().map(|m| &m.metadata));
+    // Before the first write into someone else's Secret, its type (not in the metadata) decides
+    // too: one read, only then.
+    if observation == SecretObservation::Available {
+        let held = secrets.get_opt(&secret_name(obj)).await.context("reading the Secret")?;
+        if let Some(why) = held.and_then(|h| super::secret_policy::refused_type(h.type_.as_deref())) {
+            (observation, conflict) = (SecretObservation::NotOurs, Some(why));
+        }
+    }
     let stale = matches!(observation, SecretObservation::Ours { .. }) && layout_stale(obj, meta.as_ref());
     Ok((observation, if stale { SecretLayout::Stale } else { SecretLayout::Current }, conflict))
 }
@@ -389,6 +397,11 @@ impl<'a> Run<'a> {
                 "spec.secret.creationPolicy Merge is not allowed: IamAccessKeyPolicy {} does not allow writing into a Secret this resource does not own (spec.rules[].allowSecretMerge); nothing was written. Ask a platform admin for allowSecretMerge in every rule that allows this resource, or use creationPolicy Owner with a Secret of its own",
                 policies.iter().map(|p| format!("{p:?}")).collect::<Vec<_>>().join(", ")
             ),
+            // The planner does not know the default Secret name: this does.
+            Blocked::AdoptionRefused(crate::plan::AdoptionRefusal::SecretNotAllowed { policies, .. }) => {
+                crate::plan::AdoptionRefusal::SecretNotAllowed { secret: self.secret_name.clone(), policies: policies.clone() }
+                    .to_string()
+            }
             Blocked::AdoptionRefused(refusal) => refusal.to_string(),
             Blocked::KeyUnused { access_key_id, since } => format!(
                 "access key {access_key_id} is Inactive: unused since {since}, longer than deactivateUnusedAfter of policy {}; rotate (iam-key-operator rotate, or the {ROTATE_REQUESTED_AT_ANNOTATION} annotation) to issue a new key",
@@ -469,7 +482,7 @@ impl<'a> Run<'a> {
     /// taken over), replaced when it is ours; under `creationPolicy` Adopt and Merge, what the
     /// operator did not write is kept (`secret_policy::prepare_write`).
     async fn publish(&mut self, id: &str, object: Secret) -> Result<(), Error> {
-        use super::secret_policy::{classify, prepare_write};
+        use super::secret_policy::{classify, prepare_write, refused_type};
         let ns = self.obj.namespace().unwrap_or_default();
         let api: Api<Secret> = Api::namespaced(self.ctx.client.clone(), &ns);
         let params = PostParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() };
@@ -495,8 +508,10 @@ impl<'a> Run<'a> {
                     let meta = api.get_metadata(&self.secret_name).await.context("reading the Secret's metadata")?;
                     Secret { metadata: meta.metadata, ..Default::default() }
                 };
-                if let (SecretObservation::NotOurs, why) = classify(self.obj, Some(&held.metadata)) {
-                    self.secret_conflict = why;
+                let (seen, why) = classify(self.obj, Some(&held.metadata));
+                let refused = refused_type(held.type_.as_deref()).filter(|_| seen == SecretObservation::Available);
+                if seen == SecretObservation::NotOurs || refused.is_some() {
+                    self.secret_conflict = why.or(refused);
                     return Err(self.blocked(Blocked::SecretConflict));
                 }
                 let object = prepare_write(self.obj, object, Some(&held));

@@ -79,6 +79,21 @@ pub fn classify(obj: &IamAccessKey, meta: Option<&ObjectMeta>) -> (SecretObserva
     (SecretObservation::NotOurs, Some(why))
 }
 
+/// Why a Secret of this type is never taken over or written into (`None`: it may be). The
+/// Kubernetes types other than `Opaque` and `kubernetes.io/basic-auth` hold other credentials
+/// (a ServiceAccount's token, registry or TLS credentials): a resource must not turn them into its
+/// own, nor have them deleted with it. Types outside `kubernetes.io/` (Crossplane's connection
+/// Secrets, say) are another tool's way of naming `Opaque`.
+pub fn refused_type(type_: Option<&str>) -> Option<String> {
+    match type_ {
+        None | Some("Opaque" | "kubernetes.io/basic-auth") => None,
+        Some(t) if t.starts_with("kubernetes.io/") || t.starts_with("bootstrap.kubernetes.io/") => Some(format!(
+            "is of type {t}, which holds other credentials: it is never taken over or written into; set spec.secret.name to a free name"
+        )),
+        Some(_) => None,
+    }
+}
+
 /// The Secret to send for `ours` (rendered by `secret::build_secret`, which always sets the
 /// resource's owner reference), given what the API server holds (`None`: create it).
 ///
@@ -265,6 +280,16 @@ mod tests {
             let written = prepare_write(&obj, rendered(&obj, "AKIANEW"), Some(&unowned));
             let ours = SecretObservation::Ours { access_key_id: Some("AKIANEW".into()) };
             assert_eq!(classify(&obj, Some(&written.metadata)).0, ours, "{policy}");
+        }
+    }
+
+    #[test]
+    fn secrets_holding_other_credentials_are_never_taken_over() {
+        for t in ["kubernetes.io/service-account-token", "kubernetes.io/dockerconfigjson", "kubernetes.io/tls"] {
+            assert!(refused_type(Some(t)).is_some_and(|why| why.contains(t)), "{t}");
+        }
+        for t in [None, Some("Opaque"), Some("kubernetes.io/basic-auth"), Some("connection.crossplane.io/v1alpha1")] {
+            assert_eq!(refused_type(t), None, "{t:?}");
         }
     }
 

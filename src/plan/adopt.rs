@@ -23,6 +23,10 @@ pub fn adoption_pending(spec: &IamAccessKeySpec, ledger: &Ledger) -> bool {
 pub enum AdoptionRefusal {
     /// A matching policy rule does not allow adoption (`allowAdoption`).
     NotAllowed { policies: Vec<String> },
+    /// `creationPolicy: Adopt` found an existing Secret to take over, and a matching policy rule
+    /// does not allow adoption (`allowAdoption`): taking over a Secret hands it to the resource
+    /// (deleted with it), which its namespace's users may not be allowed to do themselves.
+    SecretNotAllowed { secret: String, policies: Vec<String> },
     /// The Secret `spec.adopt` names does not exist.
     SecretMissing { secret: String },
     /// None of the data key pairs looked in holds both halves of a key.
@@ -47,6 +51,11 @@ impl fmt::Display for AdoptionRefusal {
             AdoptionRefusal::NotAllowed { policies } => write!(
                 f,
                 "adoption is not allowed: IamAccessKeyPolicy {} does not allow adopting existing keys (spec.rules[].allowAdoption); nothing was changed. Ask a platform admin for allowAdoption in every rule that allows this resource, or remove spec.adopt to have a new key created",
+                policies.iter().map(|p| format!("{p:?}")).collect::<Vec<_>>().join(", ")
+            ),
+            AdoptionRefusal::SecretNotAllowed { secret, policies } => write!(
+                f,
+                "taking over the existing Secret {secret} is not allowed: IamAccessKeyPolicy {} does not allow adopting what exists (spec.rules[].allowAdoption); nothing was changed. Ask a platform admin for allowAdoption in every rule that allows this resource, or set spec.secret.name to a free name",
                 policies.iter().map(|p| format!("{p:?}")).collect::<Vec<_>>().join(", ")
             ),
             AdoptionRefusal::SecretMissing { secret } => write!(

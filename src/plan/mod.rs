@@ -409,6 +409,15 @@ pub fn plan_next_step(obs: &Observation) -> Step {
         let policies = obs.limits.takeover_refused_by(Takeover::Adoption);
         return Step::Blocked(Blocked::AdoptionRefused(AdoptionRefusal::NotAllowed { policies }));
     }
+    // Taking over an existing Secret hands it to the resource (and deletes it with it).
+    if obs.spec.secret.creation_policy == CreationPolicy::Adopt
+        && *obs.secret == SecretObservation::Available
+        && !obs.limits.takeover_allowed(Takeover::Adoption)
+    {
+        let policies = obs.limits.takeover_refused_by(Takeover::Adoption);
+        let secret = obs.spec.secret.name.clone().unwrap_or_default();
+        return Step::Blocked(Blocked::AdoptionRefused(AdoptionRefusal::SecretNotAllowed { secret, policies }));
+    }
     let secret_blocked = match obs.secret {
         SecretObservation::NotOurs => Some(Blocked::SecretConflict),
         SecretObservation::Missing if merge => Some(Blocked::SecretNotFound),

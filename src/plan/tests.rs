@@ -1118,9 +1118,23 @@ fn merge_needs_every_matching_rule_to_allow_it_and_an_existing_secret() {
 }
 
 #[test]
-fn adopt_plans_an_available_secret_like_a_missing_one() {
+fn adopt_plans_an_available_secret_like_a_missing_one_where_adoption_is_allowed() {
     let mut w = World::new(vec![], Some(BTreeMap::new()));
     w.spec.secret.creation_policy = crate::crd::CreationPolicy::Adopt;
+    w.spec.secret.name = Some("theirs".into());
     w.secret = SecretObservation::Available;
+    w.limits = allowing(false, false);
+    assert_eq!(
+        w.plan(),
+        Step::Blocked(Blocked::AdoptionRefused(AdoptionRefusal::SecretNotAllowed {
+            secret: "theirs".into(),
+            policies: vec!["p".into()]
+        }))
+    );
+    // A missing Secret is created as under Owner: nothing to take over.
+    w.secret = SecretObservation::Missing;
+    assert_eq!(w.plan(), Step::StartCreate { existing_key_ids: vec![] });
+    w.secret = SecretObservation::Available;
+    w.limits = allowing(true, false);
     assert_eq!(w.plan(), Step::StartCreate { existing_key_ids: vec![] });
 }

@@ -414,11 +414,32 @@ async fn merge_writes_only_its_entries_where_a_policy_allows_it_and_takes_them_b
 async fn adopt_takes_over_a_free_secret_and_orphan_leaves_its_secret_behind() {
     let f = Fixture::new("orphan").await;
     f.allow_own_user(json!({"allowRetain": true})).await;
-    let _op = f.operator(&[]);
-    // Adopt without spec.adopt: a new key into a Secret made by hand, its other entries kept.
-    hand_made_secret(&f, "shared", json!({}), &[("REGION", "eu-west-1")]).await;
+    let op = f.operator(&[]);
+    // Adopt without spec.adopt: a new key into a Secret made by hand, its other entries kept;
+    // taking a Secret over is the platform team's to allow, like adopting a key.
+    let before = hand_made_secret(&f, "shared", json!({}), &[("REGION", "eu-west-1")]).await;
     f.create("adopter", json!({"secret": {"name": "shared", "creationPolicy": "Adopt"}})).await;
+    let obj = f.wait_reason("adopter", "AdoptionRefused").await;
+    let message = ready(&obj).unwrap().2;
+    assert!(message.contains("taking over the existing Secret shared is not allowed"), "{message}");
+    op.wait_reconciles(Some("AdoptionRefused"), 2).await;
+    assert_eq!(op.iam_calls(IAM_WRITES).await, 0);
+    assert_eq!(f.secrets().get("shared").await.unwrap().metadata.resource_version, before.metadata.resource_version);
+    // A ServiceAccount token is never taken over, allowed or not.
+    let token: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "token", "annotations": {"kubernetes.io/service-account.name": "default"}},
+        "type": "kubernetes.io/service-account-token",
+    }))
+    .unwrap();
+    f.secrets().create(&PostParams::default(), &token).await.unwrap();
+    f.allow_own_user(json!({"allowRetain": true, "allowAdoption": true})).await;
     f.wait_ready("adopter").await;
+    f.create("token-taker", json!({"secret": {"name": "token", "creationPolicy": "Adopt"}})).await;
+    let obj = f.wait_reason("token-taker", "SecretConflict").await;
+    assert!(ready(&obj).unwrap().2.contains("kubernetes.io/service-account-token"), "{:?}", ready(&obj));
+    let token = f.secrets().get("token").await.unwrap();
+    assert!(token.metadata.owner_references.is_none() && !entries(&token).contains_key("AWS_ACCESS_KEY_ID"));
+    f.delete("token-taker").await;
     let data = entries(&f.secrets().get("shared").await.unwrap());
     assert_eq!(data["REGION"], "eu-west-1");
     f.assert_consistent("adopter", &[]).await;
