@@ -289,6 +289,26 @@ async fn a_vault_static_role_secret_is_adopted_then_rotated_away() {
     consumer.assert_never_broken().await;
 }
 
+/// Adopting from another Secret: it is only read; the resource's own Secret (Owner, created) gets
+/// the key, and a Warning says the old Secret still holds it.
+#[tokio::test]
+async fn a_key_adopted_from_another_secret_is_published_in_a_new_one_and_the_old_one_is_only_read() {
+    let f = Fixture::new("adopt-from").await;
+    f.allow_own_user(json!({"allowAdoption": true})).await;
+    let (id, secret) = key_made_outside(&f, &f.user).await;
+    let source = hand_made_secret(&f, "tf-creds", json!({}), &[("id", &id), ("key", &secret)]).await;
+    let _op = f.operator(&[]);
+    let spec = json!({"secret": {"name": "app-aws"}, "adopt": {"secretName": "tf-creds", "accessKeyIdKey": "id", "secretAccessKeyKey": "key"}});
+    f.create("app", spec).await;
+    let obj = f.wait_ready("app").await;
+    assert_eq!(status_of(&obj).access_key_id.as_ref(), Some(&id));
+    f.assert_consistent("app", &[]).await;
+    let after = f.secrets().get("tf-creds").await.unwrap();
+    assert_eq!(after.metadata.resource_version, source.metadata.resource_version, "only read");
+    let warned = f.events("app", "AdoptedFromAnotherSecret").await;
+    assert!(warned.iter().any(|n| n.contains("tf-creds") && n.contains("app-aws")), "{warned:?}");
+}
+
 #[tokio::test]
 async fn refused_adoptions_change_nothing_and_say_why() {
     let f = Fixture::without_policy("adopt-no").await;
