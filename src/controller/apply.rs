@@ -415,7 +415,10 @@ impl<'a> Run<'a> {
             self.slot.idle_until(self.ctx, self.ctx.learn_first_check(until)).await;
         }
         let (mut checks, mut refused_at) = (0, None);
-        let mut wait = self.ctx.next_check(created.elapsed(), 0).min(deadline.saturating_duration_since(created));
+        let mut wait = self
+            .ctx
+            .next_check(created.elapsed(), 0)
+            .min(deadline.saturating_duration_since(std::time::Instant::now()));
         let result = loop {
             self.slot.idle(self.ctx, wait).await;
             let answer = match self.ctx.iam.caller_identity(id, secret).await {
