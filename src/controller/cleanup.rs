@@ -10,7 +10,7 @@ use tracing::debug;
 
 use super::{
     Context,
-    apply::{Verdict, decide, observe_secret_meta, observe_user, paused_message},
+    apply::{Verdict, decide, observe_secret_meta, observe_user, paused_message, recorded_role},
     secret::{delete_secret, secret_name},
 };
 use crate::{
@@ -46,7 +46,7 @@ pub async fn cleanup(obj: &Arc<IamAccessKey>, ctx: &Context) -> Result<Action, E
     if paused || deletion_policy == DeletionPolicy::Retain || ledger.pending_create.is_some() {
         let limits = match decide(ctx, obj).await?.0 {
             Verdict::Allowed(limits) | Verdict::UserMissing(limits) => Some(limits),
-            Verdict::Denied(_) | Verdict::OutsidePrefix(_) => None,
+            Verdict::Denied(_) | Verdict::OutsidePrefix(_) | Verdict::AccountConflict(_) => None,
         };
         if paused {
             if let Some(limits) = limits.as_ref().filter(|l| l.pause_allowed()) {
@@ -72,7 +72,9 @@ pub async fn cleanup(obj: &Arc<IamAccessKey>, ctx: &Context) -> Result<Action, E
     let owner = Owner::new(&ctx.settings.cluster_name, &ns, &obj.name_any());
     let previous_owner = ctx.settings.previous_cluster_name.as_deref().map(|c| Owner::new(c, &ns, &obj.name_any()));
     let user_name = obj.spec.user_name.as_str();
-    let mut user = observe_user(ctx, user_name).await?;
+    // Where the keys are, whatever the rules say now.
+    let iam = ctx.iam(recorded_role(obj).as_ref(), &ns);
+    let mut user = observe_user(iam.as_ref(), user_name).await?;
     let (mut secret, _) = observe_secret_meta(ctx, obj).await?;
     let mut deleted = vec![];
     for _ in 0..MAX_STEPS {
@@ -87,13 +89,13 @@ pub async fn cleanup(obj: &Arc<IamAccessKey>, ctx: &Context) -> Result<Action, E
         debug!(?step, "cleanup step");
         match step {
             CleanupStep::ReadUser => {
-                let info = ctx.iam.get_user(user_name).await?;
+                let info = iam.get_user(user_name).await?;
                 if let UserObservation::Found { tags, .. } = &mut user {
                     *tags = Some(info.tags);
                 }
             }
             CleanupStep::DeleteKey { access_key_id } => {
-                match ctx.iam.delete_access_key(user_name, &access_key_id).await {
+                match iam.delete_access_key(user_name, &access_key_id).await {
                     Err(e) if !e.is_not_found() => return Err(e.into()),
                     _ => {}
                 }
@@ -106,7 +108,7 @@ pub async fn cleanup(obj: &Arc<IamAccessKey>, ctx: &Context) -> Result<Action, E
             CleanupStep::MarkRetained { access_key_ids } => {
                 let tags: Vec<(String, String)> =
                     access_key_ids.iter().map(|id| (id.clone(), owner.retained_tag_value())).collect();
-                ctx.iam.tag_user(user_name, &tags).await?;
+                iam.tag_user(user_name, &tags).await?;
                 if let UserObservation::Found { tags: Some(t), .. } = &mut user {
                     t.extend(tags);
                 }
@@ -117,7 +119,7 @@ pub async fn cleanup(obj: &Arc<IamAccessKey>, ctx: &Context) -> Result<Action, E
                 ctx.event(obj, EventType::Normal, "KeysRetained", note).await;
             }
             CleanupStep::Untag { tag_keys } => {
-                ctx.iam.untag_user(user_name, &tag_keys).await?;
+                iam.untag_user(user_name, &tag_keys).await?;
                 if let UserObservation::Found { tags: Some(t), .. } = &mut user {
                     t.retain(|k, _| !tag_keys.contains(k));
                 }

@@ -27,6 +27,10 @@ pub enum IamError {
     /// IAM refused the request's content (`ValidationError`, `InvalidInput`, ...).
     #[error("{operation}: refused by IAM: {message}")]
     Invalid { operation: &'static str, message: String },
+    /// STS AssumeRole into a rule's role failed: `cause` is how (refused, throttled, ...), its
+    /// message STS's own (it names the role and the operator's identity, never credentials).
+    #[error("cannot assume role {role_arn}: {cause}")]
+    AssumeRoleFailed { role_arn: String, cause: Box<IamError> },
 }
 
 impl IamError {
@@ -40,6 +44,7 @@ impl IamError {
             IamError::Unavailable { .. } => "IamUnavailable",
             IamError::Busy { .. } => "IamBusy",
             IamError::Invalid { .. } => "IamRejected",
+            IamError::AssumeRoleFailed { .. } => "AssumeRoleFailed",
         }
     }
 
@@ -53,11 +58,13 @@ impl IamError {
             IamError::Unavailable { .. } => "unavailable",
             IamError::Busy { .. } => "busy",
             IamError::Invalid { .. } => "invalid",
+            IamError::AssumeRoleFailed { cause, .. } => cause.outcome(),
         }
     }
 
     /// Whether trying the same call again later can succeed without anyone changing anything.
     pub fn is_retryable(&self) -> bool {
+        // A role that cannot be assumed is nearly always a trust or permission policy to fix.
         matches!(self, IamError::Throttled { .. } | IamError::Unavailable { .. } | IamError::Busy { .. })
     }
 
