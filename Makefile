@@ -83,7 +83,8 @@ soak: tools ## Long fault runs (not in make test): random kills for 15 min with 
 
 .PHONY: bench
 bench: tools ## Benchmarks against the floor (not in make test, ~40 min); rewrites docs/benchmarks.md and docs/img
-	$(CARGO) build --release --locked
+	@# The binary the image ships (static musl, its allocator), built the way the Dockerfile builds it.
+	hack/build-image-binary.sh >/dev/null
 	$(CARGO) run --release --locked -p bench -- --all --report --fresh
 
 .PHONY: timeline

@@ -196,19 +196,25 @@ pub async fn set_paused(client: &Client, namespace: &str, name: &str, paused: bo
     Ok(())
 }
 
-/// Increase `spec.rotation.serial` by one (refused if the resource changed since it was read);
-/// returns the new serial.
+/// Increase `spec.rotation.serial` by one; returns the new serial. The write is conditional on
+/// the version read, so two bumps at once make two rotations, not one; a conflict (the operator
+/// writes status all the time) reads again.
 pub async fn bump_serial(client: &Client, namespace: &str, name: &str) -> Result<i64, kube::Error> {
     let api = Api::<IamAccessKey>::namespaced(client.clone(), namespace);
-    let key = api.get(name).await?;
-    let serial = key.spec.rotation.as_ref().map_or(0, |r| r.serial) + 1;
-    let patch = serde_json::json!({
-        "metadata": {"resourceVersion": key.resource_version()},
-        "spec": {"rotation": {"serial": serial}},
-    });
     let params = PatchParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() };
-    api.patch(name, &params, &Patch::Merge(&patch)).await?;
-    Ok(serial)
+    let mut tries = 0;
+    loop {
+        let key = api.get(name).await?;
+        let serial = key.spec.rotation.as_ref().map_or(0, |r| r.serial) + 1;
+        let patch = serde_json::json!({
+            "metadata": {"resourceVersion": key.resource_version()},
+            "spec": {"rotation": {"serial": serial}},
+        });
+        match api.patch(name, &params, &Patch::Merge(&patch)).await {
+            Err(kube::Error::Api(e)) if e.code == 409 && tries < 5 => tries += 1,
+            done => return done.map(|_| serial),
+        }
+    }
 }
 
 /// An IAM user as `why` takes it: `NAME`, or `/PATH/NAME` with its IAM path.

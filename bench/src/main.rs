@@ -3,8 +3,8 @@
 //! set. See docs/benchmarks.md, which `--report` writes.
 //!
 //! ```text
-//! cargo build --release && cargo run --release -p bench -- --all --report   # what make bench does
-//! cargo run --release -p bench -- --convergence --floor --n 200              # one part, small
+//! hack/build-image-binary.sh && cargo run --release -p bench -- --all --report   # what make bench does
+//! cargo run --release -p bench -- --convergence --floor --n 200                  # one part, small
 //! cargo run -p bench -- --timeline      # redraw the rotation timeline in docs/ (no environment)
 //! ```
 
@@ -27,18 +27,21 @@ use std::{
 
 use clap::Parser;
 use kube::Client;
-use testenv::TestEnv;
+use testenv::{
+    TestEnv,
+    proxy::{Call, FaultProxy, Faults, Outcome, by_action, by_outcome, max_in_window},
+};
 
 use crate::{
     cluster::{Item, ReadyWatch},
     operator::{Flags, Operator},
     procfs::{cpu_between, cpu_snapshot},
-    results::{Convergence, Empty, Idle, Latency, Restart, Results, RunInfo, Steady, Unrelated, percentile},
+    results::{AwsLike, Convergence, Empty, Idle, Latency, Restart, Results, RunInfo, Steady, Unrelated, percentile},
 };
 
-/// The rate the operator's default (adaptive) limit starts at, in calls per second: half of
-/// `--iam-rate-max` (20). Against moto, which never throttles, it rises to 20 within seconds, so
-/// timeouts computed from this are conservative.
+/// A rate the operator's default (adaptive) limit stays above, in calls per second, for
+/// timeouts: it starts at half of `--iam-rate-max` (50) and rises against moto; under the
+/// AWS-like profile it settles near the quota (20/s by default).
 const OPERATOR_DEFAULT_RATE: f64 = 10.0;
 /// The operator's own default `--iam-burst`.
 const OPERATOR_DEFAULT_BURST: u32 = 20;
@@ -75,6 +78,11 @@ struct Args {
     /// RSS with --unrelated-secrets Secrets of --unrelated-bytes each next to --restart-n resources.
     #[arg(long)]
     unrelated: bool,
+    /// The operator at default flags converging each --aws-like-n resources against an AWS-like
+    /// IAM: a proxy in front of moto with latency, new keys refused for seconds, an account quota
+    /// of --aws-like-throttle calls per second and transient 409s (testenv::proxy).
+    #[arg(long)]
+    aws_like: bool,
     /// Write docs/benchmarks.md and docs/img/*.svg from the results file.
     #[arg(long)]
     report: bool,
@@ -91,9 +99,16 @@ struct Args {
     /// The operator's --iam-rate for convergence runs (0: unlimited).
     #[arg(long, value_delimiter = ',', default_value = "0")]
     iam_rate: Vec<f64>,
-    /// N for which convergence also runs at the operator's default --iam-rate (10/s).
-    #[arg(long, value_delimiter = ',', default_value = "100")]
+    /// N for which convergence also runs with the operator's default flags (adaptive IAM rate).
+    #[arg(long, value_delimiter = ',', default_value = "100,1000,5000")]
     default_rate_n: Vec<usize>,
+    /// Numbers of resources for --aws-like.
+    #[arg(long, value_delimiter = ',', default_value = "100,1000,5000")]
+    aws_like_n: Vec<usize>,
+    /// The AWS-like account quota: IAM and STS calls per second above which IAM answers
+    /// `Throttling`.
+    #[arg(long, default_value_t = 20.0)]
+    aws_like_throttle: f64,
     /// Seconds of idle measurement after each unlimited-rate convergence (0: none).
     #[arg(long, default_value_t = 60)]
     idle_secs: u64,
@@ -121,8 +136,9 @@ struct Args {
     unrelated_secrets: usize,
     #[arg(long, default_value_t = 10_240)]
     unrelated_bytes: usize,
-    /// The operator binary (default: release/iam-key-operator in $CARGO_TARGET_DIR, else in this
-    /// repository's target/).
+    /// The operator binary (default: the one the image ships, as hack/build-image-binary.sh
+    /// builds it: <arch>-unknown-linux-musl/release/iam-key-operator in $CARGO_TARGET_DIR, else in
+    /// this repository's target/).
     #[arg(long)]
     operator_bin: Option<PathBuf>,
     /// Results file (default: target/bench/results.json).
@@ -167,16 +183,12 @@ async fn run(mut args: Args) {
         args.restart = true;
         args.empty = true;
         args.unrelated = true;
+        args.aws_like = true;
     }
-    let chosen = args.floor
-        || args.convergence
-        || args.latency
-        || args.steady
-        || args.restart
-        || args.empty
-        || args.unrelated
-        || args.report;
-    if !chosen {
+    let measures = |a: &Args| {
+        a.floor || a.convergence || a.latency || a.steady || a.restart || a.empty || a.unrelated || a.aws_like
+    };
+    if !measures(&args) && !args.report {
         // `bench --n 1000`: the floor and the operator's convergence.
         args.floor = true;
         args.convergence = true;
@@ -184,15 +196,15 @@ async fn run(mut args: Args) {
     let root = testenv::repo_root();
     let results_path = args.results.clone().unwrap_or_else(|| root.join("target/bench/results.json"));
     let mut results = if args.fresh { Results::default() } else { Results::load(&results_path) };
-    let measuring =
-        args.floor || args.convergence || args.latency || args.steady || args.restart || args.empty || args.unrelated;
+    let measuring = measures(&args);
     if measuring {
         let started = Instant::now();
         let started_at = now_string();
         let loadavg_start = procfs::loadavg();
         let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
-        let bin = args.operator_bin.clone().unwrap_or_else(|| target.join("release/iam-key-operator"));
-        assert!(bin.is_file(), "{} is missing: run `cargo build --release` first (make bench does)", bin.display());
+        let musl = format!("{}-unknown-linux-musl/release/iam-key-operator", std::env::consts::ARCH);
+        let bin = args.operator_bin.clone().unwrap_or_else(|| target.join(musl));
+        assert!(bin.is_file(), "{} is missing: run hack/build-image-binary.sh first (make bench does)", bin.display());
         eprintln!("bench: starting etcd, kube-apiserver, kube-controller-manager and moto ...");
         let env = TestEnv::start_async(testenv::Options::default().crds_dir(root.join("crds")))
             .await
@@ -270,7 +282,7 @@ impl Bench {
                     self.save();
                 }
                 if a.default_rate_n.contains(&n) {
-                    let flags = Flags { concurrency: Some(a.concurrency), ..Default::default() };
+                    let flags = Flags::default();
                     let (c, op) = self.converge(n, "opd", flags, 0).await;
                     op.stop();
                     self.results.put_convergence(c);
@@ -293,6 +305,14 @@ impl Bench {
         if a.unrelated {
             self.unrelated().await;
             self.save();
+        }
+        if a.aws_like {
+            let mut ns = a.aws_like_n.clone();
+            ns.sort();
+            for n in ns {
+                self.aws_like(n).await;
+                self.save();
+            }
         }
     }
 
@@ -396,7 +416,10 @@ impl Bench {
         let applied = cluster::apply(&self.client, &ns, &items, APPLY_CONCURRENCY, None).await;
         let rate = flags.iam_rate.unwrap_or(OPERATOR_DEFAULT_RATE);
         let timeout = if rate > 0.0 { n as f64 * 15.0 / rate + 600.0 } else { 1800.0 };
-        let all = watch.wait_count(n, Duration::from_secs_f64(timeout)).await;
+        let wait = watch.wait_count(n, Duration::from_secs_f64(timeout));
+        // A fixed rate is in the flags; the adaptive one is read as it moves.
+        let (all, rate_range) =
+            if flags.iam_rate.is_none() { sampling_rate_limit(&op, wait).await } else { (wait.await, None) };
         if !all {
             eprintln!("  only {} of {n} Ready after {timeout:.0}s; log: {}", watch.count(), op.log_path.display());
         }
@@ -411,6 +434,7 @@ impl Bench {
         let mut c = self.timing("operator", n, &applied, &watch);
         c.flags = flags.describe();
         c.iam_rate = Some(rate);
+        c.iam_rate_limit = rate_range;
         c.iam_calls = prom::delta(&m0.iam_calls(), &m1.iam_calls());
         c.iam_errors = m1.iam_errors() - m0.iam_errors();
         c.moto_requests = moto1 - moto0;
@@ -443,6 +467,47 @@ impl Bench {
             peak / 1024
         );
         (c, op)
+    }
+
+    /// The convergence run at default flags, against IAM through the proxy's AWS-like profile;
+    /// what the proxy saw of it.
+    async fn aws_like(&mut self, n: usize) {
+        let throttle = self.args.aws_like_throttle;
+        eprintln!("bench: AWS-like IAM, account quota {throttle}/s, N={n}");
+        // The operator signs with the admin key, which the proxy trusts already.
+        let proxy = FaultProxy::start(&self.env, &[]).await;
+        proxy.set(Faults::aws_like(throttle));
+        let flags = Flags { env: proxy.operator_env(), ..Default::default() };
+        let t0 = Instant::now();
+        let (run, op) = self.converge(n, "aws", flags, 0).await;
+        op.stop();
+        let calls = proxy.calls_since(t0);
+        let throttled: Vec<Call> = calls.iter().filter(|c| c.outcome == Outcome::Throttled).cloned().collect();
+        let count = |action: &str, outcome: Option<Outcome>| {
+            calls.iter().filter(|c| c.action == action && outcome.is_none_or(|o| c.outcome == o)).count()
+        };
+        let a = AwsLike {
+            throttle_rps: throttle,
+            calls: by_action(&calls),
+            outcomes: by_outcome(&calls).into_iter().map(|(o, k)| (format!("{o:?}"), k)).collect(),
+            throttled: throttled.len(),
+            throttled_max_1s: max_in_window(&throttled, Duration::from_secs(1)).0,
+            calls_max_1s: max_in_window(&calls, Duration::from_secs(1)).0,
+            new_keys: count("CreateAccessKey", Some(Outcome::Forwarded(200))),
+            verifications: count("GetCallerIdentity", None),
+            new_key_refused: calls.iter().filter(|c| c.outcome == Outcome::NewKeyRefused).count(),
+            run,
+        };
+        eprintln!(
+            "  AWS-like N={n}: {:.1}s (bound {:.1}s), {} calls, {} throttled ({:.2}%), {:.2} GetCallerIdentity per new key",
+            a.run.converge_secs,
+            a.bound_secs(),
+            a.total(),
+            a.throttled,
+            a.throttled_fraction() * 100.0,
+            a.verifications_per_key()
+        );
+        self.results.put_aws_like(a);
     }
 
     /// A namespace with N Ready resources (converged at unlimited IAM rate if not done yet).
@@ -734,6 +799,25 @@ async fn settle(op: &Operator) -> operator::Metrics {
             return last;
         }
     }
+}
+
+/// `until`, while the operator's rate gauge is read once a second: its lowest and highest value.
+async fn sampling_rate_limit<T>(op: &Operator, until: impl Future<Output = T>) -> (T, Option<(f64, f64)>) {
+    let range = std::cell::Cell::new(None::<(f64, f64)>);
+    let sample = async {
+        loop {
+            if let Some(r) = op.metrics().await.rate_limit() {
+                let (lo, hi) = range.get().unwrap_or((r, r));
+                range.set(Some((lo.min(r), hi.max(r))));
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    };
+    let out = tokio::select! {
+        out = until => out,
+        () = sample => unreachable!("the sampler never ends"),
+    };
+    (out, range.get())
 }
 
 /// Wait until every one of `n` resources was reconciled since the operator started; seconds

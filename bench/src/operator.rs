@@ -28,6 +28,9 @@ pub struct Flags {
     pub concurrency: Option<u16>,
     pub resync: Option<String>,
     pub last_used_refresh: Option<String>,
+    /// Environment of the process, e.g. IAM and STS endpoints through a proxy (not flags: not in
+    /// `describe`).
+    pub env: Vec<(String, String)>,
 }
 
 impl Flags {
@@ -82,6 +85,7 @@ impl Operator {
         let mut cmd = env.command(bin);
         cmd.args(["run", "--namespace", namespace, "--cluster-name", CLUSTER, "--metrics-addr", &addr])
             .args(flags.args())
+            .envs(flags.env.iter().map(|(k, v)| (k, v)))
             .env_remove("RUST_LOG")
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
@@ -181,6 +185,11 @@ impl Metrics {
 
     pub fn iam_errors(&self) -> f64 {
         prom::sum(&self.0, "iam_key_operator_iam_calls_total", |s| s.label("outcome") != "ok")
+    }
+
+    /// `iam_key_operator_iam_rate_limit`: the IAM/STS rate the limiter grants now.
+    pub fn rate_limit(&self) -> Option<f64> {
+        self.0.iter().find(|s| s.name == "iam_key_operator_iam_rate_limit").map(|s| s.value)
     }
 
     pub fn iam_total(&self) -> f64 {

@@ -5,7 +5,7 @@ use std::{collections::BTreeMap, path::Path};
 
 use serde::{Deserialize, Serialize};
 
-use crate::procfs::CpuUse;
+use crate::{operator::Flags, procfs::CpuUse};
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Results {
@@ -16,6 +16,9 @@ pub struct Results {
     pub restart: Option<Restart>,
     pub empty: Option<Empty>,
     pub unrelated: Option<Unrelated>,
+    /// Older results files have none.
+    #[serde(default)]
+    pub aws_like: Vec<AwsLike>,
 }
 
 /// One invocation of the harness: where and with what it ran.
@@ -77,6 +80,59 @@ pub struct Convergence {
     /// Average size of one IamAccessKey as JSON once converged, and of its managedFields.
     pub object_json_bytes: f64,
     pub managed_fields_json_bytes: f64,
+    /// Lowest and highest `iam_key_operator_iam_rate_limit` while converging, read once a second
+    /// (runs at the adaptive default rate only).
+    pub iam_rate_limit: Option<(f64, f64)>,
+}
+
+/// The operator at default flags against IAM through the fault proxy's AWS-like profile
+/// (`testenv::proxy::Faults::aws_like`).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct AwsLike {
+    /// The account's quota the proxy enforced (IAM and STS calls per second).
+    pub throttle_rps: f64,
+    /// The convergence run: timing, the operator's own counts, Kubernetes requests, CPU, RSS.
+    pub run: Convergence,
+    /// What the proxy received from the operator's start until it was quiet: by action, and by
+    /// what the proxy did (`Forwarded(200)`, `Throttled`, `NewKeyRefused`, `Busy`, ...).
+    pub calls: BTreeMap<String, usize>,
+    pub outcomes: BTreeMap<String, usize>,
+    /// `Throttling` answers: in all, and the most within any 1 s window; the most calls within
+    /// any 1 s window.
+    pub throttled: usize,
+    pub throttled_max_1s: usize,
+    pub calls_max_1s: usize,
+    /// Keys IAM made (`CreateAccessKey` answered 200).
+    pub new_keys: usize,
+    /// STS verification calls (`GetCallerIdentity`, every outcome).
+    pub verifications: usize,
+    /// Calls signed with a key IAM had not propagated yet (`InvalidClientTokenId`).
+    pub new_key_refused: usize,
+}
+
+impl AwsLike {
+    pub fn total(&self) -> usize {
+        self.calls.values().sum()
+    }
+
+    /// The calls the account's quota admitted (all but the `Throttling` answers, which take no
+    /// share of it): what converging took at best at the quota.
+    pub fn needed(&self) -> usize {
+        self.total() - self.throttled
+    }
+
+    /// 1.2 × the time the needed calls take at the quota.
+    pub fn bound_secs(&self) -> f64 {
+        1.2 * self.needed() as f64 / self.throttle_rps
+    }
+
+    pub fn throttled_fraction(&self) -> f64 {
+        self.throttled as f64 / self.total().max(1) as f64
+    }
+
+    pub fn verifications_per_key(&self) -> f64 {
+        self.verifications as f64 / self.new_keys.max(1) as f64
+    }
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -205,6 +261,18 @@ impl Results {
         self.convergence.retain(|x| !(x.who == c.who && x.n == c.n && x.flags == c.flags));
         self.convergence.push(c);
         self.convergence.sort_by(|a, b| (a.n, &a.who, &a.flags).cmp(&(b.n, &b.who, &b.flags)));
+    }
+
+    /// Replace the AWS-like run of the same N and quota, or add it.
+    pub fn put_aws_like(&mut self, a: AwsLike) {
+        self.aws_like.retain(|x| !(x.run.n == a.run.n && x.throttle_rps == a.throttle_rps));
+        self.aws_like.push(a);
+        self.aws_like.sort_by(|a, b| a.run.n.cmp(&b.run.n).then(a.throttle_rps.total_cmp(&b.throttle_rps)));
+    }
+
+    /// The operator's run at N on moto with every flag at its default.
+    pub fn operator_defaults(&self, n: usize) -> Option<&Convergence> {
+        self.convergence.iter().find(|c| c.who == "operator" && c.n == n && c.flags == Flags::default().describe())
     }
 
     pub fn floor(&self, n: usize) -> Option<&Convergence> {

@@ -16,6 +16,7 @@
 mod certs;
 mod error;
 mod process;
+pub mod proxy;
 mod util;
 
 use std::ffi::OsStr;

@@ -18,15 +18,13 @@ use kube::{
     api::{ListParams, Patch, PatchParams},
 };
 use serde_json::json;
-use support::{
-    proxy::{FaultProxy, Faults},
-    *,
-};
+use support::*;
+use testenv::proxy::Faults;
 
 #[tokio::test]
 async fn the_secret_appears_nowhere_but_in_the_secret() {
     let f = Fixture::new("secrecy").await;
-    let proxy = FaultProxy::start(f.env).await;
+    let proxy = fault_proxy(f.env).await;
     let mut envs = proxy.operator_env();
     envs.push(("RUST_LOG".into(), "trace".into()));
     envs.push(("IKO_FAILPOINT".into(), "before-status".into()));

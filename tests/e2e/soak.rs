@@ -23,11 +23,8 @@ use iam_key_operator::crd::{IamAccessKey, KeyPhase};
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use rand::Rng;
 use serde_json::json;
-use support::{
-    Fixture, Operator, authenticates_as, iam_keys,
-    proxy::{Call, FaultProxy, by_action, max_in_window},
-    ready,
-};
+use support::{Fixture, Operator, authenticates_as, fault_proxy, iam_keys, ready};
+use testenv::proxy::{Call, FaultProxy, by_action, max_in_window};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "long: run with `make soak` (IKO_SOAK_SECONDS, IKO_SOAK_RESOURCES)"]
@@ -225,7 +222,7 @@ pub async fn random_kills(prefix: &str, scale: &Scale) -> Report {
         let rotating = foreign.is_none();
         all.push(Res { name: format!("r{i}"), user, foreign, rotating, serial: 0, deleted: false });
     }
-    let proxy = FaultProxy::start(f.env).await;
+    let proxy = fault_proxy(f.env).await;
     let mut op = start_operator(&f, &proxy, &scale.operator_args);
     let mut report = Report { resources: total, ..Report::default() };
     report.foreign_keys = all.iter().filter(|r| r.foreign.is_some()).count();

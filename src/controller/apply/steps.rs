@@ -2,6 +2,8 @@
 //! on status and on the observation, which `plan::record` defines (the simulation in the
 //! property tests records the same way).
 
+use std::time::Duration;
+
 use jiff::Timestamp;
 use kube::{Api, ResourceExt, runtime::events::EventType};
 
@@ -16,6 +18,9 @@ use crate::{
     metrics::ReasonLabels,
     plan::{NewKeyReason, SecretLayout, SecretObservation, record},
 };
+
+/// Tries of a new key's tag before the reconcile gives up (and the key with it).
+const TAG_ATTEMPTS: u32 = 4;
 
 impl Run<'_> {
     pub(super) async fn read_user(&mut self) -> Result<(), Error> {
@@ -166,7 +171,7 @@ impl Run<'_> {
         let id = key.access_key_id.clone();
         failpoint!("after-create-key");
         let tags = self.user.new_key_tags(&self.owner, &id);
-        self.iam.tag_user(&user, &tags).await?;
+        self.tag_new_key(&user, &tags).await?;
         failpoint!("after-tag");
         self.user.key_created(key.clone(), tags);
         // Rendered once per key. The dry run passed, so this fails only on the key's own
@@ -206,6 +211,22 @@ impl Run<'_> {
             format!("created access key {id} ({}) and published it in Secret {}", reason.as_str(), self.secret_name);
         self.note(EventType::Normal, "KeyCreated", note).await;
         Ok(())
+    }
+
+    /// The new key's secret is in hand only now: a transient refusal of its tag (throttling,
+    /// IAM busy) is retried here, not by the next reconcile, which could only delete the key
+    /// and make another. Tagging is idempotent, so a lost answer does no harm either.
+    async fn tag_new_key(&mut self, user: &str, tags: &[(String, String)]) -> Result<(), Error> {
+        let mut wait = Duration::from_millis(250);
+        for _ in 0..TAG_ATTEMPTS - 1 {
+            match self.iam.tag_user(user, tags).await {
+                Err(e) if e.is_retryable() => tracing::debug!(error = %e, "tagging the new key: retrying"),
+                done => return Ok(done?),
+            }
+            self.slot.idle(self.ctx, wait).await;
+            wait *= 2;
+        }
+        Ok(self.iam.tag_user(user, tags).await?)
     }
 
     pub(super) async fn deactivate_unused(&mut self, access_key_id: &str, since: Timestamp) -> Result<(), Error> {

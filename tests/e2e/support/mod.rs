@@ -3,7 +3,6 @@
 #![allow(dead_code)]
 
 pub mod identity;
-pub mod proxy;
 
 use std::{
     collections::BTreeMap,
@@ -21,9 +20,15 @@ use kube::{
     api::{DeleteParams, PostParams},
 };
 use serde_json::json;
-use testenv::TestEnv;
+use testenv::{TestEnv, proxy::FaultProxy};
 
 pub const CLUSTER: &str = "test";
+
+/// A fault proxy (`testenv::proxy`) in front of the environment's moto, trusting the operator's
+/// own IAM key (never looked up for being Inactive).
+pub async fn fault_proxy(env: &'static TestEnv) -> FaultProxy {
+    FaultProxy::start(env, &[&identity::operator_aws_key(env).0]).await
+}
 
 pub struct Fixture {
     pub env: &'static TestEnv,

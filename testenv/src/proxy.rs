@@ -1,4 +1,5 @@
-//! A fault-injecting HTTP/1.1 proxy between the operator and moto, for the fault tests.
+//! A fault-injecting HTTP/1.1 proxy between the operator and moto, for the fault tests and the
+//! benchmarks.
 //!
 //! The operator reaches IAM and STS through `AWS_ENDPOINT_URL_IAM` / `AWS_ENDPOINT_URL_STS`;
 //! point both at [`FaultProxy::url`] (see [`FaultProxy::operator_env`]). Every request is an
@@ -284,8 +285,10 @@ pub struct FaultProxy {
 }
 
 impl FaultProxy {
-    /// Listen on a free loopback port and forward to the environment's moto.
-    pub async fn start(env: &'static testenv::TestEnv) -> FaultProxy {
+    /// Listen on a free loopback port and forward to the environment's moto. Calls signed by a
+    /// `trusted` key (the operator's own) or by the admin key are never looked up for being
+    /// Inactive.
+    pub async fn start(env: &crate::TestEnv, trusted: &[&str]) -> FaultProxy {
         let upstream = env.iam_endpoint();
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind the proxy");
         let addr = listener.local_addr().expect("proxy address");
@@ -308,7 +311,11 @@ impl FaultProxy {
             new_keys: Mutex::default(),
             writing: Mutex::default(),
             admin: env.iam_client(),
-            trusted_keys: vec![super::identity::operator_aws_key(env).0.clone(), env.admin_credentials().0.to_string()],
+            trusted_keys: trusted
+                .iter()
+                .map(|k| k.to_string())
+                .chain([env.admin_credentials().0.to_string()])
+                .collect(),
         });
         let task = tokio::spawn(accept_loop(listener, addr, state.clone()));
         FaultProxy { addr, state, task }
