@@ -18,15 +18,15 @@ use super::{
 };
 use crate::{
     crd::{
-        AccountRecord, AccountRole, FIELD_MANAGER, IamAccessKey, IamAccessKeyStatus, KeyPhase, OWNER_TAG,
-        PAUSED_ANNOTATION, ROTATE_REQUESTED_AT_ANNOTATION,
+        AccountRole, FIELD_MANAGER, IamAccessKey, IamAccessKeyStatus, KeyPhase, OWNER_TAG, PAUSED_ANNOTATION,
+        ROTATE_REQUESTED_AT_ANNOTATION,
     },
     error::{Error, KubeContext},
     iam::{IamApi, IamError, IamUser},
     metrics::ResourceSnapshot,
     plan::{
-        Blocked, Ledger, Observation, Owner, SecretLayout, SecretObservation, Step, UserObservation,
-        may_have_written_to_iam, plan_next_step,
+        Blocked, Ledger, Observation, Owner, SecretLayout, SecretObservation, Step, UserObservation, account,
+        plan_next_step,
         record::{self, STEP_BUDGET},
     },
     policy::{Decision, Limits, NamespaceFacts, Overrides, UserFacts, accounts, authorize_in, combine},
@@ -275,48 +275,20 @@ impl<'a> Run<'a> {
         }
     }
 
-    /// Act in the account the policies chose. A resource with keys (or a create) recorded in
-    /// another account stays where it is, blocked: creating keys in a second account would
-    /// leak the first one's.
+    /// Act in the account the policies chose, or stay where the keys are (`AccountChanged`).
     fn place(&mut self, account: Option<&AccountRole>) -> Result<(), Error> {
-        let ns = self.obj.namespace().unwrap_or_default();
-        if may_have_written_to_iam(&self.status) {
-            let recorded = self.account.clone();
-            if recorded.as_ref().map(|r| &r.role_arn) != account.map(|r| &r.role_arn) {
-                let describe = |role: Option<&AccountRole>| match role {
-                    Some(r) => format!("AWS account {} (role {})", r.account_id(), r.role_arn),
-                    None => "the operator's own AWS account".to_string(),
-                };
-                return Err(Error::AccountChanged(format!(
-                    "the access keys of this resource are in {}, but the IamAccessKeyPolicy rules now place IAM user {} in {}: nothing is done in either; restore the rule, or delete this IamAccessKey (its keys are deleted where they are) and create it again",
-                    describe(recorded.as_ref()),
-                    self.user_name(),
-                    describe(account)
-                )));
-            }
-        } else {
-            let record = self.status.account.get_or_insert_with(AccountRecord::default);
-            if record.role_arn.as_ref() != account.map(|r| &r.role_arn) {
-                *record = AccountRecord::default();
-            }
-            record.role_arn = account.map(|r| r.role_arn.clone());
-            record.external_id = account.and_then(|r| r.external_id.clone());
-            record.id = account.map(|r| r.account_id().to_owned()).or(record.id.take());
-        }
+        account::place_account(&mut self.status, account, &self.obj.spec.user_name).map_err(Error::AccountChanged)?;
         // With the rule's rate ceiling.
         self.account = account.cloned();
-        self.iam = self.ctx.iam(account, &ns);
+        self.iam = self.ctx.iam(account, &self.obj.namespace().unwrap_or_default());
         if let Some(arn) = self.user_info.as_ref().map(|u| u.arn.clone()) {
             self.note_user_arn(&arn);
         }
         Ok(())
     }
 
-    /// Status shows the user's ARN, and the account id it names.
     pub(super) fn note_user_arn(&mut self, arn: &str) {
-        let record = self.status.account.get_or_insert_with(AccountRecord::default);
-        record.user_arn = Some(arn.to_owned());
-        record.id = arn.split(':').nth(4).filter(|id| !id.is_empty()).map(str::to_owned).or(record.id.take());
+        account::note_user_arn(&mut self.status, arn);
     }
 
     fn user_name(&self) -> &str {
