@@ -3,21 +3,24 @@
 use std::sync::Arc;
 
 use kube::{
-    ResourceExt,
+    Api, ResourceExt,
+    api::{Patch, PatchParams},
     runtime::{controller::Action, events::EventType},
 };
-use tracing::debug;
+use tracing::{debug, warn};
 
 use super::{
     Context,
     apply::{Verdict, decide, observe_secret_meta, observe_user, paused_message, recorded_role},
     secret::{delete_secret, secret_name},
+    status::set_ready,
 };
 use crate::{
     crd::PAUSED_ANNOTATION,
-    crd::{DeletionPolicy, IamAccessKey},
+    crd::{DeletionPolicy, FIELD_MANAGER, FINALIZER, IamAccessKey},
     error::Error,
     failpoint,
+    iam::IamError,
     plan::{
         Blocked, CleanupObservation, CleanupStep, Ledger, Owner, SecretObservation, UserObservation,
         may_have_written_to_iam, plan_cleanup,
@@ -25,6 +28,36 @@ use crate::{
 };
 
 const MAX_STEPS: usize = 16;
+
+/// A deletion that cannot finish says why where `kubectl get` and Argo CD look (the Ready
+/// condition, written only when it changes) and in a Warning event: keys that stay in IAM
+/// because their account cannot be reached are never given up silently.
+pub async fn report_waiting(obj: &IamAccessKey, ctx: &Context, err: &Error) {
+    let mut message = format!("deletion waits: {err}");
+    if let Error::Iam(IamError::AssumeRoleFailed { .. }) = err {
+        let account = obj.status.as_ref().and_then(|s| s.account.as_ref()).and_then(|a| a.id.as_deref());
+        message.push_str(&format!(
+            "; the access keys of this resource stay in AWS account {} until the role can be assumed again (its trust policy, or the operator's sts:AssumeRole permission); removing the finalizer {FINALIZER} by hand leaves them there",
+            account.unwrap_or("?")
+        ));
+    }
+    ctx.event(obj, EventType::Warning, err.reason(), message.clone()).await;
+    let mut status = obj.status.clone().unwrap_or_default();
+    set_ready(&mut status, obj, false, err.reason(), message);
+    if obj.status.as_ref() == Some(&status) {
+        return;
+    }
+    let api: Api<IamAccessKey> = Api::namespaced(ctx.client.clone(), &obj.namespace().unwrap_or_default());
+    let patch = serde_json::json!({
+        "metadata": {"resourceVersion": obj.metadata.resource_version},
+        "status": {"conditions": status.conditions},
+    });
+    let params = PatchParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() };
+    match api.patch_status(&obj.name_any(), &params, &Patch::Merge(&patch)).await {
+        Ok(_) => ctx.metrics.kube_write("IamAccessKey", "status"),
+        Err(e) => warn!(error = %crate::error::kube_message(&e), "could not record why the deletion waits"),
+    }
+}
 
 pub async fn cleanup(obj: &Arc<IamAccessKey>, ctx: &Context) -> Result<Action, Error> {
     let ns = obj.namespace().unwrap_or_default();

@@ -321,9 +321,8 @@ async fn reconcile(watched: Arc<Watched>, ctx: Arc<Context>) -> Result<Action, E
                 FinalizerEvent::Cleanup(o) => {
                     let result = cleanup::cleanup(&o, &ctx).await;
                     drop(slot);
-                    // Deletion has no status to speak through: a stuck deletion says why in events.
                     if let Err(e) = &result {
-                        ctx.event(&o, EventType::Warning, e.reason(), format!("deletion waits: {e}")).await;
+                        cleanup::report_waiting(&o, &ctx, e).await;
                     }
                     result
                 }

@@ -87,9 +87,16 @@ async fn the_same_user_name_in_two_accounts_each_namespace_in_its_own() {
     assert_eq!(rec_a.role_arn.as_deref(), Some(role_a.as_str()));
     let key_a = in_a.status.as_ref().unwrap().access_key_id.clone().unwrap();
     let key_b = in_b.status.as_ref().unwrap().access_key_id.clone().unwrap();
-    assert_eq!(keys_in(&f, a, &f.user).await, [key_a]);
-    assert_eq!(keys_in(&f, b, &f.user).await, [key_b]);
+    assert_eq!(keys_in(&f, a, &f.user).await, [key_a.as_str()]);
+    assert_eq!(keys_in(&f, b, &f.user).await, [key_b.as_str()]);
     assert!(iam_keys(f.env, &f.user).await.is_empty(), "nothing in the operator's own account");
+    // The claim and the key's tag are written with the role's credentials, on the user there.
+    let iam_a = f.env.iam_client_in(a).await.unwrap();
+    let tags = iam_a.list_user_tags().user_name(&f.user).send().await.unwrap();
+    let tags: Vec<_> = tags.tags().iter().map(|t| (t.key(), t.value())).collect();
+    let owner = format!("test/{}/app", f.ns);
+    assert!(tags.contains(&("iam.keyop.dev/owner", owner.as_str())), "{tags:?}");
+    assert!(tags.iter().any(|(k, _)| *k == key_a), "the key's tag: {tags:?}");
     // Each Secret's key authenticates as the user of its account.
     let (id, secret) = f.secret_creds("app").await.unwrap();
     let who = f.env.sts_client(&id, &secret).get_caller_identity().send().await.unwrap();
@@ -166,4 +173,43 @@ async fn a_refused_role_is_assume_role_failed_until_allowed_and_a_moved_rule_cha
     })
     .await;
     assert!(keys_in(&f, a, &f.user).await.is_empty(), "deleted in the account the keys were in");
+}
+
+#[tokio::test]
+async fn deleting_a_resource_whose_role_cannot_be_assumed_waits_and_says_where_the_keys_are() {
+    let a = OTHER_ACCOUNTS[0];
+    let f = Fixture::without_policy("acct-gone").await;
+    let role_a = target_role(&f, a).await;
+    user_in(&f, a, &f.user).await;
+    f.allow(
+        &format!("acct-{}", f.ns),
+        json!({"namespaces": [f.ns], "userNames": [f.user], "account": {"roleArn": role_a}}),
+    )
+    .await;
+    let op = f.operator(&[]);
+    f.create("app", json!({})).await;
+    let key = f.wait_ready("app").await.status.unwrap().access_key_id.unwrap();
+    // The role can no longer be assumed (as when it is deleted or its trust changed), and a
+    // fresh operator holds no credentials from before.
+    drop(op);
+    let admin = f.env.iam_client();
+    let deny = json!({"Version": "2012-10-17", "Statement": [
+        {"Effect": "Deny", "Action": "sts:AssumeRole", "Resource": role_a}
+    ]});
+    let deny_name = format!("deny-{}", f.ns);
+    let put = admin.put_user_policy().user_name("iam-key-operator").policy_name(&deny_name);
+    put.policy_document(deny.to_string()).send().await.unwrap();
+    f.delete("app").await;
+    let _op = f.operator(&[]);
+    let obj = f.wait_reason("app", "AssumeRoleFailed").await;
+    let (status, _, message) = ready(&obj).unwrap();
+    assert_eq!(status, "False");
+    assert!(message.starts_with("deletion waits: cannot assume role") && message.contains(&role_a), "{message}");
+    assert!(message.contains(&format!("stay in AWS account {a}")), "says where the keys are: {message}");
+    assert_eq!(keys_in(&f, a, &f.user).await, [key.as_str()], "nothing given up");
+
+    // The role can be assumed again: the deletion finishes where the keys are.
+    admin.delete_user_policy().user_name("iam-key-operator").policy_name(&deny_name).send().await.unwrap();
+    f.wait_gone("app", std::time::Duration::from_secs(120)).await;
+    assert!(keys_in(&f, a, &f.user).await.is_empty());
 }
