@@ -68,11 +68,11 @@ async fn the_same_user_name_in_two_accounts_each_namespace_in_its_own() {
     .await;
     f.allow(
         &format!("acct-b-{}", f.ns),
-        json!({"namespaces": [other_ns], "userNames": [f.user], "account": {"roleArn": role_b}}),
+        json!({"namespaces": [other_ns], "userNames": [f.user], "account": {"roleArn": role_b, "iamRateMax": 4}}),
     )
     .await;
-    let op = Operator::start(f.env, &f.ns, &[], &[]);
-    let op_b = Operator::start(f.env, &other_ns, &[], &[]);
+    // One operator for both namespaces: one process, a rate limiter per account.
+    let op = Operator::start(f.env, &f.ns, &[], &["--namespace", &other_ns]);
     f.create("app", json!({})).await;
     let g = Fixture { env: f.env, client: f.client.clone(), ns: other_ns.clone(), user: f.user.clone() };
     g.create("app", json!({})).await;
@@ -116,6 +116,13 @@ async fn the_same_user_name_in_two_accounts_each_namespace_in_its_own() {
         metrics.contains("operation=\"AssumeRole\",outcome=\"ok\"}"),
         "AssumeRole with the operator's own identity"
     );
+    // Each account is paced on its own: B at most at its rule's ceiling, A at the flags' rate.
+    let rate = |account: &str| -> f64 {
+        let prefix = format!("iam_key_operator_account_iam_rate_limit{{account=\"{account}\"}} ");
+        let line = metrics.lines().find_map(|l| l.strip_prefix(prefix.as_str()));
+        line.unwrap_or_else(|| panic!("no rate for {account}: {metrics}")).parse().unwrap()
+    };
+    assert!(rate(b) <= 4.0 && rate(a) > 4.0, "A {} B {}", rate(a), rate(b));
 
     // Deletion cleans up in each account.
     f.delete("app").await;
@@ -124,7 +131,6 @@ async fn the_same_user_name_in_two_accounts_each_namespace_in_its_own() {
     g.wait_gone("app", std::time::Duration::from_secs(60)).await;
     assert!(keys_in(&f, a, &f.user).await.is_empty());
     assert!(keys_in(&f, b, &f.user).await.is_empty());
-    drop(op_b);
 }
 
 #[tokio::test]
