@@ -197,12 +197,19 @@ pub fn authorize_in(
     let mut decision = authorize_where(policies, ns, user, |rule| same_account(rule.account.as_ref(), account));
     if let Decision::Allowed(limits) = &mut decision {
         limits.account = account.cloned();
-        let ceilings = matching_rules(policies, ns).filter(|r| same_account(r.account.as_ref(), account));
         if let Some(role) = &mut limits.account {
-            role.iam_rate_max = ceilings.filter_map(|r| r.account.as_ref()?.iam_rate_max).min();
+            role.iam_rate_max = account_ceiling(policies, role.account_id());
         }
     }
     decision
+}
+
+/// The lowest `iamRateMax` of every rule naming a role in `account_id`, whatever namespaces it
+/// is for: the account has one rate limiter, so every resource acting there must ask for the
+/// same ceiling (a ceiling per namespace would replace the limiter back and forth).
+fn account_ceiling(policies: &[Arc<IamAccessKeyPolicy>], account_id: &str) -> Option<u32> {
+    let roles = policies.iter().flat_map(|p| &p.spec.rules).filter_map(|r| r.account.as_ref());
+    roles.filter(|role| role.account_id() == account_id).filter_map(|role| role.iam_rate_max).min()
 }
 
 fn same_account(a: Option<&AccountRole>, b: Option<&AccountRole>) -> bool {

@@ -229,6 +229,7 @@ fn a_rule_places_its_users_in_the_account_of_its_role() {
             {"namespaces": ["team-a"], "userNames": ["app"], "account": {"roleArn": ROLE_A, "iamRateMax": 10}},
             {"namespaces": ["team-b"], "userNames": ["app"], "account": {"roleArn": ROLE_B}},
             {"namespaces": ["team-c"], "userNames": ["app"]},
+            {"namespaces": ["team-e"], "userNames": ["app"], "account": {"roleArn": "arn:aws:iam::222222222222:role/other"}},
         ]),
     )];
     let placed = |ns| match decide_per_account(&p, ns, "app", |_| None) {
@@ -238,6 +239,8 @@ fn a_rule_places_its_users_in_the_account_of_its_role() {
     assert_eq!(placed("team-a"), Some((ROLE_A.to_string(), Some(10))));
     assert_eq!(placed("team-b"), Some((ROLE_B.to_string(), None)));
     assert_eq!(placed("team-c"), None, "no role: the operator's own account");
+    // One account, one limiter: every rule naming a role in it shares the lowest ceiling.
+    assert_eq!(placed("team-e"), Some(("arn:aws:iam::222222222222:role/other".to_string(), Some(10))));
     assert!(matches!(decide_per_account(&p, "team-d", "app", |_| None), Decision::Denied(_)));
     assert_eq!(
         AccountRole { role_arn: ROLE_A.into(), external_id: None, iam_rate_max: None }.account_id(),
