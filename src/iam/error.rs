@@ -64,8 +64,12 @@ impl IamError {
 
     /// Whether trying the same call again later can succeed without anyone changing anything.
     pub fn is_retryable(&self) -> bool {
-        // A role that cannot be assumed is nearly always a trust or permission policy to fix.
-        matches!(self, IamError::Throttled { .. } | IamError::Unavailable { .. } | IamError::Busy { .. })
+        match self {
+            // Refused: nearly always a trust or permission policy to fix. STS throttled or
+            // down: transient, like any other call.
+            IamError::AssumeRoleFailed { cause, .. } => cause.is_retryable(),
+            _ => matches!(self, IamError::Throttled { .. } | IamError::Unavailable { .. } | IamError::Busy { .. }),
+        }
     }
 
     /// Whether IAM asked the caller to slow down: what the adaptive rate limiter learns from.
@@ -129,6 +133,10 @@ mod tests {
         assert!(matches!(e(Some("ValidationError"), Some(400)), IamError::Invalid { .. }));
         assert!(matches!(e(None, None), IamError::Unavailable { .. }));
         assert!(matches!(e(None, Some(403)), IamError::AccessDenied { .. }), "unreadable refusal");
+        let assume =
+            |cause| IamError::AssumeRoleFailed { role_arn: "arn:aws:iam::2:role/r".into(), cause: Box::new(cause) };
+        assert!(!assume(e(Some("AccessDenied"), Some(403))).is_retryable(), "a role refused waits for a fix");
+        assert!(assume(e(Some("Throttling"), Some(400))).is_retryable(), "STS throttled is transient");
     }
 
     #[test]
