@@ -11,6 +11,7 @@
 mod etcd;
 mod support;
 
+mod accounts;
 mod admission;
 mod argocd;
 mod chart;

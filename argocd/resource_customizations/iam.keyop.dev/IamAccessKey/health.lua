@@ -11,7 +11,7 @@ local hs = {}
 
 -- Ready=False reasons the operator retries by itself (with backoff): Progressing. Every other
 -- reason (UserNotFound, UserClaimed, SecretConflict, KeyLimitExceeded, NotAuthorized,
--- PolicyViolation, InvalidSpec, InvalidTemplate, DeactivatedUnused, IamNotFound, IamRejected, InternalError (a bug
+-- PolicyViolation, AccountConflict, AccountChanged, AssumeRoleFailed, InvalidSpec, InvalidTemplate, DeactivatedUnused, IamNotFound, IamRejected, InternalError (a bug
 -- to report), and any reason this script does not know yet) needs someone to change IAM, the spec,
 -- a policy or the operator: Degraded, with the condition's message.
 local retryable = {
