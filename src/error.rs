@@ -42,6 +42,15 @@ pub enum Error {
     #[error("{0}")]
     PolicyViolation(String),
 
+    /// Rules naming different AWS accounts allow the resource: nothing is done until one does.
+    #[error("{0}")]
+    AccountConflict(String),
+
+    /// The policies now place a resource whose keys exist in one account in another: nothing is
+    /// done in either until the keys are gone or the rules place it back.
+    #[error("{0}")]
+    AccountChanged(String),
+
     /// `spec.secret.template` does not render: refused before any IAM write.
     #[error("{0}")]
     InvalidTemplate(crate::template::TemplateError),
@@ -138,6 +147,8 @@ impl Error {
             Error::VerifyFailed { .. } => "KeyVerificationFailed",
             Error::NotAuthorized(_) => "NotAuthorized",
             Error::PolicyViolation(_) => "PolicyViolation",
+            Error::AccountConflict(_) => "AccountConflict",
+            Error::AccountChanged(_) => "AccountChanged",
             Error::Invalid(_) => "InvalidSpec",
             Error::InvalidTemplate(_) => "InvalidTemplate",
             Error::Finalizer { .. } => "FinalizerError",
@@ -155,6 +166,8 @@ impl Error {
             | Error::InvalidTemplate(_)
             | Error::NotAuthorized(_)
             | Error::PolicyViolation(_)
+            | Error::AccountConflict(_)
+            | Error::AccountChanged(_)
             | Error::Internal(_) => false,
         }
     }

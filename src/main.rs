@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use iam_key_operator::{
     controller::{self, Context, Settings},
     crd::{self, Duration as SpecDuration},
-    iam::{AwsIam, RateLimiter},
+    iam::{Accounts, AwsIam, RateSettings},
     leader::{self, LeaderConfig},
     metrics::Metrics,
     server, telemetry,
@@ -212,12 +212,16 @@ async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
     if args.iam_rate_min > args.iam_rate_max {
         return Err("--iam-rate-min must not exceed --iam-rate-max".into());
     }
-    let limiter = match args.iam_rate {
-        Some(rate) => RateLimiter::new(rate, args.iam_burst),
-        None => RateLimiter::adaptive(args.iam_rate_min, args.iam_rate_max, args.iam_burst),
+    // Each AWS account gets a limiter of its own with these settings (IAM throttles per account).
+    let rate = match args.iam_rate {
+        Some(rate) => RateSettings::Fixed { rate, burst: args.iam_burst },
+        None => RateSettings::Adaptive { min: args.iam_rate_min, max: args.iam_rate_max, burst: args.iam_burst },
     };
+    let limiter = rate.limiter(None);
     tracing::info!(rate = limiter.rate(), fixed = args.iam_rate.is_some(), "IAM rate limit");
-    let iam = Arc::new(AwsIam::from_env(metrics.clone(), limiter).await);
+    let sdk_config = iam_key_operator::iam::sdk_config_from_env().await;
+    let own = AwsIam::new(&sdk_config, metrics.clone(), limiter);
+    let iam = Arc::new(Accounts::new(own, sdk_config, rate, &args.cluster_name));
     let settings = Settings {
         cluster_name: args.cluster_name,
         previous_cluster_name: args.previous_cluster_name,

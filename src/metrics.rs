@@ -3,15 +3,33 @@
 use std::sync::{Mutex, atomic::AtomicU64};
 
 use prometheus_client::{
-    encoding::{EncodeLabelSet, text::encode},
+    encoding::{EncodeLabel, EncodeLabelSet, LabelSetEncoder, text::encode},
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::Registry,
 };
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
 pub struct IamCallLabels {
     pub operation: &'static str,
     pub outcome: &'static str,
+    /// The account of a role a policy rule names; absent for the operator's own identity.
+    pub account: Option<String>,
+}
+
+impl EncodeLabelSet for IamCallLabels {
+    fn encode(&self, encoder: &mut LabelSetEncoder) -> Result<(), std::fmt::Error> {
+        ("operation", self.operation).encode(encoder.encode_label())?;
+        ("outcome", self.outcome).encode(encoder.encode_label())?;
+        if let Some(account) = &self.account {
+            ("account", account.as_str()).encode(encoder.encode_label())?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AccountLabels {
+    pub account: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -34,6 +52,8 @@ pub struct Metrics {
     pub resources: ResourceGauges,
     /// The IAM/STS rate the limiter grants now (calls per second; 0: unlimited).
     pub iam_rate_limit: Gauge<f64, AtomicU64>,
+    /// The same in each account a policy rule names a role in.
+    pub account_iam_rate_limit: Family<AccountLabels, Gauge<f64, AtomicU64>>,
     /// New keys waiting to authenticate (their reconciles hold no slot meanwhile).
     pub keys_verifying: Gauge,
     /// How long after its creation a new key is first checked (learned from recent keys).
@@ -59,6 +79,12 @@ impl Default for Metrics {
             "IAM and STS calls per second the rate limiter grants now (adaptive: lowered when IAM throttles; 0: unlimited)",
             iam_rate_limit.clone(),
         );
+        let account_iam_rate_limit = Family::<AccountLabels, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "account_iam_rate_limit",
+            "IAM and STS calls per second the rate limiter of an account a policy rule names a role in grants now",
+            account_iam_rate_limit.clone(),
+        );
         let keys_verifying = Gauge::default();
         registry.register(
             "keys_verifying",
@@ -79,6 +105,7 @@ impl Default for Metrics {
             kube_writes,
             resources,
             iam_rate_limit,
+            account_iam_rate_limit,
             keys_verifying,
             verify_first_check,
         }
@@ -86,13 +113,22 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    /// One IAM or STS call; `outcome` is `ok` or the error's `IamError::outcome`.
-    pub fn iam_call(&self, operation: &'static str, outcome: &'static str) {
-        self.iam_calls.get_or_create(&IamCallLabels { operation, outcome }).inc();
+    /// One IAM or STS call; `outcome` is `ok` or the error's `IamError::outcome`; `account`
+    /// that of an assumed role (`None`: the operator's own identity).
+    pub fn iam_call(&self, operation: &'static str, outcome: &'static str, account: Option<&str>) {
+        let account = account.map(str::to_owned);
+        self.iam_calls.get_or_create(&IamCallLabels { operation, outcome, account }).inc();
     }
 
-    pub fn set_iam_rate_limit(&self, rate: f64) {
-        self.iam_rate_limit.set(rate);
+    pub fn set_iam_rate_limit(&self, account: Option<&str>, rate: f64) {
+        match account {
+            None => {
+                self.iam_rate_limit.set(rate);
+            }
+            Some(account) => {
+                self.account_iam_rate_limit.get_or_create(&AccountLabels { account: account.to_owned() }).set(rate);
+            }
+        };
     }
 
     pub fn kube_write(&self, kind: &'static str, verb: &'static str) {

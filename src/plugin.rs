@@ -237,7 +237,13 @@ pub fn why_report(
     let ns = NamespaceFacts { name: namespace, labels: namespace_labels.unwrap_or(&empty) };
     let facts = UserFacts { name: user, details };
     let mut out = String::new();
-    let allowed = match policy::authorize(policies, &ns, &facts) {
+    // As the operator decides: each account's rules on their own (the user as given stands for
+    // the user in each account).
+    let decisions = policy::accounts(policies, &ns)
+        .iter()
+        .map(|a| policy::authorize_in(policies, &ns, &facts, a.as_ref()))
+        .collect();
+    let allowed = match policy::combine(decisions, &ns, user) {
         Decision::Allowed(limits) => {
             let _ = writeln!(out, "allowed: namespace {namespace:?} may manage access keys of IAM user {user:?}");
             if let Some(g) = &limits.granting_rule {
@@ -265,9 +271,12 @@ pub fn why_report(
                 if limits.retain_allowed() { "allowed" } else { "not allowed" }
             ));
             let _ = writeln!(out, "  limits: {}", notes.join(", "));
+            if let Some(role) = &limits.account {
+                let _ = writeln!(out, "  in AWS account {} through role {}", role.account_id(), role.role_arn);
+            }
             true
         }
-        Decision::Denied(message) => {
+        Decision::Denied(message) | Decision::AccountConflict(message) => {
             let _ = writeln!(out, "refused: {message}");
             false
         }

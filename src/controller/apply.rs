@@ -18,17 +18,18 @@ use super::{
 };
 use crate::{
     crd::{
-        FIELD_MANAGER, IamAccessKey, IamAccessKeyStatus, KeyPhase, OWNER_TAG, PAUSED_ANNOTATION,
+        AccountRole, FIELD_MANAGER, IamAccessKey, IamAccessKeyStatus, KeyPhase, OWNER_TAG, PAUSED_ANNOTATION,
         ROTATE_REQUESTED_AT_ANNOTATION,
     },
     error::{Error, KubeContext},
-    iam::{IamError, IamUser},
+    iam::{IamApi, IamError, IamUser},
     metrics::ResourceSnapshot,
     plan::{
-        Blocked, Ledger, Observation, Owner, SecretLayout, SecretObservation, Step, UserObservation, plan_next_step,
+        Blocked, Ledger, Observation, Owner, SecretLayout, SecretObservation, Step, UserObservation, account,
+        plan_next_step,
         record::{self, STEP_BUDGET},
     },
-    policy::{Decision, Limits, NamespaceFacts, Overrides, UserFacts, authorize},
+    policy::{Decision, Limits, NamespaceFacts, Overrides, UserFacts, accounts, authorize_in, combine},
 };
 
 mod adopt;
@@ -66,6 +67,12 @@ pub async fn apply(obj: &Arc<IamAccessKey>, ctx: &Context, slot: Slot) -> Result
     }
 }
 
+/// The role status records the keys under (`None`: the operator's own identity, also for
+/// resources from before accounts were recorded).
+pub fn recorded_role(obj: &IamAccessKey) -> Option<AccountRole> {
+    obj.status.as_ref()?.account.as_ref()?.role()
+}
+
 /// What a held pause says, on a live resource and on one being deleted alike.
 pub fn paused_message(policies: &[String]) -> String {
     format!(
@@ -98,8 +105,8 @@ pub fn merge_patch(old: &serde_json::Value, new: &serde_json::Value) -> serde_js
 }
 
 /// Converges when the IAM user cannot be listed: a missing user is an observation, not an error.
-pub async fn observe_user(ctx: &Context, user: &str) -> Result<UserObservation, Error> {
-    match ctx.iam.list_access_keys(user).await {
+pub async fn observe_user(iam: &dyn IamApi, user: &str) -> Result<UserObservation, Error> {
+    match iam.list_access_keys(user).await {
         Ok(keys) => Ok(UserObservation::Found { keys, tags: None }),
         Err(e) if e.is_not_found() => Ok(UserObservation::Missing),
         Err(e) => Err(e.into()),
@@ -136,55 +143,48 @@ pub enum Verdict {
     Denied(String),
     /// The policies allow it, but its user is outside the operator's `--iam-user-path-prefix`.
     OutsidePrefix(String),
+    /// Rules naming different AWS accounts allow it.
+    AccountConflict(String),
 }
 
-/// The policies' verdict on the resource, and the IAM user if it had to be read for it. A user
-/// no rule allows is `Denied` with the same message whether it exists or not, and wherever it
-/// is: its existence and path are told only to namespaces the policies allow to manage it.
+/// The policies' verdict on the resource, and the IAM user if it had to be read for it. Each
+/// account's rules are judged on their own, with the user as that account shows it. A user no
+/// rule allows is `Denied` with the same message whether it exists or not, and wherever it is:
+/// its existence and path are told only to namespaces the policies allow to manage it.
 pub async fn decide(ctx: &Context, obj: &IamAccessKey) -> Result<(Verdict, Option<IamUser>), Error> {
     let policies = ctx.tenancy.policies();
     let ns = obj.namespace().unwrap_or_default();
     let labels = ctx.tenancy.namespace_labels(&ns);
     let namespace = NamespaceFacts { name: &ns, labels: &labels };
     let user = obj.spec.user_name.as_str();
-    let mut info: Option<IamUser> = None;
-    let mut decision = authorize(&policies, &namespace, &UserFacts { name: user, details: None });
-    if decision == Decision::NeedUserDetails {
-        match ctx.iam.get_user(user).await {
-            Ok(read) => {
-                ctx.remember_user(user, &read);
-                decision = authorize(
-                    &policies,
-                    &namespace,
-                    &UserFacts { name: user, details: Some((&read.path, &read.tags)) },
-                );
-                info = Some(read);
-            }
-            // A user that cannot be read matches no rule on path or tags: the decision (and its
-            // message) is the one for an existing user those rules do not match.
-            Err(e) if e.is_not_found() || matches!(e, IamError::AccessDenied { .. }) => {
-                debug!(user, error = %e, "IAM user unreadable: no rule on path or tags can match it");
-                let none = std::collections::BTreeMap::new();
-                decision = authorize(&policies, &namespace, &UserFacts { name: user, details: Some(("", &none)) });
-            }
-            Err(e) => return Err(e.into()),
-        }
+    let (mut decisions, mut read) = (vec![], vec![]);
+    for account in accounts(&policies, &namespace) {
+        let (decision, info) = decide_in(ctx, &policies, &namespace, user, account.as_ref()).await?;
+        decisions.push(decision);
+        read.extend(info.map(|info| (account, info)));
     }
-    let limits = match decision {
+    let limits = match combine(decisions, &namespace, user) {
         Decision::Allowed(limits) => limits,
-        Decision::Denied(message) => return Ok((Verdict::Denied(message), info)),
+        Decision::Denied(message) => return Ok((Verdict::Denied(message), None)),
+        Decision::AccountConflict(message) => return Ok((Verdict::AccountConflict(message), None)),
         Decision::NeedUserDetails => {
             return Err(Error::Internal("the policy decision asked for the user's details twice".into()));
         }
     };
+    let account = limits.account.clone();
+    let same_role = |a: &Option<AccountRole>| a.as_ref().map(|r| &r.role_arn) == account.as_ref().map(|r| &r.role_arn);
+    let mut info = read.into_iter().find(|(a, _)| same_role(a)).map(|(_, info)| info);
     // The operator's own fence (--iam-user-path-prefix), for users the policies allow. A user's
     // path rarely changes: a recent sighting spares a GetUser per resync.
     let prefix = ctx.settings.iam_user_path_prefix.as_str();
     let known_inside = |path: &str| path.starts_with(prefix);
-    if prefix != "/" && info.is_none() && !ctx.recent_user(user).is_some_and(|u| known_inside(&u.path)) {
-        match ctx.iam.get_user(user).await {
+    if prefix != "/"
+        && info.is_none()
+        && !ctx.recent_user(account.as_ref(), user).is_some_and(|u| known_inside(&u.path))
+    {
+        match ctx.iam(account.as_ref(), &ns).get_user(user).await {
             Ok(read) => {
-                ctx.remember_user(user, &read);
+                ctx.remember_user(account.as_ref(), user, &read);
                 info = Some(read);
             }
             Err(e) if e.is_not_found() => return Ok((Verdict::UserMissing(limits), None)),
@@ -202,6 +202,37 @@ pub async fn decide(ctx: &Context, obj: &IamAccessKey) -> Result<(Verdict, Optio
         return Ok((Verdict::OutsidePrefix(message), info));
     }
     Ok((Verdict::Allowed(limits), info))
+}
+
+/// The decision of the rules naming one account, reading the user there when they need its
+/// path or tags.
+async fn decide_in(
+    ctx: &Context,
+    policies: &[Arc<crate::crd::IamAccessKeyPolicy>],
+    namespace: &NamespaceFacts<'_>,
+    user: &str,
+    account: Option<&AccountRole>,
+) -> Result<(Decision, Option<IamUser>), Error> {
+    let decision = authorize_in(policies, namespace, &UserFacts { name: user, details: None }, account);
+    if decision != Decision::NeedUserDetails {
+        return Ok((decision, None));
+    }
+    match ctx.iam(account, namespace.name).get_user(user).await {
+        Ok(read) => {
+            ctx.remember_user(account, user, &read);
+            let facts = UserFacts { name: user, details: Some((&read.path, &read.tags)) };
+            Ok((authorize_in(policies, namespace, &facts, account), Some(read)))
+        }
+        // A user that cannot be read matches no rule on path or tags: the decision (and its
+        // message) is the one for an existing user those rules do not match.
+        Err(e) if e.is_not_found() || matches!(e, IamError::AccessDenied { .. }) => {
+            debug!(user, error = %e, "IAM user unreadable: no rule on path or tags can match it");
+            let none = std::collections::BTreeMap::new();
+            let facts = UserFacts { name: user, details: Some(("", &none)) };
+            Ok((authorize_in(policies, namespace, &facts, account), None))
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 struct Run<'a> {
@@ -225,6 +256,10 @@ struct Run<'a> {
     /// Why the Secret is not this resource's to write (`NotOurs`), for the message.
     secret_conflict: Option<String>,
     slot: Slot,
+    /// The account the resource's keys are in (`None`: the operator's own), and its IAM: as
+    /// status records it, until the policies place a resource with nothing in IAM.
+    account: Option<AccountRole>,
+    iam: Arc<dyn IamApi>,
 }
 
 impl<'a> Run<'a> {
@@ -249,7 +284,25 @@ impl<'a> Run<'a> {
             secret_layout: SecretLayout::Current,
             secret_conflict: None,
             slot,
+            account: recorded_role(obj),
+            iam: ctx.iam(recorded_role(obj).as_ref(), &ns),
         }
+    }
+
+    /// Act in the account the policies chose, or stay where the keys are (`AccountChanged`).
+    fn place(&mut self, account: Option<&AccountRole>) -> Result<(), Error> {
+        account::place_account(&mut self.status, account, &self.obj.spec.user_name).map_err(Error::AccountChanged)?;
+        // With the rule's rate ceiling.
+        self.account = account.cloned();
+        self.iam = self.ctx.iam(account, &self.obj.namespace().unwrap_or_default());
+        if let Some(arn) = self.user_info.as_ref().map(|u| u.arn.clone()) {
+            self.note_user_arn(&arn);
+        }
+        Ok(())
+    }
+
+    pub(super) fn note_user_arn(&mut self, arn: &str) {
+        account::note_user_arn(&mut self.status, arn);
     }
 
     fn user_name(&self) -> &str {
@@ -264,12 +317,14 @@ impl<'a> Run<'a> {
             Verdict::Allowed(limits) => {
                 self.record_grant(&limits).await;
                 self.overrides = Some(limits.overrides(&self.obj.spec, self.obj.is_paused()));
+                self.place(limits.account.as_ref())?;
                 limits.check(&self.obj.spec).map_err(Error::PolicyViolation)?;
                 self.limits = limits;
                 Ok(())
             }
             Verdict::UserMissing(limits) => {
                 self.overrides = Some(limits.overrides(&self.obj.spec, self.obj.is_paused()));
+                self.place(limits.account.as_ref())?;
                 self.limits = limits;
                 Err(self.blocked(Blocked::UserNotFound))
             }
@@ -283,12 +338,17 @@ impl<'a> Run<'a> {
                 self.overrides = Some(Overrides::default());
                 Err(Error::NotAuthorized(message))
             }
+            // The platform's rules disagree: nothing is done, nothing revoked.
+            Verdict::AccountConflict(message) => {
+                self.overrides = Some(Overrides::default());
+                Err(Error::AccountConflict(message))
+            }
         }
     }
 
     async fn observe(&mut self) -> Result<(), Error> {
         (self.secret, self.secret_layout, self.secret_conflict) = observe_secret_meta(self.ctx, self.obj).await?;
-        self.user = observe_user(self.ctx, self.user_name()).await?;
+        self.user = observe_user(self.iam.as_ref(), self.user_name()).await?;
         // The user was read for the policy already: its tags are known.
         if let (UserObservation::Found { tags, .. }, Some(info)) = (&mut self.user, &self.user_info) {
             *tags = Some(info.tags.clone());
@@ -417,13 +477,13 @@ impl<'a> Run<'a> {
 
     async fn delete_key(&mut self, access_key_id: &str, untag: bool) -> Result<(), Error> {
         let user = self.user_name().to_owned();
-        match self.ctx.iam.delete_access_key(&user, access_key_id).await {
+        match self.iam.delete_access_key(&user, access_key_id).await {
             Ok(()) => {}
             Err(e) if e.is_not_found() => {}
             Err(e) => return Err(e.into()),
         }
         if untag {
-            self.ctx.iam.untag_user(&user, &[access_key_id.to_owned()]).await?;
+            self.iam.untag_user(&user, &[access_key_id.to_owned()]).await?;
         }
         self.user.key_deleted(access_key_id);
         self.user.untagged(&[access_key_id.to_owned()]);
@@ -448,10 +508,13 @@ impl<'a> Run<'a> {
             self.slot.idle_until(self.ctx, self.ctx.learn_first_check(until)).await;
         }
         let (mut checks, mut refused_at) = (0, None);
-        let mut wait = self.ctx.next_check(created.elapsed(), 0).min(deadline.saturating_duration_since(created));
+        let mut wait = self
+            .ctx
+            .next_check(created.elapsed(), 0)
+            .min(deadline.saturating_duration_since(std::time::Instant::now()));
         let result = loop {
             self.slot.idle(self.ctx, wait).await;
-            let answer = match self.ctx.iam.caller_identity(id, secret).await {
+            let answer = match self.iam.caller_identity(id, secret).await {
                 Ok(arn) if arn == user_arn => {
                     self.ctx.key_accepted(refused_at, created.elapsed());
                     break Ok(());

@@ -3,21 +3,24 @@
 use std::sync::Arc;
 
 use kube::{
-    ResourceExt,
+    Api, ResourceExt,
+    api::{Patch, PatchParams},
     runtime::{controller::Action, events::EventType},
 };
-use tracing::debug;
+use tracing::{debug, warn};
 
 use super::{
     Context,
-    apply::{Verdict, decide, observe_secret_meta, observe_user, paused_message},
+    apply::{Verdict, decide, observe_secret_meta, observe_user, paused_message, recorded_role},
     secret::{delete_secret, secret_name},
+    status::set_ready,
 };
 use crate::{
     crd::PAUSED_ANNOTATION,
-    crd::{DeletionPolicy, IamAccessKey},
+    crd::{DeletionPolicy, FIELD_MANAGER, FINALIZER, IamAccessKey},
     error::Error,
     failpoint,
+    iam::IamError,
     plan::{
         Blocked, CleanupObservation, CleanupStep, Ledger, Owner, SecretObservation, UserObservation,
         may_have_written_to_iam, plan_cleanup,
@@ -25,6 +28,36 @@ use crate::{
 };
 
 const MAX_STEPS: usize = 16;
+
+/// A deletion that cannot finish says why where `kubectl get` and Argo CD look (the Ready
+/// condition, written only when it changes) and in a Warning event: keys that stay in IAM
+/// because their account cannot be reached are never given up silently.
+pub async fn report_waiting(obj: &IamAccessKey, ctx: &Context, err: &Error) {
+    let mut message = format!("deletion waits: {err}");
+    if let Error::Iam(IamError::AssumeRoleFailed { .. }) = err {
+        let account = obj.status.as_ref().and_then(|s| s.account.as_ref()).and_then(|a| a.id.as_deref());
+        message.push_str(&format!(
+            "; the access keys of this resource stay in AWS account {} until the role can be assumed again (its trust policy, or the operator's sts:AssumeRole permission); removing the finalizer {FINALIZER} by hand leaves them there",
+            account.unwrap_or("?")
+        ));
+    }
+    ctx.event(obj, EventType::Warning, err.reason(), message.clone()).await;
+    let mut status = obj.status.clone().unwrap_or_default();
+    set_ready(&mut status, obj, false, err.reason(), message);
+    if obj.status.as_ref() == Some(&status) {
+        return;
+    }
+    let api: Api<IamAccessKey> = Api::namespaced(ctx.client.clone(), &obj.namespace().unwrap_or_default());
+    let patch = serde_json::json!({
+        "metadata": {"resourceVersion": obj.metadata.resource_version},
+        "status": {"conditions": status.conditions},
+    });
+    let params = PatchParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() };
+    match api.patch_status(&obj.name_any(), &params, &Patch::Merge(&patch)).await {
+        Ok(_) => ctx.metrics.kube_write("IamAccessKey", "status"),
+        Err(e) => warn!(error = %crate::error::kube_message(&e), "could not record why the deletion waits"),
+    }
+}
 
 pub async fn cleanup(obj: &Arc<IamAccessKey>, ctx: &Context) -> Result<Action, Error> {
     let ns = obj.namespace().unwrap_or_default();
@@ -46,7 +79,7 @@ pub async fn cleanup(obj: &Arc<IamAccessKey>, ctx: &Context) -> Result<Action, E
     if paused || deletion_policy == DeletionPolicy::Retain || ledger.pending_create.is_some() {
         let limits = match decide(ctx, obj).await?.0 {
             Verdict::Allowed(limits) | Verdict::UserMissing(limits) => Some(limits),
-            Verdict::Denied(_) | Verdict::OutsidePrefix(_) => None,
+            Verdict::Denied(_) | Verdict::OutsidePrefix(_) | Verdict::AccountConflict(_) => None,
         };
         if paused {
             if let Some(limits) = limits.as_ref().filter(|l| l.pause_allowed()) {
@@ -72,7 +105,9 @@ pub async fn cleanup(obj: &Arc<IamAccessKey>, ctx: &Context) -> Result<Action, E
     let owner = Owner::new(&ctx.settings.cluster_name, &ns, &obj.name_any());
     let previous_owner = ctx.settings.previous_cluster_name.as_deref().map(|c| Owner::new(c, &ns, &obj.name_any()));
     let user_name = obj.spec.user_name.as_str();
-    let mut user = observe_user(ctx, user_name).await?;
+    // Where the keys are, whatever the rules say now.
+    let iam = ctx.iam(recorded_role(obj).as_ref(), &ns);
+    let mut user = observe_user(iam.as_ref(), user_name).await?;
     let (mut secret, _, _) = observe_secret_meta(ctx, obj).await?;
     let mut deleted = vec![];
     for _ in 0..MAX_STEPS {
@@ -88,13 +123,13 @@ pub async fn cleanup(obj: &Arc<IamAccessKey>, ctx: &Context) -> Result<Action, E
         debug!(?step, "cleanup step");
         match step {
             CleanupStep::ReadUser => {
-                let info = ctx.iam.get_user(user_name).await?;
+                let info = iam.get_user(user_name).await?;
                 if let UserObservation::Found { tags, .. } = &mut user {
                     *tags = Some(info.tags);
                 }
             }
             CleanupStep::DeleteKey { access_key_id } => {
-                match ctx.iam.delete_access_key(user_name, &access_key_id).await {
+                match iam.delete_access_key(user_name, &access_key_id).await {
                     Err(e) if !e.is_not_found() => return Err(e.into()),
                     _ => {}
                 }
@@ -107,7 +142,7 @@ pub async fn cleanup(obj: &Arc<IamAccessKey>, ctx: &Context) -> Result<Action, E
             CleanupStep::MarkRetained { access_key_ids } => {
                 let tags: Vec<(String, String)> =
                     access_key_ids.iter().map(|id| (id.clone(), owner.retained_tag_value())).collect();
-                ctx.iam.tag_user(user_name, &tags).await?;
+                iam.tag_user(user_name, &tags).await?;
                 if let UserObservation::Found { tags: Some(t), .. } = &mut user {
                     t.extend(tags);
                 }
@@ -118,7 +153,7 @@ pub async fn cleanup(obj: &Arc<IamAccessKey>, ctx: &Context) -> Result<Action, E
                 ctx.event(obj, EventType::Normal, "KeysRetained", note).await;
             }
             CleanupStep::Untag { tag_keys } => {
-                ctx.iam.untag_user(user_name, &tag_keys).await?;
+                iam.untag_user(user_name, &tag_keys).await?;
                 if let UserObservation::Found { tags: Some(t), .. } = &mut user {
                     t.retain(|k, _| !tag_keys.contains(k));
                 }

@@ -37,12 +37,13 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tracing::{Instrument, info, info_span, warn};
 
 use crate::{
+    crd::AccountRole,
     crd::{
         ACCESS_KEY_ID_ANNOTATION, FIELD_MANAGER, FINALIZER, IamAccessKey, MANAGED_BY_LABEL, MANAGED_BY_VALUE,
         ROTATE_REQUESTED_AT_ANNOTATION,
     },
     error::Error,
-    iam::IamApi,
+    iam::{IamAccounts, IamApi},
     metrics::Metrics,
     plan::record::LastUseSchedule,
 };
@@ -77,7 +78,8 @@ const WAITING_AT_ONCE: u16 = 128;
 /// Shared by every reconcile.
 pub struct Context {
     pub client: Client,
-    pub iam: Arc<dyn IamApi>,
+    /// The IAM of the operator's own account and of each role a policy rule names.
+    pub accounts: Arc<dyn IamAccounts>,
     events: events::Events,
     pub metrics: Arc<Metrics>,
     pub settings: Settings,
@@ -87,8 +89,9 @@ pub struct Context {
     /// When each resource's last use was read and is next due (by UID). Kept in memory so that
     /// reading last-use data does not have to write status when nothing changed.
     last_use_reads: Mutex<HashMap<String, LastUseSchedule>>,
-    /// Users as last read (ARN and path; their tags are never trusted from memory), and when.
-    users: Mutex<HashMap<String, (UserSighting, std::time::Instant)>>,
+    /// Users as last read (ARN and path; their tags are never trusted from memory), and when,
+    /// by account (the role ARN; empty: the operator's own) and name.
+    users: Mutex<HashMap<(String, String), (UserSighting, std::time::Instant)>>,
     /// The access key id this process last wrote to each Secret (namespace, name): the watch
     /// event of our own write is not a reason to reconcile again.
     published: Mutex<HashMap<(String, String), String>>,
@@ -108,13 +111,13 @@ struct UserSighting {
 }
 
 impl Context {
-    pub fn new(client: Client, iam: Arc<dyn IamApi>, metrics: Arc<Metrics>, settings: Settings) -> Self {
+    pub fn new(client: Client, accounts: Arc<dyn IamAccounts>, metrics: Arc<Metrics>, settings: Settings) -> Self {
         let tenancy = tenancy::Tenancy::start(client.clone());
         let instance = std::env::var("POD_NAME").ok();
         Context {
             events: events::Events::new(client.clone(), FIELD_MANAGER, instance),
             client,
-            iam,
+            accounts,
             metrics,
             tenancy,
             failures: Mutex::default(),
@@ -126,6 +129,11 @@ impl Context {
             propagation: watch::Sender::new(Default::default()),
             settings,
         }
+    }
+
+    /// The IAM of `role`'s account (`None`: the operator's own) for a namespace's resources.
+    pub fn iam(&self, role: Option<&AccountRole>, namespace: &str) -> Arc<dyn IamApi> {
+        self.accounts.iam(role, namespace)
     }
 
     async fn work_slot(&self) -> Slot {
@@ -205,18 +213,18 @@ impl Context {
 
     /// A user's ARN and path, read within a day: they change only when the user is recreated,
     /// which a key's verification notices (and then forgets the sighting).
-    fn recent_user(&self, user: &str) -> Option<UserSighting> {
+    fn recent_user(&self, account: Option<&AccountRole>, user: &str) -> Option<UserSighting> {
         let users = self.users.lock().unwrap_or_else(|e| e.into_inner());
-        let (sighting, read_at) = users.get(user)?;
+        let (sighting, read_at) = users.get(&user_key(account, user))?;
         (read_at.elapsed() < Duration::from_secs(24 * 3600)).then(|| sighting.clone())
     }
 
-    fn remember_user(&self, user: &str, read: &crate::iam::IamUser) {
+    fn remember_user(&self, account: Option<&AccountRole>, user: &str, read: &crate::iam::IamUser) {
         let sighting = UserSighting { arn: read.arn.clone(), path: read.path.clone() };
         self.users
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(user.to_owned(), (sighting, std::time::Instant::now()));
+            .insert(user_key(account, user), (sighting, std::time::Instant::now()));
     }
 
     /// How long from now a new key `age` old, refused `refusals` times, is checked next.
@@ -255,8 +263,8 @@ impl Context {
         self.metrics.verify_first_check.set(self.propagation.borrow().first_check().as_secs_f64());
     }
 
-    fn forget_user(&self, user: &str) {
-        self.users.lock().unwrap_or_else(|e| e.into_inner()).remove(user);
+    fn forget_user(&self, account: Option<&AccountRole>, user: &str) {
+        self.users.lock().unwrap_or_else(|e| e.into_inner()).remove(&user_key(account, user));
     }
 
     fn forget(&self, obj: &IamAccessKey) {
@@ -267,6 +275,11 @@ impl Context {
         let secret = (obj.namespace().unwrap_or_default(), secret::secret_name(obj));
         self.published.lock().unwrap_or_else(|e| e.into_inner()).remove(&secret);
     }
+}
+
+/// Users of the same name in two accounts are two users.
+fn user_key(account: Option<&AccountRole>, user: &str) -> (String, String) {
+    (account.map(|a| a.role_arn.clone()).unwrap_or_default(), user.to_owned())
 }
 
 /// A reconcile's right to work (see `Context::work_slots`).
@@ -335,9 +348,8 @@ async fn reconcile(watched: Arc<Watched>, ctx: Arc<Context>) -> Result<Action, E
                 FinalizerEvent::Cleanup(o) => {
                     let result = cleanup::cleanup(&o, &ctx).await;
                     drop(slot);
-                    // Deletion has no status to speak through: a stuck deletion says why in events.
                     if let Err(e) = &result {
-                        ctx.event(&o, EventType::Warning, e.reason(), format!("deletion waits: {e}")).await;
+                        cleanup::report_waiting(&o, &ctx, e).await;
                     }
                     result
                 }

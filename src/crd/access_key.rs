@@ -435,6 +435,10 @@ pub struct IamAccessKeyStatus {
     /// the rule is gone, so that what the rule said about its keys still applies.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub grant: Option<GrantRecord>,
+    /// The AWS account the keys are in, recorded before the first key is created: revocation and
+    /// deletion act there even when the rule that named it is gone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub account: Option<AccountRecord>,
     /// The resource generation this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
@@ -530,6 +534,32 @@ pub struct GrantRecord {
     /// When the operator found that no rule allows the resource any more (absent: allowed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revoked_at: Option<Time>,
+}
+
+/// Where a resource's keys are: the account, the role assumed there, the user's ARN.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AccountRecord {
+    /// The AWS account id (absent until known, for the operator's own account).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// The role assumed in it (absent: the operator's own identity).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role_arn: Option<String>,
+    /// The external ID the role asks for (an external ID is not a secret).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub external_id: Option<String>,
+    /// The IAM user's ARN.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_arn: Option<String>,
+}
+
+impl AccountRecord {
+    /// The role recorded, as a rule names it (no rate ceiling: the rules' applies).
+    pub fn role(&self) -> Option<super::AccountRole> {
+        let role_arn = self.role_arn.clone()?;
+        Some(super::AccountRole { role_arn, external_id: self.external_id.clone(), iam_rate_max: None })
+    }
 }
 
 /// Rotation triggers already acted on.

@@ -112,6 +112,44 @@ pub struct PolicyRule {
     /// resource, all of them must allow it.
     #[serde(default, skip_serializing_if = "is_false")]
     pub allow_secret_merge: bool,
+    /// The AWS account the users of this rule live in: an IAM role there that the operator
+    /// assumes to manage their keys (docs/accounts.md). Absent: the operator's own account and
+    /// identity. Tenants never name a role; a resource two rules with different accounts allow
+    /// is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub account: Option<AccountRole>,
+}
+
+/// An IAM role in the account where a rule's users live, assumed with STS AssumeRole.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AccountRole {
+    /// The role's ARN, `arn:aws:iam::<account id>:role/<path and name>`.
+    #[schemars(length(max = 2048), regex(pattern = r"^arn:aws(-[a-z]+)*:iam::\d{12}:role/[\w+=,.@/-]{1,512}$"))]
+    pub role_arn: String,
+    /// The external ID the role's trust policy asks for (`sts:ExternalId`): 2-1224 letters,
+    /// digits and `+=,.@:/-`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 2, max = 1224), regex(pattern = r"^[\w+=,.@:/-]+$"))]
+    pub external_id: Option<String>,
+    /// The most IAM calls per second the operator makes in this account (the adaptive rate's
+    /// ceiling, or a lower fixed rate); default `--iam-rate-max`. Rules naming the same account
+    /// share one rate: the lowest ceiling holds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub iam_rate_max: Option<u32>,
+}
+
+impl AccountRole {
+    /// The account id the role ARN names.
+    pub fn account_id(&self) -> &str {
+        self.role_arn.split(':').nth(4).unwrap_or_default()
+    }
+
+    /// Same role and external ID: the same account and credentials (the rate ceiling aside).
+    pub fn same_identity(&self, other: &AccountRole) -> bool {
+        self.role_arn == other.role_arn && self.external_id == other.external_id
+    }
 }
 
 fn is_false(b: &bool) -> bool {

@@ -27,6 +27,10 @@ pub enum IamError {
     /// IAM refused the request's content (`ValidationError`, `InvalidInput`, ...).
     #[error("{operation}: refused by IAM: {message}")]
     Invalid { operation: &'static str, message: String },
+    /// STS AssumeRole into a rule's role failed: `cause` is how (refused, throttled, ...), its
+    /// message STS's own (it names the role and the operator's identity, never credentials).
+    #[error("cannot assume role {role_arn}: {cause}")]
+    AssumeRoleFailed { role_arn: String, cause: Box<IamError> },
 }
 
 impl IamError {
@@ -40,6 +44,7 @@ impl IamError {
             IamError::Unavailable { .. } => "IamUnavailable",
             IamError::Busy { .. } => "IamBusy",
             IamError::Invalid { .. } => "IamRejected",
+            IamError::AssumeRoleFailed { .. } => "AssumeRoleFailed",
         }
     }
 
@@ -53,12 +58,18 @@ impl IamError {
             IamError::Unavailable { .. } => "unavailable",
             IamError::Busy { .. } => "busy",
             IamError::Invalid { .. } => "invalid",
+            IamError::AssumeRoleFailed { cause, .. } => cause.outcome(),
         }
     }
 
     /// Whether trying the same call again later can succeed without anyone changing anything.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, IamError::Throttled { .. } | IamError::Unavailable { .. } | IamError::Busy { .. })
+        match self {
+            // Refused: nearly always a trust or permission policy to fix. STS throttled or
+            // down: transient, like any other call.
+            IamError::AssumeRoleFailed { cause, .. } => cause.is_retryable(),
+            _ => matches!(self, IamError::Throttled { .. } | IamError::Unavailable { .. } | IamError::Busy { .. }),
+        }
     }
 
     /// Whether IAM asked the caller to slow down: what the adaptive rate limiter learns from.
@@ -122,6 +133,10 @@ mod tests {
         assert!(matches!(e(Some("ValidationError"), Some(400)), IamError::Invalid { .. }));
         assert!(matches!(e(None, None), IamError::Unavailable { .. }));
         assert!(matches!(e(None, Some(403)), IamError::AccessDenied { .. }), "unreadable refusal");
+        let assume =
+            |cause| IamError::AssumeRoleFailed { role_arn: "arn:aws:iam::2:role/r".into(), cause: Box::new(cause) };
+        assert!(!assume(e(Some("AccessDenied"), Some(403))).is_retryable(), "a role refused waits for a fix");
+        assert!(assume(e(Some("Throttling"), Some(400))).is_retryable(), "STS throttled is transient");
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! `AwsIam` is the real implementation (aws-sdk-iam / aws-sdk-sts). The trait keeps the
 //! controller independent of the SDK, so a test or a benchmark can wrap it (count, delay, fail).
 
+pub mod accounts;
 mod aws;
 mod error;
 pub mod propagation;
@@ -12,7 +13,8 @@ use std::{collections::BTreeMap, fmt};
 
 use async_trait::async_trait;
 
-pub use aws::AwsIam;
+pub use accounts::{Accounts, IamAccounts, RateSettings};
+pub use aws::{AwsIam, sdk_config_from_env};
 pub use error::IamError;
 pub use propagation::Propagation;
 pub use rate::RateLimiter;

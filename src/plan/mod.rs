@@ -5,6 +5,7 @@
 //! crash recovery and rotation is tested here directly (see `tests.rs`). The controller executes
 //! the step, records it, observes again and asks for the next one until the plan says `Done`.
 
+pub mod account;
 pub mod adopt;
 mod cleanup;
 pub mod record;

@@ -17,7 +17,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use kube::ResourceExt;
 
 use crate::crd::{
-    DeletionPolicy, Duration, IamAccessKeyPolicy, IamAccessKeySpec, OnRevoke, PAUSED_ANNOTATION, PolicyRule,
+    AccountRole, DeletionPolicy, Duration, IamAccessKeyPolicy, IamAccessKeySpec, OnRevoke, PAUSED_ANNOTATION,
+    PolicyRule,
 };
 
 /// The namespace a resource lives in.
@@ -53,6 +54,9 @@ pub struct Limits {
     /// key made outside the operator (`allowAdoption`), writing into a Secret the resource does
     /// not own (`allowSecretMerge`). One list, to keep `Limits` small.
     pub takeover_refused_by: Vec<(Takeover, String)>,
+    /// The account the matching rules name (`None`: the operator's own), with the lowest
+    /// `iamRateMax` among them.
+    pub account: Option<AccountRole>,
 }
 
 /// What exists already and a resource may take over, where every matching rule allows it.
@@ -193,19 +197,132 @@ fn note_policy(list: &mut Vec<String>, policy: String) {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[allow(clippy::large_enum_variant)] // one per reconcile, moved rarely
 pub enum Decision {
     Allowed(Limits),
     Denied(String),
     /// A rule for this namespace depends on the user's IAM path or tags: read the user, ask again.
     NeedUserDetails,
+    /// Rules naming different AWS accounts allow the resource (which ones, and the fix).
+    AccountConflict(String),
 }
 
+/// The decision of every rule, whatever account it names (`kubectl iak why`).
 pub fn authorize(policies: &[Arc<IamAccessKeyPolicy>], ns: &NamespaceFacts, user: &UserFacts) -> Decision {
+    authorize_where(policies, ns, user, |_| true)
+}
+
+/// The decision of the rules that name `account` (`None`: the operator's own), with the user as
+/// that account shows it.
+pub fn authorize_in(
+    policies: &[Arc<IamAccessKeyPolicy>],
+    ns: &NamespaceFacts,
+    user: &UserFacts,
+    account: Option<&AccountRole>,
+) -> Decision {
+    let mut decision = authorize_where(policies, ns, user, |rule| same_account(rule.account.as_ref(), account));
+    if let Decision::Allowed(limits) = &mut decision {
+        limits.account = account.cloned();
+        if let Some(role) = &mut limits.account {
+            role.iam_rate_max = account_ceiling(policies, role.account_id());
+        }
+    }
+    decision
+}
+
+/// The lowest `iamRateMax` of every rule naming a role in `account_id`, whatever namespaces it
+/// is for: the account has one rate limiter, so every resource acting there must ask for the
+/// same ceiling (a ceiling per namespace would replace the limiter back and forth).
+fn account_ceiling(policies: &[Arc<IamAccessKeyPolicy>], account_id: &str) -> Option<u32> {
+    let roles = policies.iter().flat_map(|p| &p.spec.rules).filter_map(|r| r.account.as_ref());
+    roles.filter(|role| role.account_id() == account_id).filter_map(|role| role.iam_rate_max).min()
+}
+
+fn same_account(a: Option<&AccountRole>, b: Option<&AccountRole>) -> bool {
+    match (a, b) {
+        (Some(a), Some(b)) => a.same_identity(b),
+        (a, b) => a.is_none() && b.is_none(),
+    }
+}
+
+fn matching_rules<'a>(
+    policies: &'a [Arc<IamAccessKeyPolicy>],
+    ns: &'a NamespaceFacts,
+) -> impl Iterator<Item = &'a PolicyRule> {
+    policies.iter().flat_map(|p| &p.spec.rules).filter(move |rule| namespace_matches(rule, ns))
+}
+
+/// The accounts the rules for this namespace name, each once (`None`: the operator's own), in
+/// a stable order: where a user has to be looked up to decide.
+pub fn accounts(policies: &[Arc<IamAccessKeyPolicy>], ns: &NamespaceFacts) -> Vec<Option<AccountRole>> {
+    let mut accounts: Vec<Option<AccountRole>> = vec![];
+    for rule in matching_rules(policies, ns) {
+        let named = rule.account.as_ref().map(|r| AccountRole { iam_rate_max: None, ..r.clone() });
+        if !accounts.iter().any(|a| same_account(a.as_ref(), named.as_ref())) {
+            accounts.push(named);
+        }
+    }
+    accounts.sort();
+    accounts
+}
+
+/// Several accounts' decisions made one: allowed in exactly one account is allowed there; in
+/// none is denied; in several is refused, naming the rules, rather than guessing.
+pub fn combine(decisions: Vec<Decision>, ns: &NamespaceFacts, user: &str) -> Decision {
+    let mut allowed: Vec<Limits> = vec![];
+    let mut denial = None;
+    for decision in decisions {
+        match decision {
+            Decision::Allowed(limits) => allowed.push(limits),
+            Decision::NeedUserDetails => return Decision::NeedUserDetails,
+            Decision::Denied(message) => denial = denial.or(Some(message)),
+            conflict @ Decision::AccountConflict(_) => return conflict,
+        }
+    }
+    match allowed.len() {
+        0 => Decision::Denied(denial.unwrap_or_else(|| denied_message(ns.name, user))),
+        1 => Decision::Allowed(allowed.remove(0)),
+        _ => {
+            let each = allowed
+                .iter()
+                .map(|l| {
+                    let rule = l
+                        .granting_rule
+                        .as_ref()
+                        .map_or(String::new(), |g| format!("IamAccessKeyPolicy {:?} rules[{}]", g.policy, g.rule));
+                    let account = l
+                        .account
+                        .as_ref()
+                        .map_or("the operator's own account".to_string(), |r| format!("role {}", r.role_arn));
+                    format!("{rule} ({account})")
+                })
+                .collect::<Vec<_>>();
+            Decision::AccountConflict(format!(
+                "rules that name different AWS accounts allow namespace {:?} to manage IAM user {user:?}: {}; the operator does not guess: a platform admin must make one account's rules exclude this user",
+                ns.name,
+                each.join(", ")
+            ))
+        }
+    }
+}
+
+fn denied_message(namespace: &str, user: &str) -> String {
+    format!(
+        "no IamAccessKeyPolicy allows namespace {namespace:?} to manage access keys of IAM user {user:?}: ask a platform admin for a policy rule"
+    )
+}
+
+fn authorize_where(
+    policies: &[Arc<IamAccessKeyPolicy>],
+    ns: &NamespaceFacts,
+    user: &UserFacts,
+    considered: impl Fn(&PolicyRule) -> bool,
+) -> Decision {
     let mut limits = Limits::default();
     let mut undecided = false;
     for policy in policies {
         for (index, rule) in policy.spec.rules.iter().enumerate() {
-            if !namespace_matches(rule, ns) {
+            if !namespace_matches(rule, ns) || !considered(rule) {
                 continue;
             }
             match user_matches(rule, ns.name, user) {
@@ -249,10 +366,7 @@ pub fn authorize(policies: &[Arc<IamAccessKeyPolicy>], ns: &NamespaceFacts, user
     if undecided {
         Decision::NeedUserDetails
     } else if limits.policies.is_empty() {
-        Decision::Denied(format!(
-            "no IamAccessKeyPolicy allows namespace {:?} to manage access keys of IAM user {:?}: ask a platform admin for a policy rule",
-            ns.name, user.name
-        ))
+        Decision::Denied(denied_message(ns.name, user.name))
     } else {
         Decision::Allowed(limits)
     }

@@ -218,3 +218,110 @@ fn adoption_and_merge_need_every_matching_rule_to_allow_them() {
     assert!(!silent.takeover_allowed(Takeover::Adoption) && !silent.takeover_allowed(Takeover::Merge));
     assert!(!Limits::default().takeover_allowed(Takeover::Adoption));
 }
+
+/// As the controller decides: each account's rules with the user as that account shows it.
+fn decide_per_account(
+    policies: &[Arc<IamAccessKeyPolicy>],
+    ns: &str,
+    user: &str,
+    path_in: impl Fn(Option<&AccountRole>) -> Option<&'static str>,
+) -> Decision {
+    let labels = BTreeMap::new();
+    let namespace = NamespaceFacts { name: ns, labels: &labels };
+    let tags = BTreeMap::new();
+    let decisions = accounts(policies, &namespace)
+        .iter()
+        .map(|account| {
+            let details = path_in(account.as_ref()).map(|p| (p, &tags));
+            authorize_in(policies, &namespace, &UserFacts { name: user, details }, account.as_ref())
+        })
+        .collect();
+    combine(decisions, &namespace, user)
+}
+
+const ROLE_A: &str = "arn:aws:iam::222222222222:role/iam-key-operator/a";
+const ROLE_B: &str = "arn:aws:iam::333333333333:role/iam-key-operator/b";
+
+#[test]
+fn a_rule_places_its_users_in_the_account_of_its_role() {
+    let p = [policy(
+        "p",
+        json!([
+            {"namespaces": ["team-a"], "userNames": ["app"], "account": {"roleArn": ROLE_A, "iamRateMax": 10}},
+            {"namespaces": ["team-b"], "userNames": ["app"], "account": {"roleArn": ROLE_B}},
+            {"namespaces": ["team-c"], "userNames": ["app"]},
+            {"namespaces": ["team-e"], "userNames": ["app"], "account": {"roleArn": "arn:aws:iam::222222222222:role/other"}},
+        ]),
+    )];
+    let placed = |ns| match decide_per_account(&p, ns, "app", |_| None) {
+        Decision::Allowed(limits) => limits.account.map(|a| (a.role_arn, a.iam_rate_max)),
+        other => panic!("{ns}: {other:?}"),
+    };
+    assert_eq!(placed("team-a"), Some((ROLE_A.to_string(), Some(10))));
+    assert_eq!(placed("team-b"), Some((ROLE_B.to_string(), None)));
+    assert_eq!(placed("team-c"), None, "no role: the operator's own account");
+    // One account, one limiter: every rule naming a role in it shares the lowest ceiling.
+    assert_eq!(placed("team-e"), Some(("arn:aws:iam::222222222222:role/other".to_string(), Some(10))));
+    assert!(matches!(decide_per_account(&p, "team-d", "app", |_| None), Decision::Denied(_)));
+    assert_eq!(
+        AccountRole { role_arn: ROLE_A.into(), external_id: None, iam_rate_max: None }.account_id(),
+        "222222222222"
+    );
+}
+
+#[test]
+fn each_account_judges_the_user_it_holds() {
+    // Rules on the path: the user as each account shows it decides, so a namespace allowed into
+    // account A only never reaches the same name in B.
+    let p = [policy(
+        "p",
+        json!([
+            {"namespaces": ["team-a"], "userPathPrefix": "/k8s/team-a/", "account": {"roleArn": ROLE_A}},
+            {"namespaces": ["team-a"], "userPathPrefix": "/k8s/shared/", "account": {"roleArn": ROLE_B}},
+        ]),
+    )];
+    let in_a_only = |a: Option<&AccountRole>| match a.map(|a| a.role_arn.as_str()) {
+        Some(ROLE_A) => Some("/k8s/team-a/"),
+        _ => Some("/other/"),
+    };
+    let Decision::Allowed(limits) = decide_per_account(&p, "team-a", "app", in_a_only) else { panic!() };
+    assert_eq!(limits.account.unwrap().role_arn, ROLE_A);
+    let in_b_outside = |a: Option<&AccountRole>| match a.map(|a| a.role_arn.as_str()) {
+        Some(ROLE_B) => Some("/k8s/team-b/"),
+        _ => Some("/other/"),
+    };
+    assert!(matches!(decide_per_account(&p, "team-a", "app", in_b_outside), Decision::Denied(_)));
+}
+
+#[test]
+fn rules_placing_a_user_in_two_accounts_are_refused_naming_them() {
+    let p = [
+        policy("billing", json!([{"namespaces": ["team-a"], "userNames": ["app"], "account": {"roleArn": ROLE_A}}])),
+        policy("tenants", json!([{"namespaces": ["team-*"], "userNames": ["*"]}])),
+    ];
+    let Decision::AccountConflict(message) = decide_per_account(&p, "team-a", "app", |_| None) else { panic!() };
+    assert!(message.contains("\"billing\" rules[0]") && message.contains(ROLE_A), "{message}");
+    assert!(message.contains("\"tenants\" rules[0]") && message.contains("own account"), "{message}");
+    // The same role with another external ID is another identity: refused too.
+    let q = [
+        policy("a", json!([{"namespaces": ["x"], "userNames": ["app"], "account": {"roleArn": ROLE_A}}])),
+        policy(
+            "b",
+            json!([{"namespaces": ["x"], "userNames": ["app"], "account": {"roleArn": ROLE_A, "externalId": "xy"}}]),
+        ),
+    ];
+    assert!(matches!(decide_per_account(&q, "x", "app", |_| None), Decision::AccountConflict(_)));
+    // Two rules naming the same role: one account, the lowest ceiling.
+    let r = [
+        policy(
+            "a",
+            json!([{"namespaces": ["x"], "userNames": ["app"], "account": {"roleArn": ROLE_A, "iamRateMax": 5}}]),
+        ),
+        policy(
+            "b",
+            json!([{"namespaces": ["x"], "userNames": ["a*"], "account": {"roleArn": ROLE_A, "iamRateMax": 9}}]),
+        ),
+    ];
+    let Decision::Allowed(limits) = decide_per_account(&r, "x", "app", |_| None) else { panic!() };
+    assert_eq!(limits.account.unwrap().iam_rate_max, Some(5));
+}

@@ -46,8 +46,15 @@ pub const AWS_REGION: &str = "us-east-1";
 /// moto runs enforcing: it authenticates every request (signature, known and Active-or-not key)
 /// and authorizes it against the caller's IAM policies, as AWS does. Only the first
 /// [`UNAUTHENTICATED_SETUP_CALLS`] requests pass unchecked; testenv spends them making
-/// [`ADMIN_USER`], whose key signs everything set up later (users, policies, identities).
-pub const UNAUTHENTICATED_SETUP_CALLS: usize = 3;
+/// [`ADMIN_USER`], whose key signs everything set up later (users, policies, identities), and
+/// an admin role in each of [`OTHER_ACCOUNTS`] (nothing but an unchecked call can create the
+/// first identity of an account in moto).
+pub const UNAUTHENTICATED_SETUP_CALLS: usize = 3 + 2 * OTHER_ACCOUNTS.len();
+/// AWS accounts besides moto's default one (123456789012), for tests of several accounts.
+pub const OTHER_ACCOUNTS: [&str; 2] = ["222222222222", "333333333333"];
+/// The role in each of [`OTHER_ACCOUNTS`] with an `Allow * on *` policy; [`ADMIN_USER`] may
+/// assume it ([`TestEnv::iam_client_in`]). moto evaluates no trust policy across accounts.
+pub const ACCOUNT_ADMIN_ROLE: &str = "testenv-admin";
 /// The IAM user holding an `Allow * on *` policy, for test setup only (never the operator).
 pub const ADMIN_USER: &str = "testenv-admin";
 /// Any key id signs the unauthenticated setup calls; it is refused once moto enforces.
@@ -673,6 +680,36 @@ impl TestEnv {
         iam_client_at(&self.iam_endpoint, access_key_id, secret)
     }
 
+    /// An IAM client signed by [`ACCOUNT_ADMIN_ROLE`] in `account`, one of [`OTHER_ACCOUNTS`]
+    /// (test setup there: users, roles, policies).
+    pub async fn iam_client_in(&self, account: &str) -> Result<aws_sdk_iam::Client> {
+        let role = format!("arn:aws:iam::{account}:role/{ACCOUNT_ADMIN_ROLE}");
+        let sts = self.sts_client(&self.admin_key.0, &self.admin_key.1);
+        let out = sts
+            .assume_role()
+            .role_arn(&role)
+            .role_session_name("testenv")
+            .send()
+            .await
+            .map_err(|e| Error::aws(format!("cannot assume {role}"), e))?;
+        let c = out.credentials().ok_or_else(|| Error::new(ErrorKind::Aws, "AssumeRole returned no credentials"))?;
+        use aws_sdk_iam::config::{BehaviorVersion, Credentials, Region};
+        let creds = Credentials::new(
+            c.access_key_id(),
+            c.secret_access_key(),
+            Some(c.session_token().to_string()),
+            None,
+            "testenv",
+        );
+        let conf = aws_sdk_iam::Config::builder()
+            .behavior_version(BehaviorVersion::latest())
+            .region(Region::new(AWS_REGION))
+            .endpoint_url(&self.iam_endpoint)
+            .credentials_provider(creds)
+            .build();
+        Ok(aws_sdk_iam::Client::from_conf(conf))
+    }
+
     /// `(access key id, secret)` of [`ADMIN_USER`].
     pub fn admin_credentials(&self) -> (&str, &str) {
         (&self.admin_key.0, &self.admin_key.1)
@@ -941,6 +978,34 @@ async fn bootstrap_admin(endpoint: &str) -> Result<(String, String)> {
         .map_err(|e| Error::aws(context("create the admin key"), e))?;
     let key = key.access_key().ok_or_else(|| Error::new(ErrorKind::Aws, "moto setup: no admin key returned"))?;
     let admin = (key.access_key_id().to_string(), key.secret_access_key().to_string());
+    for account in OTHER_ACCOUNTS {
+        let trust = r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Principal":{"AWS":"*"},"Action":"sts:AssumeRole"}]}"#;
+        setup
+            .create_role()
+            .role_name(ACCOUNT_ADMIN_ROLE)
+            .assume_role_policy_document(trust)
+            .customize()
+            // moto's server takes the account of an unchecked call from this header.
+            .mutate_request(move |r| {
+                r.headers_mut().insert("x-moto-account-id", account);
+            })
+            .send()
+            .await
+            .map_err(|e| Error::aws(context(&format!("create the admin role of account {account}")), e))?;
+        setup
+            .put_role_policy()
+            .role_name(ACCOUNT_ADMIN_ROLE)
+            .policy_name("allow-all")
+            .policy_document(allow_all)
+            .customize()
+            // moto's server takes the account of an unchecked call from this header.
+            .mutate_request(move |r| {
+                r.headers_mut().insert("x-moto-account-id", account);
+            })
+            .send()
+            .await
+            .map_err(|e| Error::aws(context(&format!("give the admin role of account {account} its policy")), e))?;
+    }
     if setup.list_users().send().await.is_ok() {
         return Err(Error::new(
             ErrorKind::Startup,

@@ -422,6 +422,12 @@ fn every_ready_error() -> Vec<Error> {
         },
         Error::NotAuthorized("no IamAccessKeyPolicy allows it".into()),
         Error::PolicyViolation("spec.rotation.interval is too short".into()),
+        Error::AccountConflict("rules that name different AWS accounts allow it".into()),
+        Error::AccountChanged("the keys are in another account".into()),
+        Error::Iam(IamError::AssumeRoleFailed {
+            role_arn: "arn:aws:iam::222222222222:role/iam-key-operator".into(),
+            cause: Box::new(IamError::AccessDenied { operation: "AssumeRole", message: "not allowed".into() }),
+        }),
         Error::Invalid("spec.secret.name is taken".into()),
         Error::InvalidTemplate(iam_key_operator::template::TemplateError {
             key: Some("password".into()),
@@ -448,7 +454,8 @@ fn listed_in_every_ready_error(e: &Error) {
             | IamError::Throttled { .. }
             | IamError::Unavailable { .. }
             | IamError::Busy { .. }
-            | IamError::Invalid { .. },
+            | IamError::Invalid { .. }
+            | IamError::AssumeRoleFailed { .. },
         )
         | Error::Kube { .. }
         | Error::Internal(_)
@@ -468,6 +475,8 @@ fn listed_in_every_ready_error(e: &Error) {
         | Error::VerifyFailed { .. }
         | Error::NotAuthorized(_)
         | Error::PolicyViolation(_)
+        | Error::AccountConflict(_)
+        | Error::AccountChanged(_)
         | Error::Invalid(_)
         | Error::InvalidTemplate(_)
         | Error::Finalizer { .. } => {}

@@ -147,11 +147,15 @@ fn operations_in_the_code() -> BTreeSet<String> {
 fn the_shipped_policy_grants_exactly_the_iam_actions_the_code_calls() {
     let doc = shipped_policy();
     let granted: BTreeSet<String> = doc["Statement"].as_array().unwrap().iter().flat_map(actions).collect();
-    // STS GetCallerIdentity is signed with the new key itself and needs no permission.
+    // STS GetCallerIdentity is signed with the new key itself and needs no permission;
+    // AssumeRole passes session tags (sts:TagSession).
     let needed: BTreeSet<String> = operations_in_the_code()
         .into_iter()
         .filter(|op| op != "GetCallerIdentity")
-        .map(|op| format!("iam:{op}"))
+        .flat_map(|op| match op.as_str() {
+            "AssumeRole" => vec!["sts:AssumeRole".to_string(), "sts:TagSession".to_string()],
+            _ => vec![format!("iam:{op}")],
+        })
         .collect();
     assert_eq!(granted, needed, "deploy/iam-policy.json must list exactly the IAM calls of src/iam/aws.rs");
     for statement in doc["Statement"].as_array().unwrap() {
@@ -168,6 +172,11 @@ fn the_shipped_policy_is_scoped_to_a_user_path_prefix() {
     let doc = shipped_policy();
     for statement in doc["Statement"].as_array().unwrap() {
         let resource = statement["Resource"].as_str().expect("one Resource per statement");
+        // Roles to assume: only those under the operator's role path.
+        if actions(statement).iter().any(|a| a.starts_with("sts:")) {
+            assert_eq!(resource, "arn:aws:iam::*:role/iam-key-operator/*");
+            continue;
+        }
         // arn:aws:iam::<account or *>:user/<path>/* with a path of at least one literal segment.
         let rest = resource.strip_prefix("arn:aws:iam::").expect(resource);
         let (account, user) = rest.split_once(':').expect(resource);
@@ -232,6 +241,18 @@ fn tags_may_be_written_only_under_the_tag_key_condition() {
 }
 
 #[test]
+fn a_target_accounts_role_may_do_what_the_operator_does_in_its_own_account() {
+    let read = |path: &str| -> Value {
+        serde_json::from_slice(&std::fs::read(testenv::repo_root().join(path)).unwrap()).unwrap()
+    };
+    let mut own = read("deploy/iam-policy.json");
+    own["Statement"].as_array_mut().unwrap().retain(|s| !actions(s).iter().any(|a| a.starts_with("sts:")));
+    assert_eq!(read("deploy/account-role/permissions.json"), own, "the same IAM statements, without AssumeRole");
+    let trust = read("deploy/account-role/trust.json");
+    assert_eq!(actions(&trust["Statement"][0]), ["sts:AssumeRole", "sts:TagSession"]);
+}
+
+#[test]
 fn the_policy_in_the_docs_is_the_shipped_one_with_an_account_id() {
     let doc = std::fs::read_to_string(testenv::repo_root().join("docs/security.md")).unwrap();
     let anchor = doc.find("is the whole permission policy").expect("docs/security.md shows the policy");
@@ -239,8 +260,9 @@ fn the_policy_in_the_docs_is_the_shipped_one_with_an_account_id() {
     let start = block.find("```json\n").unwrap() + "```json\n".len();
     let shown: Value = serde_json::from_str(&block[start..start + block[start..].find("```").unwrap()]).unwrap();
     let file = std::fs::read_to_string(testenv::repo_root().join("deploy/iam-policy.json")).unwrap();
+    // Users in the operator's account; roles in any account a policy rule names.
     let with_account: Value =
-        serde_json::from_str(&file.replace("arn:aws:iam::*:", "arn:aws:iam::111122223333:")).unwrap();
+        serde_json::from_str(&file.replace("arn:aws:iam::*:user/", "arn:aws:iam::111122223333:user/")).unwrap();
     assert_eq!(shown, with_account, "docs/security.md shows deploy/iam-policy.json with the example account id");
 }
 

@@ -11,6 +11,7 @@
 mod etcd;
 mod support;
 
+mod accounts;
 mod admission;
 mod adoption;
 mod argocd;

@@ -47,7 +47,7 @@ impl Run<'_> {
         }
         .map_err(|r| self.refuse(r))?;
         let user_arn = self.user_arn().await?;
-        let answer = match self.ctx.iam.caller_identity(&id, &secret).await {
+        let answer = match self.iam.caller_identity(&id, &secret).await {
             Ok(arn) => Ok(arn),
             // A wrong secret, an unknown key: a refusal. Throttling or an outage: retried.
             Err(e @ IamError::AccessDenied { .. }) => Err(e.to_string()),
@@ -55,7 +55,7 @@ impl Run<'_> {
         };
         if let Err(refusal) = judge_identity(&id, &user_arn, answer.as_deref().map_err(Clone::clone)) {
             // The user may have been recreated: read it again next time.
-            self.ctx.forget_user(&user);
+            self.ctx.forget_user(self.account.as_ref(), &user);
             return Err(self.refuse(refusal));
         }
 

@@ -88,7 +88,7 @@ impl Run<'_> {
         }
         let user = self.user_name().to_owned();
         let ledger = Ledger::from_status(&self.status);
-        self.user = observe_user(self.ctx, &user).await?;
+        self.user = observe_user(self.iam.as_ref(), &user).await?;
         (self.secret, _, _) = observe_secret_meta(self.ctx, self.obj).await?;
         let (mut deleted, mut secret_deleted) = (vec![], false);
         for _ in 0..MAX_STEPS {
@@ -112,7 +112,7 @@ impl Run<'_> {
                     self.read_user().await?;
                 }
                 RevokeStep::Deactivate { access_key_id } => {
-                    self.ctx.iam.update_access_key(&user, &access_key_id, KeyStatus::Inactive).await?;
+                    self.iam.update_access_key(&user, &access_key_id, KeyStatus::Inactive).await?;
                     self.user.key_status_set(&access_key_id, KeyStatus::Inactive);
                     let note = format!(
                         "access key {access_key_id} set Inactive: no IamAccessKeyPolicy allows this resource any more (onRevoke: Deactivate)"
@@ -121,7 +121,7 @@ impl Run<'_> {
                 }
                 RevokeStep::Cleanup(CleanupStep::DeleteKey { access_key_id }) => {
                     // Its tag stays until the cleanup planner's Untag step, which removes all of ours.
-                    match self.ctx.iam.delete_access_key(&user, &access_key_id).await {
+                    match self.iam.delete_access_key(&user, &access_key_id).await {
                         Err(e) if !e.is_not_found() => return Err(e.into()),
                         _ => {}
                     }
@@ -129,7 +129,7 @@ impl Run<'_> {
                     deleted.push(access_key_id);
                 }
                 RevokeStep::Cleanup(CleanupStep::Untag { tag_keys }) => {
-                    self.ctx.iam.untag_user(&user, &tag_keys).await?;
+                    self.iam.untag_user(&user, &tag_keys).await?;
                     self.user.untagged(&tag_keys);
                 }
                 RevokeStep::Cleanup(CleanupStep::DeleteSecret) => {

@@ -24,8 +24,8 @@ const TAG_ATTEMPTS: u32 = 4;
 
 impl Run<'_> {
     pub(super) async fn read_user(&mut self) -> Result<(), Error> {
-        let info = self.ctx.iam.get_user(self.user_name()).await?;
-        self.ctx.remember_user(self.user_name(), &info);
+        let info = self.iam.get_user(self.user_name()).await?;
+        self.ctx.remember_user(self.account.as_ref(), self.user_name(), &info);
         self.user.tags_read(info.tags.clone());
         self.user_info = Some(info);
         Ok(())
@@ -40,7 +40,7 @@ impl Run<'_> {
             )));
         }
         let claim = [(OWNER_TAG.to_owned(), self.owner.0.clone())];
-        self.ctx.iam.tag_user(&user, &claim).await?;
+        self.iam.tag_user(&user, &claim).await?;
         self.user.tagged(claim);
         self.note(EventType::Normal, "UserClaimed", format!("claimed IAM user {user}")).await;
         Ok(())
@@ -48,7 +48,7 @@ impl Run<'_> {
 
     pub(super) async fn take_over_tags(&mut self, tags: Vec<(String, String)>) -> Result<(), Error> {
         let user = self.user_name().to_owned();
-        self.ctx.iam.tag_user(&user, &tags).await?;
+        self.iam.tag_user(&user, &tags).await?;
         let count = tags.len();
         self.user.tagged(tags);
         let previous = self.ctx.settings.previous_cluster_name.as_deref().unwrap_or_default();
@@ -81,7 +81,7 @@ impl Run<'_> {
     }
 
     pub(super) async fn untag_stale(&mut self, tag_keys: &[String]) -> Result<(), Error> {
-        self.ctx.iam.untag_user(self.user_name(), tag_keys).await?;
+        self.iam.untag_user(self.user_name(), tag_keys).await?;
         self.user.untagged(tag_keys);
         Ok(())
     }
@@ -149,15 +149,17 @@ impl Run<'_> {
     /// reads nothing but the key list).
     pub(super) async fn user_arn(&mut self) -> Result<String, Error> {
         let user = self.user_name().to_owned();
-        Ok(match (&self.user_info, self.ctx.recent_user(&user)) {
+        let arn = match (&self.user_info, self.ctx.recent_user(self.account.as_ref(), &user)) {
             (Some(info), _) => info.arn.clone(),
             (None, Some(seen)) => seen.arn,
             (None, None) => {
-                let info = self.ctx.iam.get_user(&user).await?;
-                self.ctx.remember_user(&user, &info);
+                let info = self.iam.get_user(&user).await?;
+                self.ctx.remember_user(self.account.as_ref(), &user, &info);
                 info.arn
             }
-        })
+        };
+        self.note_user_arn(&arn);
+        Ok(arn)
     }
 
     pub(super) async fn create_key(&mut self, reason: NewKeyReason) -> Result<(), Error> {
@@ -169,7 +171,7 @@ impl Run<'_> {
         if record::renew_pending_create(&mut self.status, record::whole_seconds(Timestamp::now())) {
             self.save_status().await?;
         }
-        let NewKey { key, secret } = self.ctx.iam.create_access_key(&user).await?;
+        let NewKey { key, secret } = self.iam.create_access_key(&user).await?;
         let created = std::time::Instant::now();
         let id = key.access_key_id.clone();
         failpoint!("after-create-key");
@@ -188,7 +190,7 @@ impl Run<'_> {
         };
         if let Err(e) = self.verify(&id, &secret, &user_arn, created).await {
             // The user may have been recreated: read it again next time.
-            self.ctx.forget_user(&user);
+            self.ctx.forget_user(self.account.as_ref(), &user);
             // Never publish a key that does not work; nobody else has its secret.
             self.delete_key(&id, true).await?;
             return Err(e);
@@ -222,14 +224,14 @@ impl Run<'_> {
     pub(super) async fn tag_new_key(&mut self, user: &str, tags: &[(String, String)]) -> Result<(), Error> {
         let mut wait = Duration::from_millis(250);
         for _ in 0..TAG_ATTEMPTS - 1 {
-            match self.ctx.iam.tag_user(user, tags).await {
+            match self.iam.tag_user(user, tags).await {
                 Err(e) if e.is_retryable() => tracing::debug!(error = %e, "tagging the new key: retrying"),
                 done => return Ok(done?),
             }
             self.slot.idle(self.ctx, wait).await;
             wait *= 2;
         }
-        Ok(self.ctx.iam.tag_user(user, tags).await?)
+        Ok(self.iam.tag_user(user, tags).await?)
     }
 
     pub(super) async fn deactivate_unused(&mut self, access_key_id: &str, since: Timestamp) -> Result<(), Error> {
@@ -263,7 +265,7 @@ impl Run<'_> {
 
     /// The current key's status in IAM, then in status.
     async fn update_key_status(&mut self, access_key_id: &str, status: KeyStatus) -> Result<(), Error> {
-        self.ctx.iam.update_access_key(self.user_name(), access_key_id, status).await?;
+        self.iam.update_access_key(self.user_name(), access_key_id, status).await?;
         self.user.key_status_set(access_key_id, status);
         record::record_key_status(&mut self.status, status);
         self.save_status().await
@@ -310,7 +312,7 @@ impl Run<'_> {
     }
 
     pub(super) async fn check_key_usage(&mut self, access_key_id: &str) -> Result<(), Error> {
-        let used = self.ctx.iam.access_key_last_used(access_key_id).await?;
+        let used = self.iam.access_key_last_used(access_key_id).await?;
         record::record_usage_check(&mut self.status, access_key_id, used.date, self.now);
         self.save_status().await
     }
@@ -322,7 +324,7 @@ impl Run<'_> {
         still_in_use: bool,
     ) -> Result<(), Error> {
         if !already_inactive {
-            self.ctx.iam.update_access_key(self.user_name(), access_key_id, KeyStatus::Inactive).await?;
+            self.iam.update_access_key(self.user_name(), access_key_id, KeyStatus::Inactive).await?;
             self.user.key_status_set(access_key_id, KeyStatus::Inactive);
         }
         record::retire_key(&mut self.status, &self.obj.spec, access_key_id, self.now);
@@ -345,7 +347,7 @@ impl Run<'_> {
     }
 
     pub(super) async fn refresh_last_used(&mut self, access_key_id: String) -> Result<(), Error> {
-        let used = self.ctx.iam.access_key_last_used(&access_key_id).await?;
+        let used = self.iam.access_key_last_used(&access_key_id).await?;
         // Recorded before the read counts as fresh: a decision on "unused since" must never
         // rest on a reading that status does not hold.
         if record::record_last_use(&mut self.status, access_key_id, used, self.now) {

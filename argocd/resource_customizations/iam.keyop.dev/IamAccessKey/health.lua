@@ -11,10 +11,11 @@ local hs = {}
 
 -- Ready=False reasons the operator retries by itself (with backoff): Progressing. Every other
 -- reason (UserNotFound, UserClaimed, SecretConflict, SecretNotFound, KeyLimitExceeded, NotAuthorized,
--- PolicyViolation, AdoptionRefused, MergeNotAllowed, InvalidSpec, InvalidTemplate, DeactivatedUnused,
--- IamNotFound, IamRejected, InternalError (a bug to report), and any reason this script does not
--- know yet) needs someone to change IAM, a Secret, the spec, a policy or the operator: Degraded,
--- with the condition's message.
+-- PolicyViolation, AccountConflict, AccountChanged, AssumeRoleFailed, AdoptionRefused,
+-- MergeNotAllowed, InvalidSpec, InvalidTemplate, DeactivatedUnused, IamNotFound, IamRejected,
+-- InternalError (a bug to report), and any reason this script does not know yet) needs someone
+-- to change IAM, a Secret, the spec, a policy or the operator: Degraded, with the condition's
+-- message.
 local retryable = {
   Throttled = true,
   IamUnavailable = true,
