@@ -226,6 +226,8 @@ async fn run(mut args: Args) {
             converged: HashSet::new(),
             env,
         };
+        // The code measured is the code at the start, whatever is committed meanwhile.
+        let versions = versions(&bench.bin, &bench.env);
         let all_cpu0 = cpu_snapshot(&bench.procs(None));
         bench.scenarios().await;
         let cpu = cpu_between(&all_cpu0, &cpu_snapshot(&bench.procs(None)));
@@ -235,7 +237,7 @@ async fn run(mut args: Args) {
             finished_at: now_string(),
             wall_secs: started.elapsed().as_secs_f64(),
             machine: machine(),
-            versions: versions(&bench.bin, &bench.env),
+            versions,
             loadavg_start,
             cpu,
         };

@@ -300,7 +300,8 @@ fn generated(r: &Results, s: &mut String, images: bool) {
         w(
             s,
             format!(
-                "Run: `{}` — {} to {} ({:.0} min).\n",
+                "Run at commit `{}`: `{}` — {} to {} ({:.0} min).\n",
+                run.versions.get("commit").map_or("?", String::as_str),
                 run.command,
                 run.started_at,
                 run.finished_at,
