@@ -17,7 +17,7 @@ use kube::{
 
 use crate::{
     crd::{ACCESS_KEY_ID_ANNOTATION, IamAccessKey, IamAccessKeyPolicy, KeyPhase, PAUSED_ANNOTATION, SecretFormat},
-    policy::{self, Decision, NamespaceFacts, RuleOutcome, UserFacts},
+    policy::{self, Decision, NamespaceFacts, RuleOutcome, Takeover, UserFacts},
 };
 
 const FIELD_MANAGER: &str = "kubectl-iak";
@@ -270,6 +270,10 @@ pub fn why_report(
                 "deletionPolicy Retain {}",
                 if limits.retain_allowed() { "allowed" } else { "not allowed" }
             ));
+            for (what, field) in [(Takeover::Adoption, "adopt"), (Takeover::Merge, "creationPolicy Merge")] {
+                let allowed = if limits.takeover_allowed(what) { "allowed" } else { "not allowed" };
+                notes.push(format!("{field} {allowed}"));
+            }
             let _ = writeln!(out, "  limits: {}", notes.join(", "));
             if let Some(role) = &limits.account {
                 let _ = writeln!(out, "  in AWS account {} through role {}", role.account_id(), role.role_arn);

@@ -142,6 +142,10 @@ async fn why_names_the_rule_that_allows_and_says_why_others_refuse() {
     );
     assert!(report.contains(&format!("IamAccessKeyPolicy allow-{} rule 0: allows", f.ns)), "{report}");
     assert!(
+        report.contains("adopt not allowed, creationPolicy Merge not allowed"),
+        "the takeover permissions: {report}"
+    );
+    assert!(
         report.contains(&format!(
             "IamAccessKeyPolicy paths-{} rule 0: does not allow: path \"/other/\" is not under userPathPrefix \"/k8s/{}/\"",
             f.ns, f.ns
