@@ -141,6 +141,11 @@ pub fn session_name(cluster: &str, namespace: &str) -> String {
     name
 }
 
+/// Whether credentials that expire at `expires` may still sign a call made at `now`.
+fn still_fresh(expires: SystemTime, now: SystemTime) -> bool {
+    now + REFRESH_BEFORE < expires
+}
+
 /// One role's credentials for one namespace.
 pub struct RoleSession {
     role: AccountRole,
@@ -162,7 +167,7 @@ impl RoleSession {
     pub(super) async fn client(&self) -> Result<aws_sdk_iam::Client, IamError> {
         let mut cached = self.cached.lock().await;
         if let Some((client, expires)) = cached.as_ref()
-            && SystemTime::now() + REFRESH_BEFORE < *expires
+            && still_fresh(*expires, SystemTime::now())
         {
             return Ok(client.clone());
         }
@@ -191,6 +196,16 @@ mod tests {
         let long = session_name("a-cluster.name_that-is-long", &"n".repeat(63));
         assert_eq!(long.len(), 64);
         assert!(long.starts_with("iko-a-cluster.name_that-is-long-nnn"));
+    }
+
+    #[test]
+    fn credentials_are_replaced_five_minutes_before_they_expire() {
+        let now = SystemTime::now();
+        let minutes = |m: u64| Duration::from_secs(m * 60);
+        assert!(still_fresh(now + minutes(60), now), "a new session");
+        assert!(still_fresh(now + minutes(6), now));
+        assert!(!still_fresh(now + minutes(4), now), "about to expire: assumed again");
+        assert!(!still_fresh(now - minutes(1), now), "expired");
     }
 
     #[test]
