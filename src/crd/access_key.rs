@@ -501,6 +501,22 @@ pub struct OwnedKey {
     pub usage_checked_at: Option<Time>,
 }
 
+impl OwnedKey {
+    /// A key in `phase`, with nothing scheduled yet.
+    pub fn new(access_key_id: impl Into<String>, phase: KeyPhase, create_date: Time) -> Self {
+        OwnedKey {
+            access_key_id: access_key_id.into(),
+            phase,
+            create_date,
+            deactivate_at: None,
+            delete_at: None,
+            replaced_at: None,
+            last_used_at: None,
+            usage_checked_at: None,
+        }
+    }
+}
+
 /// Phase of an owned key.
 #[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Hash, schemars::JsonSchema)]
 pub enum KeyPhase {

@@ -281,16 +281,11 @@ mod tests {
         spec.adopt = Some(AdoptSpec::default());
         assert!(adoption_pending(&spec, &fresh));
         let with_key = Ledger {
-            keys: vec![OwnedKey {
-                access_key_id: ID.into(),
-                phase: KeyPhase::Current,
-                create_date: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(Timestamp::UNIX_EPOCH),
-                deactivate_at: None,
-                delete_at: None,
-                replaced_at: None,
-                last_used_at: None,
-                usage_checked_at: None,
-            }],
+            keys: vec![OwnedKey::new(
+                ID,
+                KeyPhase::Current,
+                k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(Timestamp::UNIX_EPOCH),
+            )],
             ..Default::default()
         };
         assert!(!adoption_pending(&spec, &with_key));

@@ -44,16 +44,7 @@ pub fn install_current(
         k.replaced_at = Some(Time(now));
         k.deactivate_at = Some(Time(deactivate_at));
     }
-    status.keys.push(OwnedKey {
-        access_key_id: key.access_key_id,
-        phase: KeyPhase::Current,
-        create_date: Time(key.create_date),
-        deactivate_at: None,
-        delete_at: None,
-        replaced_at: None,
-        last_used_at: None,
-        usage_checked_at: None,
-    });
+    status.keys.push(OwnedKey::new(key.access_key_id, KeyPhase::Current, Time(key.create_date)));
     status.key_status = Some(key.status);
     status.pending_create = None;
     status.rotation = Some(RotationRecord {

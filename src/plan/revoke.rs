@@ -71,16 +71,11 @@ mod tests {
     }
 
     fn tracked(id: &str) -> OwnedKey {
-        OwnedKey {
-            access_key_id: id.into(),
-            phase: KeyPhase::Current,
-            create_date: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(Timestamp::UNIX_EPOCH),
-            deactivate_at: None,
-            delete_at: None,
-            replaced_at: None,
-            last_used_at: None,
-            usage_checked_at: None,
-        }
+        OwnedKey::new(
+            id,
+            KeyPhase::Current,
+            k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(Timestamp::UNIX_EPOCH),
+        )
     }
 
     /// Run the plan to its end, applying each step to the observation; the steps taken.

@@ -26,16 +26,7 @@ fn iam_key(id: &str, status: KeyStatus) -> IamKey {
 }
 
 fn owned(id: &str, phase: KeyPhase) -> OwnedKey {
-    OwnedKey {
-        access_key_id: id.into(),
-        phase,
-        create_date: Time(t(0)),
-        deactivate_at: None,
-        delete_at: None,
-        replaced_at: None,
-        last_used_at: None,
-        usage_checked_at: None,
-    }
+    OwnedKey::new(id, phase, Time(t(0)))
 }
 
 fn tags(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {

@@ -90,16 +90,8 @@ async fn the_secret_appears_nowhere_but_in_the_secret() {
     proxy.set(Faults::none());
     assert!(iam_keys(f.env, &user("refused")).await.is_empty(), "the unpublished key was deleted");
 
-    // Status, events and metrics while everything still exists, then after deletion.
-    for obj in f.keys_api().list(&ListParams::default()).await.unwrap().items {
-        seen.push_str(&serde_json::to_string(&obj).unwrap());
-    }
-    seen.push_str(&op.metrics().await);
-    f.delete("app").await;
-    f.wait_gone("app", Duration::from_secs(30)).await;
-    let events: Api<Event> = Api::namespaced(f.client.clone(), &f.ns);
+    seen.push_str(&everything_shown_until_deleted(&f, &op, "app").await);
     let core_events: Api<CoreEvent> = Api::namespaced(f.client.clone(), &f.ns);
-    seen.push_str(&serde_json::to_string(&events.list(&ListParams::default()).await.unwrap().items).unwrap());
     seen.push_str(&serde_json::to_string(&core_events.list(&ListParams::default()).await.unwrap().items).unwrap());
     seen.push_str(&op.metrics().await);
     let log = op.log();
@@ -187,15 +179,7 @@ async fn an_adopted_or_refused_keys_secret_appears_nowhere_but_in_the_secret() {
     .await;
     let (_, rotated) = f.secret_creds("app").await.expect("the rotated key");
 
-    let mut seen = String::new();
-    for obj in f.keys_api().list(&ListParams::default()).await.unwrap().items {
-        seen.push_str(&serde_json::to_string(&obj).unwrap());
-    }
-    seen.push_str(&op.metrics().await);
-    f.delete("app").await;
-    f.wait_gone("app", Duration::from_secs(30)).await;
-    let events: Api<Event> = Api::namespaced(f.client.clone(), &f.ns);
-    seen.push_str(&serde_json::to_string(&events.list(&ListParams::default()).await.unwrap().items).unwrap());
+    let seen = everything_shown_until_deleted(&f, &op, "app").await;
     let log = op.log();
     assert!(log.contains("TRACE"), "the operator ran at trace level");
     for reason in ["KeyAdopted", "AdoptionRefused", "KeyCreated"] {
@@ -207,6 +191,20 @@ async fn an_adopted_or_refused_keys_secret_appears_nowhere_but_in_the_secret() {
             assert!(!log.contains(&form), "a secret (or its encoding) found in the log {}", op.log_path.display());
         }
     }
+}
+
+/// Status and metrics while everything still exists, then the events after `name` is deleted.
+async fn everything_shown_until_deleted(f: &Fixture, op: &Operator, name: &str) -> String {
+    let mut seen = String::new();
+    for obj in f.keys_api().list(&ListParams::default()).await.unwrap().items {
+        seen.push_str(&serde_json::to_string(&obj).unwrap());
+    }
+    seen.push_str(&op.metrics().await);
+    f.delete(name).await;
+    f.wait_gone(name, Duration::from_secs(30)).await;
+    let events: Api<Event> = Api::namespaced(f.client.clone(), &f.ns);
+    seen.push_str(&serde_json::to_string(&events.list(&ListParams::default()).await.unwrap().items).unwrap());
+    seen
 }
 
 async fn wait_secret_has(f: &Fixture, name: &str, key: &str) {
