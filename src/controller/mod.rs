@@ -456,9 +456,21 @@ pub async fn run(ctx: Arc<Context>, ready: Arc<std::sync::atomic::AtomicBool>) {
             .applied_objects()
             // Our own status writes are no reason to look again (and would bypass the backoff).
             .predicate_filter(reconcile_triggers, Default::default());
+        // A policy or namespace change: look again at the resources whose decision it may change.
+        let affected = ctx.tenancy.changes().flat_map({
+            let (store, tenancy) = (store.clone(), ctx.tenancy.clone());
+            move |change| {
+                let refs: Vec<ObjectRef<Watched>> = store
+                    .state()
+                    .iter()
+                    .filter(|k| tenancy.affects(&change, &k.namespace().unwrap_or_default()))
+                    .map(|k| ObjectRef::from_obj(&**k))
+                    .collect();
+                futures::stream::iter(refs)
+            }
+        });
         let controller = Controller::for_stream(key_events, store)
-            // A policy change can allow or deny any resource: look at all of them again.
-            .reconcile_all_on(ctx.tenancy.changes())
+            .reconcile_on(affected)
             .owns_stream(secret_events)
             .with_config(
                 kube::runtime::controller::Config::default()

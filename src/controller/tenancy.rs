@@ -1,6 +1,8 @@
-//! The tenancy policies and namespace labels, cached (metadata of namespaces only), and a
-//! signal on every policy change so that affected resources are reconciled again. A change of
-//! status alone (the operator's own policy status writes) is not a policy change.
+//! The tenancy policies and namespace labels, cached (metadata of namespaces only), and what
+//! each change may have changed the decision for, so that only those resources are reconciled
+//! again: a policy edit in a cluster of 5,000 keys costs IAM calls for the keys it governs, not
+//! for all of them. A change of status alone (the operator's own policy status writes) is not
+//! a policy change.
 //!
 //! Policies arrive through `DeserializeGuard`: a stored policy the types cannot read (written
 //! under an older schema, say) is reported and allows nothing, and the watch carries on with
@@ -18,11 +20,14 @@ use kube::{
     core::{DeserializeGuard, PartialObjectMeta},
     runtime::{WatchStreamExt, events::EventType, reflector, reflector::Store, watcher},
 };
-use tokio::sync::watch;
+use tokio::sync::{broadcast, watch};
 use tracing::warn;
 
 use super::events::Events;
-use crate::crd::{FIELD_MANAGER, IamAccessKeyPolicy};
+use crate::{
+    crd::{FIELD_MANAGER, IamAccessKeyPolicy, PolicyRule},
+    policy::{NamespaceFacts, namespace_matches},
+};
 
 type WatchedPolicy = DeserializeGuard<IamAccessKeyPolicy>;
 
@@ -30,7 +35,7 @@ type WatchedPolicy = DeserializeGuard<IamAccessKeyPolicy>;
 pub struct Tenancy {
     policies: Store<WatchedPolicy>,
     namespaces: Store<PartialObjectMeta<Namespace>>,
-    changes: watch::Receiver<u64>,
+    affected: broadcast::Sender<Affected>,
     /// Fires on policy changes and on namespaces appearing, going or changing labels: what
     /// the grants between namespaces depend on.
     grant_changes: watch::Receiver<u64>,
@@ -41,7 +46,9 @@ impl Tenancy {
     pub fn start(client: Client) -> Tenancy {
         let (policies, policy_writer) = reflector::store();
         let (namespaces, namespace_writer) = reflector::store();
-        let (notify, changes) = watch::channel(0u64);
+        // Changes come in bursts (a relist, an Argo CD sync); a subscriber that falls behind
+        // gets `Everything` instead of what it missed.
+        let (affected, _) = broadcast::channel(1024);
         let (notify_grants, grant_changes) = watch::channel(0u64);
         let notify_grants = Arc::new(notify_grants);
         let policy_api = Api::<WatchedPolicy>::all(client.clone());
@@ -54,11 +61,12 @@ impl Tenancy {
             events: Events::new(client.clone(), FIELD_MANAGER, std::env::var("POD_NAME").ok()),
             reported: Default::default(),
         });
-        let mut generations = Generations::default();
+        let mut versions = PolicyVersions::default();
         let policy_grants = notify_grants.clone();
+        let policy_affected = affected.clone();
         tokio::spawn(policy_events.for_each(move |event| {
-            if event.as_ref().is_ok_and(|e| generations.changed_by(e)) {
-                notify.send_modify(|n| *n += 1);
+            if let Some(change) = event.as_ref().ok().and_then(|e| versions.changed_by(e)) {
+                let _ = policy_affected.send(change);
                 policy_grants.send_modify(|n| *n += 1);
             }
             let reporter = reporter.clone();
@@ -77,13 +85,15 @@ impl Tenancy {
             })
             .reflect(namespace_writer);
         let mut labels = NamespaceLabels::default();
+        let namespace_affected = affected.clone();
         tokio::spawn(ns_events.for_each(move |event| {
-            if event.as_ref().is_ok_and(|e| labels.changed_by(e)) {
+            if let Some(change) = event.as_ref().ok().and_then(|e| labels.changed_by(e)) {
+                let _ = namespace_affected.send(change);
                 notify_grants.send_modify(|n| *n += 1);
             }
             futures::future::ready(())
         }));
-        Tenancy { policies, namespaces, changes, grant_changes }
+        Tenancy { policies, namespaces, affected, grant_changes }
     }
 
     pub async fn wait_until_ready(&self) {
@@ -115,9 +125,16 @@ impl Tenancy {
         self.namespaces.get(&key).and_then(|ns| ns.metadata.labels.clone()).unwrap_or_default()
     }
 
-    /// Fires after any change of a policy's spec (including a deletion).
-    pub fn changes(&self) -> impl Stream<Item = ()> + Send + 'static {
-        tokio_stream::wrappers::WatchStream::from_changes(self.changes.clone()).map(|_| ())
+    /// After each change of a policy's spec (including a deletion) or of a namespace's labels:
+    /// whose decision it may have changed.
+    pub fn changes(&self) -> impl Stream<Item = Affected> + Send + 'static {
+        tokio_stream::wrappers::BroadcastStream::new(self.affected.subscribe())
+            .map(|change| change.unwrap_or(Affected::Everything))
+    }
+
+    /// Whether a resource in `namespace` is among the `affected`.
+    pub fn affects(&self, affected: &Affected, namespace: &str) -> bool {
+        affected.covers(&NamespaceFacts { name: namespace, labels: &self.namespace_labels(namespace) })
     }
 
     /// Changes of what grants depend on: policies, and namespaces with their labels.
@@ -126,28 +143,57 @@ impl Tenancy {
     }
 }
 
-/// The generation of every policy seen: a policy event is a change when it adds or deletes a
-/// policy or carries a new generation (status writes keep the generation). A relist ends with
-/// a change, since deletions during a broken watch arrive as nothing but the new list.
-#[derive(Default)]
-struct Generations {
-    seen: HashMap<String, Option<i64>>,
+/// The resources a tenancy change may have changed the decision for. A decision reads only the
+/// rules whose namespaces match the resource's, and the labels of its namespace.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Affected {
+    /// After a relist (deletions during a broken watch arrive as nothing but the new list):
+    /// every resource.
+    Everything,
+    /// The resources in the namespaces these rules match: a policy's rules before and after.
+    RulesFor(Vec<PolicyRule>),
+    /// The resources in this namespace: it came, went or changed its labels.
+    Namespace(String),
 }
 
-impl Generations {
-    fn changed_by(&mut self, event: &watcher::Event<WatchedPolicy>) -> bool {
-        match event {
+impl Affected {
+    pub fn covers(&self, ns: &NamespaceFacts) -> bool {
+        match self {
+            Affected::Everything => true,
+            Affected::RulesFor(rules) => rules.iter().any(|rule| namespace_matches(rule, ns)),
+            Affected::Namespace(name) => name == ns.name,
+        }
+    }
+}
+
+/// The generation and rules of every policy seen (an unreadable one has none: it allows
+/// nothing): a policy event is a change when it adds or deletes a policy or carries a new
+/// generation (status writes keep the generation); it affects the namespaces its rules matched
+/// before and match now.
+#[derive(Default)]
+struct PolicyVersions {
+    seen: HashMap<String, (Option<i64>, Vec<PolicyRule>)>,
+}
+
+impl PolicyVersions {
+    fn changed_by(&mut self, event: &watcher::Event<WatchedPolicy>) -> Option<Affected> {
+        let (before, after) = match event {
             watcher::Event::Apply(p) | watcher::Event::InitApply(p) => {
-                let generation = p.meta().generation;
-                self.seen.insert(p.name_any(), generation) != Some(generation)
+                let rules = p.0.as_ref().map(|p| p.spec.rules.clone()).unwrap_or_default();
+                let version = (p.meta().generation, rules);
+                let before = self.seen.insert(p.name_any(), version.clone());
+                if before.as_ref().is_some_and(|(generation, _)| *generation == version.0) {
+                    return None;
+                }
+                (before.map(|(_, rules)| rules).unwrap_or_default(), version.1)
             }
             watcher::Event::Delete(p) => {
-                self.seen.remove(&p.name_any());
-                true
+                (self.seen.remove(&p.name_any()).map(|(_, rules)| rules).unwrap_or_default(), vec![])
             }
-            watcher::Event::Init => false,
-            watcher::Event::InitDone => true,
-        }
+            watcher::Event::Init => return None,
+            watcher::Event::InitDone => return Some(Affected::Everything),
+        };
+        Some(Affected::RulesFor([before, after].concat()))
     }
 }
 
@@ -159,20 +205,21 @@ struct NamespaceLabels {
 }
 
 impl NamespaceLabels {
-    fn changed_by(&mut self, event: &watcher::Event<PartialObjectMeta<Namespace>>) -> bool {
-        match event {
+    fn changed_by(&mut self, event: &watcher::Event<PartialObjectMeta<Namespace>>) -> Option<Affected> {
+        let name = match event {
             watcher::Event::Apply(ns) | watcher::Event::InitApply(ns) => {
                 let labels = ns.metadata.labels.clone();
                 let previous = self.seen.insert(ns.name_any(), labels.clone());
-                previous != Some(labels)
+                (previous != Some(labels)).then(|| ns.name_any())?
             }
             watcher::Event::Delete(ns) => {
                 self.seen.remove(&ns.name_any());
-                true
+                ns.name_any()
             }
-            watcher::Event::Init => false,
-            watcher::Event::InitDone => true,
-        }
+            watcher::Event::Init => return None,
+            watcher::Event::InitDone => return Some(Affected::Everything),
+        };
+        Some(Affected::Namespace(name))
     }
 }
 
@@ -236,25 +283,73 @@ mod tests {
         assert_eq!(readable.iter().map(|p| p.name_any()).collect::<Vec<_>>(), ["good"]);
     }
 
+    fn rule(namespaces: &[&str]) -> PolicyRule {
+        serde_json::from_value(serde_json::json!({"namespaces": namespaces, "userNames": ["u"]})).unwrap()
+    }
+
     #[test]
-    fn a_status_write_is_no_policy_change_and_a_spec_change_is() {
-        let policy = |generation: i64, status: serde_json::Value| -> WatchedPolicy {
+    fn a_status_write_is_no_policy_change_and_a_spec_change_affects_the_namespaces_before_and_after() {
+        let policy = |generation: i64, namespaces: &[&str], status: serde_json::Value| -> WatchedPolicy {
             serde_json::from_value(serde_json::json!({
                 "apiVersion": "iam.keyop.dev/v1alpha1", "kind": "IamAccessKeyPolicy",
                 "metadata": {"name": "p", "generation": generation},
-                "spec": {"rules": [{"namespaces": ["a"], "userNames": ["u"]}]},
+                "spec": {"rules": [{"namespaces": namespaces, "userNames": ["u"]}]},
                 "status": status,
             }))
             .unwrap()
         };
-        let mut generations = Generations::default();
-        assert!(!generations.changed_by(&watcher::Event::Init));
-        assert!(generations.changed_by(&watcher::Event::InitApply(policy(1, serde_json::Value::Null))));
-        assert!(generations.changed_by(&watcher::Event::InitDone), "the first list is complete");
+        let mut versions = PolicyVersions::default();
+        assert_eq!(versions.changed_by(&watcher::Event::Init), None);
+        let created = versions.changed_by(&watcher::Event::InitApply(policy(1, &["a"], serde_json::Value::Null)));
+        assert_eq!(created, Some(Affected::RulesFor(vec![rule(&["a"])])));
+        assert_eq!(versions.changed_by(&watcher::Event::InitDone), Some(Affected::Everything), "a relist");
         let status = serde_json::json!({"observedGeneration": 1});
-        assert!(!generations.changed_by(&watcher::Event::Apply(policy(1, status.clone()))), "status only");
-        assert!(generations.changed_by(&watcher::Event::Apply(policy(2, status.clone()))), "spec");
-        assert!(generations.changed_by(&watcher::Event::Delete(policy(2, status))));
+        assert_eq!(versions.changed_by(&watcher::Event::Apply(policy(1, &["a"], status.clone()))), None, "status only");
+        let moved = versions.changed_by(&watcher::Event::Apply(policy(2, &["team-*"], status.clone())));
+        assert_eq!(moved, Some(Affected::RulesFor(vec![rule(&["a"]), rule(&["team-*"])])), "before and after");
+        let deleted = versions.changed_by(&watcher::Event::Delete(policy(2, &["team-*"], status)));
+        assert_eq!(deleted, Some(Affected::RulesFor(vec![rule(&["team-*"])])));
+    }
+
+    #[test]
+    fn an_unreadable_policy_allows_nothing_so_it_affects_what_it_allowed_before() {
+        let policy = |generation: i64, max_key_age: &str| -> WatchedPolicy {
+            serde_json::from_value(serde_json::json!({
+                "apiVersion": "iam.keyop.dev/v1alpha1", "kind": "IamAccessKeyPolicy",
+                "metadata": {"name": "p", "generation": generation},
+                "spec": {"rules": [{"namespaces": ["b"], "userNames": ["u"], "maxKeyAge": max_key_age}]},
+            }))
+            .unwrap()
+        };
+        let mut versions = PolicyVersions::default();
+        let unreadable = versions.changed_by(&watcher::Event::Apply(policy(1, "99999999999999999999d")));
+        assert_eq!(unreadable, Some(Affected::RulesFor(vec![])), "allowed nothing, allows nothing");
+        let Some(Affected::RulesFor(fixed)) = versions.changed_by(&watcher::Event::Apply(policy(2, "90d"))) else {
+            panic!("a fix is a change");
+        };
+        assert_eq!(fixed.len(), 1);
+        let broken = versions.changed_by(&watcher::Event::Apply(policy(3, "99999999999999999999d")));
+        assert_eq!(broken, Some(Affected::RulesFor(fixed)), "what the readable version allowed");
+    }
+
+    #[test]
+    fn a_change_affects_the_namespaces_its_rules_match() {
+        let labels: BTreeMap<String, String> = [("tier".to_string(), "data".to_string())].into();
+        let none = BTreeMap::new();
+        let ns = |name, labels| NamespaceFacts { name, labels };
+        let by_name = Affected::RulesFor(vec![rule(&["team-*"])]);
+        assert!(by_name.covers(&ns("team-a", &none)));
+        assert!(!by_name.covers(&ns("other", &labels)));
+        let selector: PolicyRule = serde_json::from_value(
+            serde_json::json!({"namespaceSelector": {"matchLabels": {"tier": "data"}}, "userNames": ["u"]}),
+        )
+        .unwrap();
+        let by_labels = Affected::RulesFor(vec![selector]);
+        assert!(by_labels.covers(&ns("other", &labels)));
+        assert!(!by_labels.covers(&ns("other", &none)));
+        assert!(Affected::Namespace("a".into()).covers(&ns("a", &none)));
+        assert!(!Affected::Namespace("a".into()).covers(&ns("ab", &none)));
+        assert!(Affected::Everything.covers(&ns("any", &none)));
     }
 
     #[test]
@@ -268,9 +363,11 @@ mod tests {
             ns
         };
         let mut labels = NamespaceLabels::default();
-        assert!(labels.changed_by(&watcher::Event::Apply(ns(&[("tier", "data")], &[]))));
-        assert!(!labels.changed_by(&watcher::Event::Apply(ns(&[("tier", "data")], &[("x", "y")]))));
-        assert!(labels.changed_by(&watcher::Event::Apply(ns(&[("tier", "web")], &[]))));
-        assert!(labels.changed_by(&watcher::Event::Delete(ns(&[("tier", "web")], &[]))));
+        let a = Some(Affected::Namespace("a".into()));
+        assert_eq!(labels.changed_by(&watcher::Event::Apply(ns(&[("tier", "data")], &[]))), a);
+        assert_eq!(labels.changed_by(&watcher::Event::Apply(ns(&[("tier", "data")], &[("x", "y")]))), None);
+        assert_eq!(labels.changed_by(&watcher::Event::Apply(ns(&[("tier", "web")], &[]))), a);
+        assert_eq!(labels.changed_by(&watcher::Event::Delete(ns(&[("tier", "web")], &[]))), a);
+        assert_eq!(labels.changed_by(&watcher::Event::InitDone), Some(Affected::Everything));
     }
 }

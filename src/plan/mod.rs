@@ -722,7 +722,10 @@ fn usage_gate(obs: &Observation, key: &OwnedKey) -> UsageGate {
     // Quiet means no use after it was replaced, or none during the interval before the check.
     let interval = rotation.usage_check_interval.as_signed();
     let quiet_since = checked_at.checked_sub(interval).unwrap_or(checked_at).max(replaced_at);
-    let used_recently = key.last_used_at.as_ref().is_some_and(|t| t.0 > quiet_since);
+    // IAM tells the last use to the second at best: a use in the second the quiet time starts
+    // may be after it, so it counts (keeping a key a little longer is the safe mistake).
+    let used_recently =
+        key.last_used_at.as_ref().is_some_and(|t| after(t.0, SignedDuration::from_secs(1)) > quiet_since);
     if !used_recently {
         return UsageGate::Open;
     }

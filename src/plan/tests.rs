@@ -855,6 +855,23 @@ fn wait_for_unused_holds_a_used_key_active_and_rechecks_on_its_interval() {
 }
 
 #[test]
+fn wait_for_unused_counts_a_use_in_the_second_the_key_was_replaced() {
+    // Replaced at t(100) plus half a second; IAM says "used at t(100)", to the second: that use
+    // may have come after the replacement, so the key is in use.
+    let mut w = draining_world(true);
+    let half = SignedDuration::from_millis(500);
+    w.ledger.keys[1].replaced_at = Some(Time(t(100) + half));
+    w.ledger.keys[1].deactivate_at = Some(Time(t(101) + half));
+    w.now = t(102);
+    w.ledger.keys[1].usage_checked_at = Some(Time(t(102)));
+    w.ledger.keys[1].last_used_at = Some(Time(t(100)));
+    assert_eq!(w.plan(), Step::Done { wake_at: Some(t(112)) });
+    // Used the second before: that was before the replacement.
+    w.ledger.keys[1].last_used_at = Some(Time(t(99)));
+    assert!(matches!(w.plan(), Step::RetireKey { still_in_use: false, .. }));
+}
+
+#[test]
 fn wait_for_unused_gives_up_after_max_wait_and_says_so() {
     let mut w = draining_world(true);
     w.ledger.keys[1].usage_checked_at = Some(Time(t(1095)));

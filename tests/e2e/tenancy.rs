@@ -5,11 +5,12 @@
 use crate::{etcd, support};
 use std::time::{Duration, Instant};
 
+use futures::{StreamExt, TryStreamExt};
 use iam_key_operator::crd::{GrantRecord, IamAccessKeyPolicy, OnRevoke};
 use k8s_openapi::api::core::v1::Namespace;
 use kube::{
     Api,
-    api::{DeleteParams, PostParams},
+    api::{DeleteParams, PostParams, WatchEvent, WatchParams},
 };
 use serde_json::json;
 use support::*;
@@ -296,13 +297,23 @@ async fn policy_status_names_namespaces_whose_grants_overlap_until_the_patterns_
     // or by another test's: every operator writes the same policy status, only on change).
     assert_eq!(fixed.status.as_ref().unwrap().observed_generation, fixed.metadata.generation);
 
-    // Nothing changes: nothing is written (another test's policy may still change meanwhile, so
-    // compare this policy's resourceVersion).
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // No write without a change: every write of this policy for 3 s changes its status. (Other
+    // tests' policies may overlap this one's and come and go meanwhile, so its status may change
+    // and change back; what must not happen is a write that changes nothing.)
     let api: Api<IamAccessKeyPolicy> = Api::all(f.client.clone());
-    let later = api.get(&policy).await.unwrap();
-    if later.status == fixed.status {
-        assert_eq!(later.metadata.resource_version, fixed.metadata.resource_version, "no write without a change");
+    let params = WatchParams::default().fields(&format!("metadata.name={policy}")).timeout(3);
+    let version = fixed.metadata.resource_version.clone().unwrap();
+    let mut writes = api.watch(&params, &version).await.expect("watch the policy").boxed();
+    let mut before = fixed.status.clone();
+    while let Some(event) = writes.try_next().await.expect("watch event") {
+        if let WatchEvent::Modified(p) = event {
+            assert_ne!(
+                p.status, before,
+                "no write without a change (resourceVersion {:?})",
+                p.metadata.resource_version
+            );
+            before = p.status;
+        }
     }
     api.delete(&policy, &DeleteParams::default()).await.unwrap();
     namespaces.delete(&ingest, &DeleteParams::default()).await.unwrap();
