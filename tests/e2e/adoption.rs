@@ -151,7 +151,7 @@ async fn a_terraform_made_key_is_adopted_verified_rotated_and_deleted_without_do
     assert_eq!(held.metadata.labels.as_ref().unwrap()["app.kubernetes.io/managed-by"], "iam-key-operator");
     assert_eq!(held.metadata.labels.as_ref().unwrap()["team"], "billing", "its own label kept");
     assert_eq!(entries(&held)["BUCKET"], "invoices", "entries the operator does not write are kept");
-    let adopted = f.events("app", "KeyAdopted").await;
+    let adopted = f.wait_events("app", "KeyAdopted", |n| !n.is_empty()).await;
     assert!(adopted.iter().any(|n| n.contains(&tf_id) && n.contains("authenticates as")), "{adopted:?}");
     f.assert_consistent("app", &[]).await;
 
@@ -310,7 +310,7 @@ async fn a_key_adopted_from_another_secret_is_published_in_a_new_one_and_the_old
     f.assert_consistent("app", &[]).await;
     let after = f.secrets().get("tf-creds").await.unwrap();
     assert_eq!(after.metadata.resource_version, source.metadata.resource_version, "only read");
-    let warned = f.events("app", "AdoptedFromAnotherSecret").await;
+    let warned = f.wait_events("app", "AdoptedFromAnotherSecret", |n| !n.is_empty()).await;
     assert!(warned.iter().any(|n| n.contains("tf-creds") && n.contains("app-aws")), "{warned:?}");
 }
 

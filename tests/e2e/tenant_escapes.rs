@@ -51,7 +51,7 @@ async fn a_pause_no_rule_allows_is_ignored_and_max_key_age_still_rotates() {
         })
         .await;
     assert_eq!(obj.status.unwrap().rotation.unwrap().last_reason.as_deref(), Some("MaxKeyAge"));
-    assert!(!f.events("app", "PolicyOverride").await.is_empty(), "a Warning event said so too");
+    assert!(!f.wait_events("app", "PolicyOverride", |n| !n.is_empty()).await.is_empty(), "a Warning event said so too");
 }
 
 #[tokio::test]
@@ -79,7 +79,7 @@ async fn a_pause_no_rule_allows_does_not_hold_the_deletion() {
     f.delete("app").await;
     f.wait_gone("app", Duration::from_secs(30)).await;
     assert!(f.iam_keys().await.is_empty(), "its key is deleted");
-    assert!(!f.events("app", "PauseIgnored").await.is_empty());
+    assert!(!f.wait_events("app", "PauseIgnored", |n| !n.is_empty()).await.is_empty());
 }
 
 #[tokio::test]
@@ -94,7 +94,7 @@ async fn retain_no_rule_allows_deletes_the_keys_and_says_so_beforehand() {
     f.wait_gone("app", Duration::from_secs(30)).await;
     assert!(f.iam_keys().await.is_empty(), "deleted, not retained");
     assert!(f.user_tags().await.is_empty(), "no retained tag, no claim: {:?}", f.user_tags().await);
-    assert!(!f.events("app", "RetainNotAllowed").await.is_empty());
+    assert!(!f.wait_events("app", "RetainNotAllowed", |n| !n.is_empty()).await.is_empty());
 }
 
 #[tokio::test]
@@ -138,7 +138,7 @@ async fn a_refused_user_gets_the_same_message_whether_it_exists_or_not() {
     let missing = ready(&f.wait_reason("ghost", "NotAuthorized").await).unwrap().2;
     assert_eq!(real.replace(&f.user, "USER"), missing.replace(&ghost, "USER"), "the messages tell the two apart");
     assert!(!real.contains("--iam-user-path-prefix") && !real.contains("\"/\""), "no IAM path in the message: {real}");
-    let events = |name| f.events(name, "NotAuthorized");
+    let events = |name| f.wait_events(name, "NotAuthorized", |n| !n.is_empty());
     let (real_events, ghost_events) = (events("real").await, events("ghost").await);
     assert_eq!(
         real_events.iter().map(|e| e.replace(&f.user, "USER")).collect::<Vec<_>>(),
@@ -180,7 +180,10 @@ async fn forged_status_never_aims_the_operator_at_a_key_it_does_not_own() {
         !s.keys.iter().any(|k| k.access_key_id == person) && s.pending_create.is_none()
     })
     .await;
-    assert!(!f.events("app", "KeyNotOwned").await.is_empty(), "a Warning event names the disowned key");
+    assert!(
+        !f.wait_events("app", "KeyNotOwned", |n| !n.is_empty()).await.is_empty(),
+        "a Warning event names the disowned key"
+    );
     assert_eq!(f.iam_keys().await.get(&person).map(String::as_str), Some("Active"), "the person's key is untouched");
 
     // Forged again, then deleted: the cleanup deletes our key only.

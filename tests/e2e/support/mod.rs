@@ -67,7 +67,7 @@ impl Fixture {
 
     /// Like `new`, in an environment of its own (no controller-manager): for tests that kill the
     /// API server, or that count what the operator does and must not see other tests' policies
-    /// (every policy change makes every operator look at its resources again).
+    /// (a relist of the policies makes every operator look at its resources again).
     pub async fn private(prefix: &str) -> Fixture {
         let opts = testenv::Options::default().crds_dir(testenv::repo_root().join("crds")).controller_manager(false);
         let env: &'static TestEnv = Box::leak(Box::new(TestEnv::start_async(opts).await.expect("private testenv")));
@@ -137,6 +137,20 @@ impl Fixture {
             .filter(|e| e.reason.as_deref() == Some(reason))
             .filter_map(|e| e.note)
             .collect()
+    }
+
+    /// The notes of `name`'s events with `reason`, once `enough` holds for them (or after 30 s:
+    /// the caller's assertion then says what is missing). An event may land just after the
+    /// status write a test waited for.
+    pub async fn wait_events(&self, name: &str, reason: &str, enough: impl Fn(&[String]) -> bool) -> Vec<String> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let notes = self.events(name, reason).await;
+            if enough(&notes) || Instant::now() > deadline {
+                return notes;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
 
     pub async fn delete(&self, name: &str) {
