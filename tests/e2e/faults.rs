@@ -748,6 +748,13 @@ async fn a_policy_change_looks_again_only_at_the_resources_it_governs() {
         assert!(seen <= 2 * N, "{what}: {seen} ListAccessKeys for {N} resources");
     };
 
+    // Quiet first: the reconciles that follow each resource's own writes are over.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !proxy.calls_since(Instant::now() - Duration::from_secs(3)).is_empty() {
+        assert!(Instant::now() < deadline, "IAM calls go on after every resource settled");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
     // Another namespace's policy comes, changes and goes: nothing here is looked at.
     let t0 = Instant::now();
     let other = format!("other-{}", f.ns);
