@@ -38,6 +38,11 @@ pub struct ResultLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CauseLabels {
+    pub cause: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KubeWriteLabels {
     pub kind: &'static str,
     pub verb: &'static str,
@@ -49,6 +54,8 @@ pub struct Metrics {
     pub reconciles: Family<ResultLabels, Counter>,
     pub reconcile_duration: Histogram,
     pub kube_writes: Family<KubeWriteLabels, Counter>,
+    /// Resources reconciled again because a policy or a namespace changed, by cause.
+    pub tenancy_wakes: Family<CauseLabels, Counter>,
     pub resources: ResourceGauges,
     /// The IAM/STS rate the limiter grants now (calls per second; 0: unlimited).
     pub iam_rate_limit: Gauge<f64, AtomicU64>,
@@ -72,6 +79,12 @@ impl Default for Metrics {
         registry.register("reconcile_duration_seconds", "Time spent in one reconcile", reconcile_duration.clone());
         let kube_writes = Family::<KubeWriteLabels, Counter>::default();
         registry.register("kube_writes", "Writes to the Kubernetes API by object kind and verb", kube_writes.clone());
+        let tenancy_wakes = Family::<CauseLabels, Counter>::default();
+        registry.register(
+            "tenancy_wakes",
+            "Resources reconciled again because a policy (cause policy), a namespace's labels (namespace) or a relist of either (relist) changed",
+            tenancy_wakes.clone(),
+        );
         let resources = ResourceGauges::register(&mut registry);
         let iam_rate_limit = Gauge::<f64, AtomicU64>::default();
         registry.register(
@@ -103,6 +116,7 @@ impl Default for Metrics {
             reconciles,
             reconcile_duration,
             kube_writes,
+            tenancy_wakes,
             resources,
             iam_rate_limit,
             account_iam_rate_limit,

@@ -458,14 +458,25 @@ pub async fn run(ctx: Arc<Context>, ready: Arc<std::sync::atomic::AtomicBool>) {
             .predicate_filter(reconcile_triggers, Default::default());
         // A policy or namespace change: look again at the resources whose decision it may change.
         let affected = ctx.tenancy.changes().flat_map({
-            let (store, tenancy) = (store.clone(), ctx.tenancy.clone());
+            let (store, ctx) = (store.clone(), ctx.clone());
             move |change| {
                 let refs: Vec<ObjectRef<Watched>> = store
                     .state()
                     .iter()
-                    .filter(|k| tenancy.affects(&change, &k.namespace().unwrap_or_default()))
+                    .filter(|k| ctx.tenancy.affects(&change, &k.namespace().unwrap_or_default()))
                     .map(|k| ObjectRef::from_obj(&**k))
                     .collect();
+                let cause = change.cause();
+                ctx.metrics
+                    .tenancy_wakes
+                    .get_or_create(&crate::metrics::CauseLabels { cause })
+                    .inc_by(refs.len() as u64);
+                if change == tenancy::Affected::Everything && !refs.is_empty() {
+                    info!(
+                        resources = refs.len(),
+                        "policies or namespaces listed again: looking at every resource again"
+                    );
+                }
                 futures::stream::iter(refs)
             }
         });

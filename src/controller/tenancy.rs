@@ -157,6 +157,15 @@ pub enum Affected {
 }
 
 impl Affected {
+    /// The `cause` label of `iam_key_operator_tenancy_wakes_total`.
+    pub fn cause(&self) -> &'static str {
+        match self {
+            Affected::Everything => "relist",
+            Affected::RulesFor(_) => "policy",
+            Affected::Namespace(_) => "namespace",
+        }
+    }
+
     pub fn covers(&self, ns: &NamespaceFacts) -> bool {
         match self {
             Affected::Everything => true,
