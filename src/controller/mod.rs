@@ -17,7 +17,7 @@ use std::{
     time::Duration,
 };
 
-use futures::StreamExt;
+use futures::{Stream, StreamExt};
 use jiff::{SignedDuration, Timestamp};
 use k8s_openapi::api::core::v1::Secret;
 use kube::{
@@ -40,7 +40,7 @@ use crate::{
     crd::AccountRole,
     crd::{
         ACCESS_KEY_ID_ANNOTATION, FIELD_MANAGER, FINALIZER, IamAccessKey, MANAGED_BY_LABEL, MANAGED_BY_VALUE,
-        ROTATE_REQUESTED_AT_ANNOTATION,
+        ROTATE_REQUESTED_AT_ANNOTATION, WRITTEN_FOR_LABEL,
     },
     error::Error,
     iam::{IamAccounts, IamApi},
@@ -403,6 +403,21 @@ fn reconcile_triggers(obj: &Watched) -> Option<u64> {
     Some(hasher.finish())
 }
 
+/// The Secret events worth a reconcile: any but the echo of this process's own last write.
+fn secret_triggers(
+    ctx: Arc<Context>,
+    events: impl Stream<Item = Result<watcher::Event<PartialObjectMeta<Secret>>, watcher::Error>>,
+) -> impl Stream<Item = Result<PartialObjectMeta<Secret>, watcher::Error>> {
+    events.filter_map(move |event| {
+        futures::future::ready(match event {
+            Ok(watcher::Event::Apply(s) | watcher::Event::InitApply(s)) => (!ctx.is_own_write(&s)).then_some(Ok(s)),
+            Ok(watcher::Event::Delete(s)) => Some(Ok(s)),
+            Ok(watcher::Event::Init | watcher::Event::InitDone) => None,
+            Err(e) => Some(Err(e)),
+        })
+    })
+}
+
 /// Set the rotate-requested-at annotation to now (what `iam-key-operator rotate` does).
 pub async fn request_rotation(client: Client, namespace: &str, name: &str) -> Result<Timestamp, kube::Error> {
     let now = crate::plan::record::whole_seconds(Timestamp::now());
@@ -429,21 +444,12 @@ pub async fn run(ctx: Arc<Context>, ready: Arc<std::sync::atomic::AtomicBool>) {
             None => (Api::all(ctx.client.clone()), Api::all(ctx.client.clone())),
         };
         // Only our Secrets, and only their metadata: no secret material in memory, and memory
-        // independent of how many other Secrets the cluster holds.
+        // independent of how many other Secrets the cluster holds. Those we own, by our label;
+        // those we write into without owning them (Merge, Orphan), by their `written-for` label.
         let our_secrets = watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY_VALUE}"));
-        let secret_events = watcher(secrets, our_secrets).default_backoff().filter_map({
-            let ctx = ctx.clone();
-            move |event| {
-                futures::future::ready(match event {
-                    Ok(watcher::Event::Apply(s) | watcher::Event::InitApply(s)) => {
-                        (!ctx.is_own_write(&s)).then_some(Ok(s))
-                    }
-                    Ok(watcher::Event::Delete(s)) => Some(Ok(s)),
-                    Ok(watcher::Event::Init | watcher::Event::InitDone) => None,
-                    Err(e) => Some(Err(e)),
-                })
-            }
-        });
+        let owned_secrets = secret_triggers(ctx.clone(), watcher(secrets.clone(), our_secrets).default_backoff());
+        let written_into = watcher::Config::default().labels(WRITTEN_FOR_LABEL);
+        let written_into = secret_triggers(ctx.clone(), watcher(secrets, written_into).default_backoff());
         let mut selected = watcher::Config::default().any_semantic();
         if let Some(selector) = &ctx.settings.selector {
             selected = selected.labels(selector);
@@ -480,9 +486,19 @@ pub async fn run(ctx: Arc<Context>, ready: Arc<std::sync::atomic::AtomicBool>) {
                 futures::stream::iter(refs)
             }
         });
+        let writer_of = {
+            let store = store.clone();
+            move |secret: PartialObjectMeta<Secret>| {
+                let uid = secret.labels().get(WRITTEN_FOR_LABEL).cloned();
+                let namespace = secret.namespace();
+                let writer = store.find(|k| k.uid() == uid && k.namespace() == namespace);
+                writer.map(|k| ObjectRef::from_obj(&*k))
+            }
+        };
         let controller = Controller::for_stream(key_events, store)
             .reconcile_on(affected)
-            .owns_stream(secret_events)
+            .owns_stream(owned_secrets)
+            .watches_stream(written_into, writer_of)
             .with_config(
                 kube::runtime::controller::Config::default()
                     .concurrency(ctx.settings.concurrency.saturating_add(WAITING_AT_ONCE)),

@@ -21,7 +21,7 @@ use kube::ResourceExt;
 use crate::{
     crd::{
         ACCESS_KEY_ID_ANNOTATION, CreationPolicy, DATA_LAYOUT_ANNOTATION, IamAccessKey, LAYOUT_ANNOTATION,
-        SECRET_AT_ANNOTATION, WRITTEN_FOR_ANNOTATION, WRITTEN_KEYS_ANNOTATION,
+        SECRET_AT_ANNOTATION, WRITTEN_FOR_ANNOTATION, WRITTEN_FOR_LABEL, WRITTEN_KEYS_ANNOTATION,
     },
     plan::SecretObservation,
 };
@@ -104,11 +104,12 @@ pub fn refused_type(type_: Option<&str>) -> Option<String> {
 pub fn prepare_write(obj: &IamAccessKey, mut ours: Secret, held: Option<&Secret>) -> Secret {
     let policy = obj.spec.secret.creation_policy;
     let uid = obj.uid().unwrap_or_default();
-    let annotations = ours.metadata.annotations.get_or_insert_with(BTreeMap::new);
     if !policy.owns() {
-        annotations.insert(WRITTEN_FOR_ANNOTATION.into(), uid);
+        ours.metadata.labels.get_or_insert_with(BTreeMap::new).insert(WRITTEN_FOR_LABEL.into(), uid.clone());
+        ours.metadata.annotations.get_or_insert_with(BTreeMap::new).insert(WRITTEN_FOR_ANNOTATION.into(), uid.clone());
         ours.metadata.owner_references = None;
     }
+    let annotations = ours.metadata.annotations.get_or_insert_with(BTreeMap::new);
     if policy.keeps_others() {
         let written: Vec<&String> = ours.data.iter().flatten().map(|(k, _)| k).collect();
         let list = written.iter().map(|k| k.as_str()).collect::<Vec<_>>().join(",");
@@ -124,6 +125,9 @@ pub fn prepare_write(obj: &IamAccessKey, mut ours: Secret, held: Option<&Secret>
     let mut out = without_our_entries(held, ours_already);
     let meta = &mut out.metadata;
     meta.annotations.get_or_insert_with(BTreeMap::new).extend(ours.metadata.annotations.unwrap_or_default());
+    if !policy.owns() {
+        meta.labels.get_or_insert_with(BTreeMap::new).insert(WRITTEN_FOR_LABEL.into(), uid);
+    }
     if policy == CreationPolicy::Adopt {
         meta.labels.get_or_insert_with(BTreeMap::new).extend(ours.metadata.labels.unwrap_or_default());
         let refs = meta.owner_references.get_or_insert_with(Vec::new);
@@ -148,8 +152,8 @@ pub fn written_keys(held: &Secret) -> Option<Vec<String>> {
 }
 
 /// `held` without what the operator wrote into it: the entries `written-keys` lists (all of
-/// them, for a Secret of ours that does not say, `ours_whole`) and the bookkeeping annotations.
-/// Labels and owner references stay.
+/// them, for a Secret of ours that does not say, `ours_whole`), the bookkeeping annotations and
+/// the `written-for` label. The other labels and the owner references stay.
 pub fn without_our_entries(held: &Secret, ours_whole: bool) -> Secret {
     let mut out = held.clone();
     let written = written_keys(held);
@@ -163,8 +167,16 @@ pub fn without_our_entries(held: &Secret, ours_whole: bool) -> Secret {
     if let Some(annotations) = out.metadata.annotations.as_mut() {
         annotations.retain(|k, _| !BOOKKEEPING.contains(&k.as_str()));
     }
+    unmark(&mut out);
     out.metadata.managed_fields = None;
     out
+}
+
+/// Without the `written-for` label (the annotation goes with the bookkeeping).
+fn unmark(secret: &mut Secret) {
+    if let Some(labels) = secret.metadata.labels.as_mut() {
+        labels.remove(WRITTEN_FOR_LABEL);
+    }
 }
 
 /// `Orphan` at deletion: the Secret as it is, without the mark that made it this resource's, so
@@ -174,6 +186,7 @@ pub fn left_behind(held: &Secret) -> Secret {
     if let Some(annotations) = out.metadata.annotations.as_mut() {
         annotations.remove(WRITTEN_FOR_ANNOTATION);
     }
+    unmark(&mut out);
     out.metadata.managed_fields = None;
     out
 }
@@ -349,11 +362,16 @@ mod tests {
         let obj = resource("Merge");
         let held = theirs(Some("Release"));
         let out = prepare_write(&obj, rendered(&obj, "AKIANEW"), Some(&held));
-        assert_eq!(out.metadata.labels, held.metadata.labels, "labels are the owner's");
+        let mut marked = held.metadata.labels.clone().unwrap_or_default();
+        marked.insert(WRITTEN_FOR_LABEL.into(), "uid-1".into());
+        assert_eq!(out.metadata.labels, Some(marked), "the owner's labels, and the mark the watch selects");
         assert_eq!(out.metadata.owner_references, held.metadata.owner_references, "no owner reference of ours");
         assert_eq!(out.metadata.annotations.as_ref().unwrap()[WRITTEN_FOR_ANNOTATION], "uid-1");
         let back = without_our_entries(&out, true);
-        assert_eq!((back.data, back.metadata.annotations), (held.data, held.metadata.annotations));
+        assert_eq!(
+            (back.data, back.metadata.annotations, back.metadata.labels),
+            (held.data, held.metadata.annotations, held.metadata.labels)
+        );
     }
 
     #[test]
@@ -361,12 +379,14 @@ mod tests {
         let obj = resource("Orphan");
         let created = prepare_write(&obj, rendered(&obj, "AKIANEW"), None);
         assert!(created.metadata.owner_references.is_none());
+        assert_eq!(created.metadata.labels.as_ref().unwrap()[WRITTEN_FOR_LABEL], "uid-1", "seen by the watch");
         assert_eq!(
             classify(&obj, Some(&created.metadata)).0,
             SecretObservation::Ours { access_key_id: Some("AKIANEW".into()) }
         );
         let left = left_behind(&created);
         assert_eq!(data(&left), data(&created), "the data stays");
+        assert!(!left.metadata.labels.as_ref().unwrap().contains_key(WRITTEN_FOR_LABEL), "unmarked");
         assert_eq!(
             classify(&resource("Adopt"), Some(&left.metadata)).0,
             SecretObservation::Available,

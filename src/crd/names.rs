@@ -30,6 +30,10 @@ pub const SECRET_AT_ANNOTATION: &str = "iam.keyop.dev/secret-at";
 /// Secret annotation naming the UID of the IamAccessKey whose entries a Secret holds, where no
 /// owner reference says it (`creationPolicy` `Orphan` and `Merge`).
 pub const WRITTEN_FOR_ANNOTATION: &str = "iam.keyop.dev/written-for";
+/// Secret label with the same UID, on the same Secrets: the operator's Secret watch selects by
+/// label, and sees through this one the Secrets it writes into without owning them (`Merge`
+/// writes into a Secret whose labels are its owner's), and whose entries they are.
+pub const WRITTEN_FOR_LABEL: &str = "iam.keyop.dev/written-for";
 /// Secret annotation listing the data keys the operator wrote (comma-separated), in a Secret
 /// whose other entries it keeps (`creationPolicy` `Adopt` and `Merge`): the next write replaces
 /// exactly these, and a `Merge` resource's deletion removes them.

@@ -398,7 +398,8 @@ async fn merge_writes_only_its_entries_where_a_policy_allows_it_and_takes_them_b
     let owner = json!({"apiVersion": "v1", "kind": "ConfigMap", "name": "release", "uid": cm.metadata.uid.unwrap(), "controller": true});
     let extra = json!({"metadata": {"labels": {"app.kubernetes.io/managed-by": "Helm"}, "ownerReferences": [owner]}});
     let before = hand_made_secret(&f, "app-config", extra, &[("DATABASE_URL", "postgres://db")]).await;
-    let op = f.operator(&[]);
+    // No resync: what the operator does after its first pass, the watch made it do.
+    let op = Operator::start(f.env, &f.ns, &[], &["--resync", "10m"]);
     f.create("app", json!({"secret": {"name": "app-config", "creationPolicy": "Merge"}})).await;
     let obj = f.wait_reason("app", "MergeNotAllowed").await;
     assert!(ready(&obj).unwrap().2.contains("allowSecretMerge"));
@@ -415,8 +416,25 @@ async fn merge_writes_only_its_entries_where_a_policy_allows_it_and_takes_them_b
     let held = f.secrets().get("app-config").await.unwrap();
     let data = entries(&held);
     assert_eq!((data["DATABASE_URL"].as_str(), data["AWS_ACCESS_KEY_ID"].as_str()), ("postgres://db", id.as_str()));
-    assert_eq!(held.metadata.labels, before.metadata.labels, "labels are the owner's");
+    let mut marked = before.metadata.labels.clone().unwrap_or_default();
+    marked.insert("iam.keyop.dev/written-for".into(), obj.metadata.uid.clone().unwrap());
+    assert_eq!(held.metadata.labels, Some(marked), "the owner's labels, and the mark the operator's watch selects");
     assert_eq!(held.metadata.owner_references, before.metadata.owner_references, "no owner reference of ours");
+    f.assert_consistent("app", &[]).await;
+
+    // The owner writes its Secret again as it was (a forced Helm upgrade, say): our entries go.
+    // The watch sees it, and the operator merges a new key in at once, not at the next resync.
+    let mut reapplied = before.clone();
+    reapplied.metadata.resource_version = held.metadata.resource_version.clone();
+    f.secrets().replace("app-config", &PostParams::default(), &reapplied).await.expect("the owner's write");
+    let obj = f
+        .wait_for("app", Duration::from_secs(30), "a new key merged in", |o| {
+            status_of(o).access_key_id.is_some_and(|new| new != id) && ready(o).is_some_and(|r| r.0 == "True")
+        })
+        .await;
+    let held = f.secrets().get("app-config").await.unwrap();
+    assert_eq!(entries(&held)["AWS_ACCESS_KEY_ID"], status_of(&obj).access_key_id.unwrap());
+    assert_eq!(entries(&held)["DATABASE_URL"], "postgres://db");
     f.assert_consistent("app", &[]).await;
 
     // Deletion takes back exactly what it wrote.
@@ -425,6 +443,7 @@ async fn merge_writes_only_its_entries_where_a_policy_allows_it_and_takes_them_b
     assert!(f.iam_keys().await.is_empty());
     let after = f.secrets().get("app-config").await.unwrap();
     assert_eq!(after.data, before.data, "only the merged entries are removed");
+    assert_eq!(after.metadata.labels, before.metadata.labels, "the mark removed");
     let ours = after.metadata.annotations.unwrap_or_default();
     assert!(!ours.keys().any(|k| k.starts_with("iam.keyop.dev/")), "{ours:?}");
 
@@ -439,7 +458,8 @@ async fn merge_writes_only_its_entries_where_a_policy_allows_it_and_takes_them_b
 async fn adopt_takes_over_a_free_secret_and_orphan_leaves_its_secret_behind() {
     let f = Fixture::new("orphan").await;
     f.allow_own_user(json!({"allowRetain": true})).await;
-    let op = f.operator(&[]);
+    // No resync: what the operator does after its first pass, the watch made it do.
+    let op = Operator::start(f.env, &f.ns, &[], &["--resync", "10m"]);
     // Adopt without spec.adopt: a new key into a Secret made by hand, its other entries kept;
     // taking a Secret over is the platform team's to allow, like adopting a key.
     let before = hand_made_secret(&f, "shared", json!({}), &[("REGION", "eu-west-1")]).await;
@@ -481,6 +501,14 @@ async fn adopt_takes_over_a_free_secret_and_orphan_leaves_its_secret_behind() {
     let id = status_of(&f.wait_ready("orphan").await).access_key_id.unwrap();
     let held = f.secrets().get("kept").await.unwrap();
     assert!(held.metadata.owner_references.is_none(), "Orphan: no owner reference");
+    // Deleted by someone: without an owner reference, the watch still knows whose it was.
+    f.secrets().delete("kept", &Default::default()).await.expect("delete the Secret");
+    let obj = f
+        .wait_for("orphan", Duration::from_secs(30), "a new key in a new Secret", |o| {
+            status_of(o).access_key_id.is_some_and(|new| new != id) && ready(o).is_some_and(|r| r.0 == "True")
+        })
+        .await;
+    let id = status_of(&obj).access_key_id.unwrap();
     f.delete("orphan").await;
     f.wait_gone("orphan", Duration::from_secs(30)).await;
     let left = f.secrets().get("kept").await.unwrap();
