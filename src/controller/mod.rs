@@ -418,6 +418,31 @@ fn secret_triggers(
     })
 }
 
+/// The resources a tenancy change may allow or deny, counted by cause.
+fn woken_by(ctx: &Context, store: &reflector::Store<Watched>, change: &tenancy::Affected) -> Vec<ObjectRef<Watched>> {
+    let refs: Vec<ObjectRef<Watched>> = store
+        .state()
+        .iter()
+        .filter(|k| ctx.tenancy.affects(change, &k.namespace().unwrap_or_default()))
+        .map(|k| ObjectRef::from_obj(&**k))
+        .collect();
+    let cause = change.cause();
+    ctx.metrics.tenancy_wakes.get_or_create(&crate::metrics::CauseLabels { cause }).inc_by(refs.len() as u64);
+    if *change == tenancy::Affected::Everything && !refs.is_empty() {
+        info!(resources = refs.len(), "policies or namespaces listed again: looking at every resource again");
+    }
+    refs
+}
+
+/// The resource a Secret it does not own holds the entries of (`Merge`, `Orphan`), by the UID
+/// in the Secret's `written-for` label.
+fn writer_of(store: &reflector::Store<Watched>, secret: &PartialObjectMeta<Secret>) -> Option<ObjectRef<Watched>> {
+    let uid = secret.labels().get(WRITTEN_FOR_LABEL);
+    let namespace = secret.namespace();
+    let writer = store.find(|k| k.uid().as_ref() == uid && k.namespace() == namespace)?;
+    Some(ObjectRef::from_obj(&*writer))
+}
+
 /// Set the rotate-requested-at annotation to now (what `iam-key-operator rotate` does).
 pub async fn request_rotation(client: Client, namespace: &str, name: &str) -> Result<Timestamp, kube::Error> {
     let now = crate::plan::record::whole_seconds(Timestamp::now());
@@ -465,35 +490,11 @@ pub async fn run(ctx: Arc<Context>, ready: Arc<std::sync::atomic::AtomicBool>) {
         // A policy or namespace change: look again at the resources whose decision it may change.
         let affected = ctx.tenancy.changes().flat_map({
             let (store, ctx) = (store.clone(), ctx.clone());
-            move |change| {
-                let refs: Vec<ObjectRef<Watched>> = store
-                    .state()
-                    .iter()
-                    .filter(|k| ctx.tenancy.affects(&change, &k.namespace().unwrap_or_default()))
-                    .map(|k| ObjectRef::from_obj(&**k))
-                    .collect();
-                let cause = change.cause();
-                ctx.metrics
-                    .tenancy_wakes
-                    .get_or_create(&crate::metrics::CauseLabels { cause })
-                    .inc_by(refs.len() as u64);
-                if change == tenancy::Affected::Everything && !refs.is_empty() {
-                    info!(
-                        resources = refs.len(),
-                        "policies or namespaces listed again: looking at every resource again"
-                    );
-                }
-                futures::stream::iter(refs)
-            }
+            move |change| futures::stream::iter(woken_by(&ctx, &store, &change))
         });
         let writer_of = {
             let store = store.clone();
-            move |secret: PartialObjectMeta<Secret>| {
-                let uid = secret.labels().get(WRITTEN_FOR_LABEL).cloned();
-                let namespace = secret.namespace();
-                let writer = store.find(|k| k.uid() == uid && k.namespace() == namespace);
-                writer.map(|k| ObjectRef::from_obj(&*k))
-            }
+            move |secret: PartialObjectMeta<Secret>| writer_of(&store, &secret)
         };
         let controller = Controller::for_stream(key_events, store)
             .reconcile_on(affected)
