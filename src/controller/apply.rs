@@ -265,6 +265,7 @@ struct Run<'a> {
 impl<'a> Run<'a> {
     fn new(obj: &'a IamAccessKey, ctx: &'a Context, slot: Slot) -> Self {
         let ns = obj.namespace().unwrap_or_default();
+        let account = recorded_role(obj);
         Run {
             obj,
             ctx,
@@ -284,8 +285,8 @@ impl<'a> Run<'a> {
             secret_layout: SecretLayout::Current,
             secret_conflict: None,
             slot,
-            account: recorded_role(obj),
-            iam: ctx.iam(recorded_role(obj).as_ref(), &ns),
+            iam: ctx.iam(account.as_ref(), &ns),
+            account,
         }
     }
 

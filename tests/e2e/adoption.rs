@@ -54,6 +54,14 @@ fn merge(into: &mut Value, extra: &Value) {
     }
 }
 
+/// The controller owner reference of another tool's object (Crossplane's `AccessKey`, a
+/// `VaultStaticSecret`, a Helm release): a ConfigMap named `name` stands in for it.
+async fn another_controller(f: &Fixture, name: &str) -> Value {
+    let cm: ConfigMap = serde_json::from_value(json!({"metadata": {"name": name}})).unwrap();
+    let cm = Api::<ConfigMap>::namespaced(f.client.clone(), &f.ns).create(&PostParams::default(), &cm).await.unwrap();
+    json!({"apiVersion": "v1", "kind": "ConfigMap", "name": name, "uid": cm.metadata.uid.unwrap(), "controller": true})
+}
+
 /// `kubectl delete <owner> --cascade=orphan`, as its outcome: the Secret loses its owner
 /// reference, then the owner (a ConfigMap standing in for Crossplane's AccessKey or VSO's
 /// VaultStaticSecret) is deleted.
@@ -184,13 +192,8 @@ async fn a_crossplane_connection_secret_is_adopted_in_place_keeping_its_shape_an
     let f = Fixture::new("adopt-xp").await;
     f.allow_own_user(json!({"allowAdoption": true})).await;
     let (id, secret) = key_made_outside(&f, &f.user).await;
-    // Crossplane's AccessKey controls its connection Secret: a ConfigMap stands in for it.
-    let cm: ConfigMap = serde_json::from_value(json!({"metadata": {"name": "accesskey-app"}})).unwrap();
-    let cm = Api::<ConfigMap>::namespaced(f.client.clone(), &f.ns).create(&PostParams::default(), &cm).await.unwrap();
-    let controller = json!({
-        "apiVersion": "v1", "kind": "ConfigMap", "name": "accesskey-app", "uid": cm.metadata.uid.unwrap(),
-        "controller": true, "blockOwnerDeletion": false,
-    });
+    // Crossplane's AccessKey controls its connection Secret.
+    let controller = another_controller(&f, "accesskey-app").await;
     let extra = json!({
         "metadata": {"ownerReferences": [controller]},
         "type": "connection.crossplane.io/v1alpha1",
@@ -256,10 +259,7 @@ async fn a_vault_static_role_secret_is_adopted_then_rotated_away() {
     let f = Fixture::new("adopt-vault").await;
     f.allow_own_user(json!({"allowAdoption": true})).await;
     let (id, secret) = key_made_outside(&f, &f.user).await;
-    let vss: ConfigMap = serde_json::from_value(json!({"metadata": {"name": "vaultstaticsecret-uploader"}})).unwrap();
-    let vss = Api::<ConfigMap>::namespaced(f.client.clone(), &f.ns).create(&PostParams::default(), &vss).await.unwrap();
-    let owner = json!({"apiVersion": "v1", "kind": "ConfigMap", "name": "vaultstaticsecret-uploader",
-                       "uid": vss.metadata.uid.unwrap(), "controller": true});
+    let owner = another_controller(&f, "vaultstaticsecret-uploader").await;
     let raw = format!("{{\"access_key\":\"{id}\",\"secret_key\":\"{secret}\"}}");
     let extra = json!({"metadata": {"ownerReferences": [owner]}, "stringData": {"_raw": raw}});
     hand_made_secret(&f, "uploader-aws", extra, &[("access_key", &id), ("secret_key", &secret)]).await;
@@ -393,9 +393,7 @@ async fn refused_adoptions_change_nothing_and_say_why() {
 async fn merge_writes_only_its_entries_where_a_policy_allows_it_and_takes_them_back() {
     let f = Fixture::new("merge").await;
     // A Secret someone else owns (a Helm release, say): its entries, labels and owner stay.
-    let cm: ConfigMap = serde_json::from_value(json!({"metadata": {"name": "release"}})).unwrap();
-    let cm = Api::<ConfigMap>::namespaced(f.client.clone(), &f.ns).create(&PostParams::default(), &cm).await.unwrap();
-    let owner = json!({"apiVersion": "v1", "kind": "ConfigMap", "name": "release", "uid": cm.metadata.uid.unwrap(), "controller": true});
+    let owner = another_controller(&f, "release").await;
     let extra = json!({"metadata": {"labels": {"app.kubernetes.io/managed-by": "Helm"}, "ownerReferences": [owner]}});
     let before = hand_made_secret(&f, "app-config", extra, &[("DATABASE_URL", "postgres://db")]).await;
     // No resync: what the operator does after its first pass, the watch made it do.
