@@ -41,12 +41,13 @@ pub async fn report_waiting(obj: &IamAccessKey, ctx: &Context, err: &Error) {
             account.unwrap_or("?")
         ));
     }
-    ctx.event(obj, EventType::Warning, err.reason(), message.clone()).await;
     let mut status = obj.status.clone().unwrap_or_default();
-    set_ready(&mut status, obj, false, err.reason(), message);
+    set_ready(&mut status, obj, false, err.reason(), message.clone());
+    // Said once per change, like every failure (docs/decisions.md: events are never repeated).
     if obj.status.as_ref() == Some(&status) {
         return;
     }
+    ctx.event(obj, EventType::Warning, err.reason(), message).await;
     let api: Api<IamAccessKey> = Api::namespaced(ctx.client.clone(), &obj.namespace().unwrap_or_default());
     let patch = serde_json::json!({
         "metadata": {"resourceVersion": obj.metadata.resource_version},

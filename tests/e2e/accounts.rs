@@ -206,13 +206,17 @@ async fn deleting_a_resource_whose_role_cannot_be_assumed_waits_and_says_where_t
     let put = admin.put_user_policy().user_name("iam-key-operator").policy_name(&deny_name);
     put.policy_document(deny.to_string()).send().await.unwrap();
     f.delete("app").await;
-    let _op = f.operator(&[]);
+    let op = f.operator(&[]);
     let obj = f.wait_reason("app", "AssumeRoleFailed").await;
     let (status, _, message) = ready(&obj).unwrap();
     assert_eq!(status, "False");
     assert!(message.starts_with("deletion waits: cannot assume role") && message.contains(&role_a), "{message}");
     assert!(message.contains(&format!("stay in AWS account {a}")), "says where the keys are: {message}");
     assert_eq!(keys_in(&f, a, &f.user).await, [key.as_str()], "nothing given up");
+    // Said once: the retries that still wait change nothing and repeat no event.
+    op.wait_more_reconciles(Some("AssumeRoleFailed"), 1).await;
+    let warned = f.events("app", "AssumeRoleFailed").await;
+    assert_eq!(warned.len(), 1, "one Warning event, not one per retry: {warned:?}");
 
     // The role can be assumed again: the deletion finishes where the keys are.
     admin.delete_user_policy().user_name("iam-key-operator").policy_name(&deny_name).send().await.unwrap();
